@@ -1,0 +1,140 @@
+"""``data2vec bench``: time real training steps on synthetic input and report MFU.
+
+The timed step is the engine's own :func:`~data2vec.engine.trainer.train_step` (forward,
+backward, clipping, AdamW, EMA update), so the number is what training costs. FLOPs are counted
+with ``torch.utils.flop_counter`` on one step; the peak is a matmul of the same dtype measured
+in the same process, so MFU compares like with like on the machine at hand.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from data2vec.config import load_config
+from data2vec.data.image_pretrain import ImageMaskGenerator, PretrainBatch
+from data2vec.engine.optim import build_optimizer
+from data2vec.engine.runtime import configure_threads, resolve_device
+from data2vec.engine.trainer import TrainState, train_step
+from data2vec.masking import make_rng
+from data2vec.models.registry import build_model
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def matmul_peak_flops(
+    dtype: torch.dtype, device: torch.device, n: int = 2048, seconds: float = 1.0
+) -> float:
+    """Achieved FLOP/s of square ``n x n`` matmuls (the practical peak for MFU)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    _sync(device)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    _sync(device)
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _synthetic_batch(cfg, batch: int) -> PretrainBatch:
+    size = cfg.encoder.image_size
+    grid = (size // cfg.encoder.patch_size,) * 2
+    masks = ImageMaskGenerator(cfg, grid)
+    rng = make_rng(cfg.train.seed, 0)
+    images = torch.from_numpy(
+        rng.standard_normal((batch, cfg.encoder.in_chans, size, size), dtype=np.float32)
+    )
+    mask = torch.from_numpy(
+        np.concatenate([masks(make_rng(cfg.train.seed, i)) for i in range(batch)])
+    )
+    return PretrainBatch(images, mask, torch.arange(batch))
+
+
+def bench(
+    preset: str,
+    batch: int | None = None,
+    steps: int = 3,
+    warmup: int = 1,
+    precision: str = "fp32",
+    image_size: int | None = None,
+    overrides: list[str] | None = None,
+) -> dict[str, Any]:
+    """Time ``steps`` training steps after ``warmup`` untimed ones; return the JSON record."""
+    extra = [*(overrides or []), f"train.precision={precision}"]
+    if batch is not None:
+        extra.append(f"data.batch_size={batch}")
+    if image_size is not None:
+        extra.append(f"encoder.image_size={image_size}")
+    cfg = load_config(preset, extra)
+    device = resolve_device(cfg.train.device)
+    threads = configure_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg).to(device)
+    state = TrainState(model, build_optimizer(model, cfg.optim))
+    data = _synthetic_batch(cfg, cfg.data.batch_size)
+    for _ in range(warmup):
+        train_step(state, data, cfg, device)
+    with FlopCounterMode(display=False) as counter:
+        train_step(state, data, cfg, device)
+    flops = counter.get_total_flops()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        train_step(state, data, cfg, device)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    step_time = statistics.median(times)
+    peak = matmul_peak_flops(_DTYPES[precision], device)
+    achieved = flops / step_time
+    return {
+        "preset": cfg.preset,
+        "batch": cfg.data.batch_size,
+        "clones": cfg.mask.clones,
+        "image_size": cfg.encoder.image_size,
+        "precision": precision,
+        "steps": steps,
+        "step_time_s": step_time,
+        "step_time_min_s": min(times),
+        "step_time_max_s": max(times),
+        "samples_per_s": cfg.data.batch_size / step_time,
+        "flops_per_step": flops,
+        "achieved_flops": achieved,
+        "peak_matmul_flops": peak,
+        "mfu": achieved / peak,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "env": {
+            "torch": torch.__version__,
+            "threads": threads,
+            "device": str(device),
+            "cpu": platform.processor() or platform.machine(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        },
+    }
+
+
+def format_bench(r: dict[str, Any]) -> str:
+    return (
+        f"{r['preset']} batch {r['batch']} x{r['clones']} clones, {r['image_size']}px, "
+        f"{r['precision']}: "
+        f"{r['step_time_s']:.3f} s/step ({r['samples_per_s']:.2f} samples/s), "
+        f"{r['flops_per_step'] / 1e12:.3f} TFLOP/step, {r['achieved_flops'] / 1e9:.1f} GFLOP/s, "
+        f"MFU {100 * r['mfu']:.1f}% of {r['peak_matmul_flops'] / 1e9:.0f} GFLOP/s matmul peak, "
+        f"peak RSS {r['peak_rss_mb']:.0f} MB"
+    )

@@ -1,0 +1,131 @@
+"""``data2vec`` command line (DESIGN §7).
+
+Exit codes: 0 success, 2 user error (bad config, missing or unreadable data, refused file) with a
+one-line message, 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import data2vec  # noqa: F401  (sets CPU runtime defaults before torch loads)
+from data2vec.errors import UserError
+
+log = logging.getLogger("data2vec")
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. optim.lr=5e-4 data.batch_size=32",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="data2vec", description=__doc__.split("\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain an encoder")
+    p.add_argument("--preset", default="image-v2-tiny", help="preset name or YAML file")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="training data (folder, manifest, IDX file, or fashion-mnist:train)",
+    )
+    p.add_argument("--out", required=True, type=Path, help="run directory")
+    p.add_argument("--max-steps", type=int, help="shortcut for train.max_steps")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    _add_overrides(p)
+
+    p = sub.add_parser("embed", help="write frozen features of a data set")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, type=Path, help="FEATURES.npz")
+    _add_feature_args(p)
+
+    p = sub.add_parser("evaluate", help="linear probe or kNN on frozen features")
+    p.add_argument("--checkpoint", type=Path, help="model (omit when --train/--test are .npz)")
+    p.add_argument("--train", required=True)
+    p.add_argument("--test", required=True)
+    p.add_argument("--probe", choices=["linear", "knn"], default="linear")
+    p.add_argument("--k", type=int, default=20, help="kNN neighbours")
+    p.add_argument("--seed", type=int, default=0)
+    _add_feature_args(p)
+
+    p = sub.add_parser("convert", help="convert weights between formats")
+    p.add_argument("--from", dest="src_format", choices=["fairseq"], required=True)
+    p.add_argument("--to", dest="dst_format", choices=["ours"], required=True)
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--verify", type=Path, help="fixture .npz with input and reference outputs")
+    p.add_argument("--tolerance", type=float, default=1e-4)
+
+    p = sub.add_parser("bench", help="time pretraining steps (JSON with --json)")
+    p.add_argument("--preset", default="image-v2-base")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--json", action="store_true")
+    _add_overrides(p)
+
+    p = sub.add_parser("demo", help="pretrain on Fashion-MNIST and compare probes")
+    p.add_argument("--modality", choices=["image", "all"], default="image")
+    p.add_argument("--minutes", type=float, default=6.0, help="pretraining wall-clock budget")
+    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument(
+        "--data",
+        default="fashion-mnist",
+        help="fashion-mnist, or a folder with train/ and test/ class-folder layouts",
+    )
+    _add_overrides(p)
+    return parser
+
+
+def _add_feature_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", choices=["student", "teacher"], default="student")
+    p.add_argument("--pool", choices=["mean", "cls"], default="mean")
+    p.add_argument("--layers", type=int, default=1, help="average the last N block outputs")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _dispatch(args)
+    except UserError as exc:
+        print(f"data2vec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from data2vec import commands
+
+    handler = getattr(commands, f"run_{args.command}")
+    result = handler(args)
+    if isinstance(result, dict):
+        print(json.dumps(result))
+        return 0
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

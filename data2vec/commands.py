@@ -1,0 +1,139 @@
+"""Implementations of the CLI subcommands (argument namespaces in, exit code or JSON dict out)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data2vec.errors import UserError
+
+log = logging.getLogger("data2vec")
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from data2vec.config import load_config
+    from data2vec.engine.trainer import pretrain
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    cfg = load_config(args.preset, overrides)
+    result = pretrain(cfg, args.data, args.out, resume=args.resume)
+    log.info(
+        "stopped (%s) after %d steps in %.1fs; checkpoint %s",
+        result.stopped,
+        result.steps,
+        result.seconds,
+        result.checkpoint,
+    )
+    if result.stopped in ("collapse", "nonfinite"):
+        return 1
+    return 0
+
+
+def _features(args: argparse.Namespace, data: str, skips) -> Any:
+    from data2vec.engine.runtime import resolve_device
+    from data2vec.evaluate.features import Features, embed_path
+
+    if data.endswith(".npz"):
+        return Features.load(data)
+    if args.checkpoint is None:
+        raise UserError(f"--checkpoint is required to embed {data} (or pass .npz features)")
+    return embed_path(
+        args.checkpoint,
+        data,
+        skips,
+        weights=args.weights,
+        pool=args.pool,
+        layers=args.layers,
+        batch_size=args.batch_size,
+        device=resolve_device(args.device),
+        progress=not args.no_progress,
+    )
+
+
+def run_embed(args: argparse.Namespace) -> int:
+    from data2vec.data.skips import SkipLog
+
+    skips = SkipLog()
+    feats = _features(args, str(args.data), skips)
+    feats.save(args.out)
+    if len(skips):
+        report = args.out.with_suffix(".skipped.tsv")
+        skips.write(report)
+        log.warning("%d inputs skipped; see %s", len(skips), report)
+    log.info("wrote %s: features %s", args.out, feats.features.shape)
+    return 0
+
+
+def evaluate_features(train, test, probe: str, k: int = 20, seed: int = 0) -> dict[str, Any]:
+    """Probe frozen features; returns the JSON-ready result (accuracy is a fraction)."""
+    from data2vec.evaluate.knn import knn_classify
+    from data2vec.evaluate.linear_probe import linear_probe
+
+    for name, f in (("train", train), ("test", test)):
+        if (f.labels < 0).any():
+            raise UserError(f"the {name} set has unlabelled samples; probes need labels")
+    tx, ty = torch.from_numpy(train.features), torch.from_numpy(train.labels)
+    vx, vy = torch.from_numpy(test.features), torch.from_numpy(test.labels)
+    if probe == "linear":
+        res = linear_probe(tx, ty, vx, vy, seed=seed).to_dict()
+    else:
+        res = knn_classify(tx, ty, vx, vy, k=k).to_dict()
+    return {"probe": probe, **res}
+
+
+def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from data2vec.data.skips import SkipLog
+
+    skips = SkipLog()
+    train = _features(args, str(args.train), skips)
+    test = _features(args, str(args.test), skips)
+    result = evaluate_features(train, test, args.probe, k=args.k, seed=args.seed)
+    result["skipped_inputs"] = len(skips)
+    return result
+
+
+def run_convert(args: argparse.Namespace) -> int | dict[str, Any]:
+    from data2vec.convert.export import export_model
+    from data2vec.convert.fairseq import import_image_v2, verify_against_fixture
+
+    cfg, model = import_image_v2(args.src)
+    export_model(args.dst, cfg, model)
+    log.info("wrote %s", args.dst)
+    if args.verify is None:
+        return 0
+    result = verify_against_fixture(model, args.verify, args.tolerance)
+    import json
+
+    print(json.dumps(result))
+    return 0 if result["ok"] else 1
+
+
+def run_bench(args: argparse.Namespace) -> int | dict[str, Any]:
+    from data2vec.bench import bench, format_bench
+
+    result = bench(
+        args.preset,
+        batch=args.batch,
+        steps=args.steps,
+        warmup=args.warmup,
+        precision=args.precision,
+        image_size=args.image_size,
+        overrides=list(args.overrides),
+    )
+    if args.json:
+        return result
+    print(format_bench(result))
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from data2vec.demo import run_demo as demo
+
+    demo(out=Path(args.out), minutes=args.minutes, data=args.data, overrides=list(args.overrides))
+    return 0

@@ -1,0 +1,481 @@
+"""Typed, validated configuration: shallow dataclasses, YAML presets and ``key=value`` overrides.
+
+A config has one level of sections (``model``, ``encoder``, ``mask`` ...), each a dataclass whose
+fields are plain values. Defaults are the released data2vec 2.0 ViT-B/16 recipe (fairseq
+``examples/data2vec/config/v2/base_images_only_task.yaml``); presets in ``configs/`` override
+them. Every value is checked against its annotation when the config is built, and an error
+names the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Union
+
+import yaml
+
+from data2vec.errors import ConfigError
+
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class ModelConfig:
+    """The shared transformer ("backbone") and which objective trains it."""
+
+    SECTION: ClassVar[str] = "model"
+
+    modality: Literal["image"] = "image"
+    algorithm: Literal["v2"] = "v2"
+    embed_dim: int = 768
+    depth: int = 10  # shared blocks (ViT-B/16 in data2vec 2.0: 2 prenet + 10 shared = 12)
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    encoder_dropout: float = 0.0  # after the attention output projection
+    attention_dropout: float = 0.0
+    activation_dropout: float = 0.0  # inside the MLP
+    post_mlp_dropout: float = 0.0
+    drop_path: float = 0.0  # stochastic depth of the last shared block (linear from 0)
+
+    def __post_init__(self) -> None:
+        _positive(self, "embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(
+                f"model.embed_dim={self.embed_dim} must be divisible by "
+                f"model.num_heads={self.num_heads}"
+            )
+        for name in (
+            "encoder_dropout",
+            "attention_dropout",
+            "activation_dropout",
+            "post_mlp_dropout",
+            "drop_path",
+        ):
+            _fraction(self, name)
+
+
+@dataclass
+class ImageEncoderConfig:
+    """Image modality encoder: patch embedding, fixed 2-D sin-cos positions, CLS, prenet."""
+
+    SECTION: ClassVar[str] = "encoder"
+
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    prenet_depth: int = 2
+    num_extra_tokens: int = 1  # the CLS token
+
+    def __post_init__(self) -> None:
+        _positive(self, "image_size", "patch_size", "in_chans")
+        _non_negative(self, "prenet_depth", "num_extra_tokens")
+        if self.image_size % self.patch_size:
+            raise ConfigError(
+                f"encoder.image_size={self.image_size} must be a multiple of "
+                f"encoder.patch_size={self.patch_size}"
+            )
+
+
+@dataclass
+class MaskConfig:
+    """How the student's views are masked (data2vec 2.0 §3)."""
+
+    SECTION: ClassVar[str] = "mask"
+
+    kind: Literal["inverse_block", "random"] = "inverse_block"
+    ratio: float = 0.8
+    adjust: float = 0.07  # extra keep probability of inverse block masking
+    block: int = 3
+    clones: int = 16  # masked copies per sample (the teacher still runs once per sample)
+    noise_std: float = 0.01  # std of the N(0, s²) values that fill masked slots in the decoder
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.ratio < 1.0:
+            raise ConfigError(f"mask.ratio={self.ratio} must be in (0, 1)")
+        _positive(self, "block", "clones")
+        _non_negative(self, "adjust", "noise_std")
+
+
+@dataclass
+class DecoderConfig:
+    """The light convolutional decoder of data2vec 2.0."""
+
+    SECTION: ClassVar[str] = "decoder"
+
+    dim: int = 768
+    groups: int = 16
+    kernel: int = 3
+    layers: int = 6
+    residual: bool = True
+    projection_layers: int = 1
+    projection_ratio: float = 2.0
+    input_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive(
+            self, "dim", "groups", "kernel", "layers", "projection_layers", "projection_ratio"
+        )
+        _fraction(self, "input_dropout")
+        if self.dim % self.groups:
+            raise ConfigError(
+                f"decoder.dim={self.dim} must be divisible by decoder.groups={self.groups}"
+            )
+        if self.kernel % 2 == 0:
+            raise ConfigError(f"decoder.kernel={self.kernel} must be odd ('same' padding)")
+
+
+@dataclass
+class TargetConfig:
+    """Teacher targets: per-layer norm -> average of the top-K FFN outputs -> final norm."""
+
+    SECTION: ClassVar[str] = "target"
+
+    top_k: int = 10
+    layer_norm: Literal["instance", "layer", "none"] = "instance"
+    final_norm: Literal["layer", "instance", "none"] = "layer"
+
+    def __post_init__(self) -> None:
+        _positive(self, "top_k")
+
+
+@dataclass
+class LossConfig:
+    """Regression loss on masked positions."""
+
+    SECTION: ClassVar[str] = "loss"
+
+    beta: float = 0.0  # 0 = L2; > 0 = smooth L1 with this beta
+    scale: float | None = None  # None = 1/sqrt(D)
+    cls_weight: float = 0.01  # image CLS loss (0 turns it off)
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "beta", "cls_weight")
+        if self.scale is not None and self.scale <= 0:
+            raise ConfigError(f"loss.scale={self.scale} must be > 0 or null (= 1/sqrt(D))")
+
+
+@dataclass
+class EMAConfig:
+    """EMA teacher: decay annealed linearly from ``decay`` to ``end_decay``, then held."""
+
+    SECTION: ClassVar[str] = "ema"
+
+    decay: float = 0.9998
+    end_decay: float = 0.99999
+    anneal_steps: int = 100_000
+    # What the teacher owns (and averages): "all" = local encoder, context encoder and blocks
+    # (image); "context" = all but the local encoder, which stays shared with the student
+    # (audio); "blocks" = the shared blocks only (text).
+    scope: Literal["all", "context", "blocks"] = "all"
+
+    def __post_init__(self) -> None:
+        for name in ("decay", "end_decay"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"ema.{name}={value} must be in [0, 1]")
+        _non_negative(self, "anneal_steps")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay."""
+
+    SECTION: ClassVar[str] = "optim"
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    warmup_steps: int = 50_040
+    schedule: Literal["cosine", "constant"] = "cosine"
+    final_lr_ratio: float = 0.0  # cosine ends at lr * final_lr_ratio
+    clip_norm: float = 4.0  # 0 disables clipping
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr", "eps")
+        _non_negative(self, "weight_decay", "warmup_steps", "clip_norm", "final_lr_ratio")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optim.betas={list(self.betas)} must both be in [0, 1)")
+
+
+@dataclass
+class DataConfig:
+    """Input pipeline (the pretraining augmentation of the data2vec 2.0 image recipe)."""
+
+    SECTION: ClassVar[str] = "data"
+
+    batch_size: int = 16
+    num_workers: int = 2
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: float = 0.5
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size")
+        _non_negative(self, "num_workers")
+        _fraction(self, "hflip")
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ConfigError(
+                f"data.crop_scale={list(self.crop_scale)} must satisfy 0 < lo <= hi <= 1"
+            )
+
+
+@dataclass
+class TrainConfig:
+    """The run: length, precision, logging and checkpointing."""
+
+    SECTION: ClassVar[str] = "train"
+
+    max_steps: int = 375_300
+    max_minutes: float | None = None  # stop (and checkpoint) after this much wall-clock time
+    seed: int = 1
+    precision: Precision = "fp32"
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    threads: int | None = None  # torch CPU threads; None = the cores this process may use
+    log_every: int = 10
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    progress: bool = True
+    # Collapse guard (fairseq min_target_var / min_pred_var): stop when the per-dimension std of
+    # targets or predictions falls below these after ``collapse_after`` steps (None = warm-up).
+    min_target_std: float = 0.1
+    min_pred_std: float = 0.01
+    collapse_after: int | None = None
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "max_steps", "min_target_std", "min_pred_std")
+        _positive(self, "log_every", "checkpoint_every", "keep_checkpoints")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ConfigError(f"train.max_minutes={self.max_minutes} must be > 0 or null")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"train.threads={self.threads} must be >= 1 or null")
+
+
+ENCODER_CONFIGS: dict[str, type] = {"image": ImageEncoderConfig}
+
+
+@dataclass
+class Config:
+    """A complete, validated run configuration."""
+
+    preset: str = "image-v2-base"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        if self.target.top_k > self.model.depth:
+            raise ConfigError(
+                f"target.top_k={self.target.top_k} exceeds model.depth={self.model.depth} "
+                "(only shared blocks give targets)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved config as YAML (it loads back with :func:`load_config`)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False), encoding="utf-8")
+        return path
+
+
+# --------------------------------------------------------------------------------------------
+# building and validation
+
+
+def list_presets() -> list[str]:
+    """Names of the presets shipped in ``configs/``."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(preset: str | Path = "image-v2-base", overrides: list[str] | None = None) -> Config:
+    """Build a config from a preset name or YAML file plus ``section.field=value`` overrides.
+
+    A YAML file may name another preset under ``base:``; its values are applied on top.
+
+    Raises:
+        ConfigError: unknown preset/section/field, or a value of the wrong type or range.
+    """
+    raw, name = _read_preset(preset, seen=())
+    for item in overrides or []:
+        _apply_override(raw, item)
+    raw.setdefault("preset", name)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a nested dict (as saved by :meth:`Config.save`) into a :class:`Config`."""
+    raw = dict(raw)
+    sections: dict[str, Any] = {}
+    model = _build_section("model", ModelConfig, raw.pop("model", {}) or {})
+    encoder_cls = ENCODER_CONFIGS[model.modality]
+    sections["model"] = model
+    sections["encoder"] = _build_section("encoder", encoder_cls, raw.pop("encoder", {}) or {})
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        if f.name in ("preset", "model", "encoder"):
+            continue
+        sections[f.name] = _build_section(f.name, hints[f.name], raw.pop(f.name, {}) or {})
+    preset = raw.pop("preset", "custom")
+    if raw:
+        allowed = [f.name for f in dataclasses.fields(Config)]
+        raise ConfigError(f"unknown config section(s) {sorted(raw)}; allowed: {allowed}")
+    return Config(preset=str(preset), **sections)
+
+
+def _read_preset(preset: str | Path, seen: tuple[str, ...]) -> tuple[dict[str, Any], str]:
+    path = Path(preset)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.is_file():
+            raise ConfigError(
+                f"unknown preset {str(preset)!r}; available: {', '.join(list_presets())}"
+            )
+    elif not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if str(path) in seen:
+        raise ConfigError(f"preset {path} inherits from itself via 'base:'")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    merged: dict[str, Any] = {}
+    if base is not None:
+        merged, _ = _read_preset(str(base), (*seen, str(path)))
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged, path.stem
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value: ints, floats (``1e-3`` too), bools, null, lists, strings."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.field=value")
+    key, _, value = item.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be section.field (e.g. optim.lr=5e-4)")
+    section, name = parts
+    if not isinstance(raw.get(section, {}), dict):
+        raise ConfigError(f"cannot override {key}: {section!r} is not a section")
+    raw.setdefault(section, {})[name] = _parse_scalar(value.strip())
+
+
+def _build_section(name: str, cls: type, values: Any) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {name!r} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in allowed:
+            raise ConfigError(f"unknown field {name}.{key}; allowed: {', '.join(allowed)}")
+        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid section {name!r}: {exc}") from exc
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against ``annotation``; convert lossless cases (int→float, list→tuple)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}={value!r} is not allowed; allowed values: {list(args)}")
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path}={value!r} must be a list of {len(args)} values")
+        return tuple(_coerce(f"{path}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}={value!r} must be true or false")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}={value!r} must be an integer")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}={value!r} must be a number")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}={value!r} must be a string")
+        return value
+    raise TypeError(f"unsupported annotation {annotation} for {path}")  # a bug, not user input
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value <= 0:
+            raise ConfigError(f"{obj.SECTION}.{name}={value} must be > 0")
+
+
+def _non_negative(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if value < 0:
+            raise ConfigError(f"{obj.SECTION}.{name}={value} must be >= 0")
+
+
+def _fraction(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not 0.0 <= value < 1.0 and not (name == "hflip" and value == 1.0):
+            raise ConfigError(f"{obj.SECTION}.{name}={value} must be in [0, 1)")

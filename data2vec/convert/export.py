@@ -1,0 +1,24 @@
+"""Our model directory: ``config.yaml``, ``model.safetensors`` and ``teacher.safetensors``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from data2vec.config import Config
+from data2vec.engine import checkpoint as ckpt
+from data2vec.models.data2vec2 import Data2Vec2
+
+
+def export_model(out: str | Path, cfg: Config, model: Data2Vec2) -> Path:
+    """Write a model directory that ``--checkpoint`` and :func:`load_encoder` accept."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {f"encoder.{k}": v for k, v in model.encoder.state_dict().items()}
+    state |= {f"decoder.{k}": v for k, v in model.decoder.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / ckpt.MODEL_FILE))
+    teacher = {k: v.contiguous() for k, v in model.teacher.state_dict().items()}
+    save_file(teacher, str(out / ckpt.TEACHER_FILE))
+    cfg.save(out / ckpt.CONFIG_FILE)
+    return out

@@ -1,0 +1,105 @@
+"""Pretraining batches of images: augmented views plus their precomputed masks.
+
+Masks are drawn here, in the loader workers, from ``make_rng(seed, stream_position)``: the
+model receives ``(images, masks)`` and the same run always sees the same views and masks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from data2vec.config import Config
+from data2vec.data.images import ImageSource
+from data2vec.data.skips import SkipError
+from data2vec.data.transforms import TrainTransform
+from data2vec.masking import inverse_block_mask, make_rng, random_mask
+
+
+@dataclass
+class PretrainBatch:
+    """One pretraining batch.
+
+    Attributes:
+        source: ``(B, C, H, W)`` float images.
+        mask: ``(B·M, T)`` bool, True = masked, sample-major.
+        positions: ``(B,)`` stream positions of the samples (for debugging and exact resume).
+        skipped: ``(path, reason)`` of inputs dropped from this batch.
+    """
+
+    source: Tensor
+    mask: Tensor
+    positions: Tensor
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.source.shape[0])
+
+
+class ImageMaskGenerator:
+    """Draws the ``M`` masks of one sample as configured (``mask.kind``)."""
+
+    def __init__(self, cfg: Config, grid: tuple[int, int]) -> None:
+        self.cfg = cfg.mask
+        self.grid = grid
+
+    def __call__(self, rng: np.random.Generator, rows: int | None = None) -> np.ndarray:
+        m = self.cfg
+        rows = m.clones if rows is None else rows
+        h, w = self.grid
+        if m.kind == "inverse_block":
+            return inverse_block_mask(h, w, rows, m.ratio, rng, block=m.block, adjust=m.adjust)
+        return random_mask(h * w, rows, m.ratio, rng)
+
+
+class PretrainImages(Dataset):
+    """``dataset[(index, position)]`` -> ``(image (C,H,W), masks (M,T))`` or ``(name, reason)``.
+
+    Args:
+        source: the images.
+        cfg: the run config (image size, augmentation, masking, seed).
+    """
+
+    def __init__(self, source: ImageSource, cfg: Config) -> None:
+        self.source = source
+        self.seed = cfg.train.seed
+        size = cfg.encoder.image_size
+        self.transform = TrainTransform(
+            size,
+            scale=cfg.data.crop_scale,
+            hflip=cfg.data.hflip,
+            mean=cfg.data.mean,
+            std=cfg.data.std,
+        )
+        grid = (size // cfg.encoder.patch_size, size // cfg.encoder.patch_size)
+        self.masks = ImageMaskGenerator(cfg, grid)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple:
+        index, position = key
+        rng = make_rng(self.seed, position)
+        try:
+            image = self.source.load(index)
+        except SkipError as exc:
+            return ("skip", self.source.name(index), str(exc))
+        return ("ok", self.transform(image, rng), self.masks(rng), position)
+
+
+def collate_pretrain(items: list[tuple]) -> PretrainBatch:
+    """Stack good samples; report skipped ones (a batch may shrink, never crash)."""
+    good = [it for it in items if it[0] == "ok"]
+    skipped = [(it[1], it[2]) for it in items if it[0] == "skip"]
+    if not good:
+        return PretrainBatch(
+            torch.empty(0), torch.empty(0, dtype=torch.bool), torch.empty(0), skipped
+        )
+    source = torch.from_numpy(np.stack([it[1] for it in good]))
+    mask = torch.from_numpy(np.concatenate([it[2] for it in good]))
+    positions = torch.tensor([it[3] for it in good])
+    return PretrainBatch(source, mask, positions, skipped)

@@ -1,0 +1,83 @@
+"""Deterministic sample order: an endless stream of per-epoch permutations.
+
+Batch ``k`` holds stream positions ``[k·B, (k+1)·B)``; position ``p`` is sample
+``perm(seed, p // N)[p % N]``. The order is a pure function of ``(seed, position)``, so resuming
+after ``k`` batches is indexing, and per-sample randomness (augmentation, masks) can be seeded
+from the stream position, independent of the number of loader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from data2vec.masking import make_rng
+
+
+class StreamBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields batches of ``(sample_index, stream_position)`` pairs, forever (or ``num_batches``).
+
+    Args:
+        num_samples: dataset size ``N``.
+        batch_size: ``B``.
+        seed: permutation seed.
+        start_batch: first batch to yield (the number already consumed when resuming).
+        num_batches: stop after this many batches in total (None = endless).
+        shuffle: permute each epoch (False = dataset order, for evaluation).
+        rank, world_size: take every ``world_size``-th batch slot for distributed training.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        start_batch: int = 0,
+        num_batches: int | None = None,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if num_samples <= 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.n = num_samples
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_batch = start_batch
+        self.num_batches = num_batches
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self._epoch = -1
+        self._perm = np.arange(num_samples)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = (
+                make_rng(self.seed, 0x5EED, epoch).permutation(self.n)
+                if self.shuffle
+                else np.arange(self.n)
+            )
+        return self._perm
+
+    def batch(self, k: int) -> list[tuple[int, int]]:
+        """Batch ``k`` of this rank: ``B`` pairs ``(sample_index, stream_position)``."""
+        start = (k * self.world_size + self.rank) * self.batch_size
+        out = []
+        for pos in range(start, start + self.batch_size):
+            out.append((int(self._order(pos // self.n)[pos % self.n]), pos))
+        return out
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        k = self.start_batch
+        while self.num_batches is None or k < self.num_batches:
+            yield self.batch(k)
+            k += 1
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("an endless stream has no length")
+        return max(0, self.num_batches - self.start_batch)

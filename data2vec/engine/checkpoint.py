@@ -1,0 +1,162 @@
+"""Atomic, resumable checkpoints.
+
+Layout of one checkpoint (a directory, written under a temporary name and renamed into place,
+so a crash never leaves a half-written checkpoint that looks complete)::
+
+    <run>/checkpoints/step_00001000/
+        model.safetensors     student weights (encoder.* and decoder.*)
+        teacher.safetensors   EMA teacher (fp32)
+        trainer_state.pt      optimizer, step, RNG states, data position, counters
+        config.yaml           the resolved config
+
+The same directory is also a *model directory*: ``config.yaml`` + ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from data2vec.config import Config, config_from_dict
+from data2vec.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+TEACHER_FILE = "teacher.safetensors"
+STATE_FILE = "trainer_state.pt"
+CONFIG_FILE = "config.yaml"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG, in types that ``torch.load(weights_only=True)`` accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    numpy_state = (name, torch.from_numpy(keys.copy()), pos, has_gauss, cached)
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _contiguous(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model_state: dict[str, Tensor],
+    teacher_state: dict[str, Tensor] | None,
+    trainer_state: dict[str, Any],
+    config: Config,
+    keep: int,
+) -> Path:
+    """Write checkpoint ``step`` atomically and keep only the newest ``keep``."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(_contiguous(model_state), str(tmp / MODEL_FILE), metadata={"step": str(step)})
+    if teacher_state is not None:
+        save_file(_contiguous(teacher_state), str(tmp / TEACHER_FILE), metadata={"step": str(step)})
+    torch.save(trainer_state, tmp / STATE_FILE)
+    config.save(tmp / CONFIG_FILE)
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def load_trainer_checkpoint(
+    ckpt: Path,
+) -> tuple[dict[str, Tensor], dict[str, Tensor] | None, dict[str, Any]]:
+    """Read one checkpoint: student state, teacher state (or None) and trainer state."""
+    model_state = load_file(str(ckpt / MODEL_FILE))
+    teacher_path = ckpt / TEACHER_FILE
+    teacher_state = load_file(str(teacher_path)) if teacher_path.exists() else None
+    # Even our own files are read without running pickled code.
+    trainer_state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+    return model_state, teacher_state, trainer_state
+
+
+def latest_loadable(run_dir: Path) -> tuple[Path, tuple[dict, dict | None, dict]] | None:
+    """The newest checkpoint that loads; a corrupt newer one is skipped with a warning."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            return ckpt, load_trainer_checkpoint(ckpt)
+        except Exception as exc:  # a truncated/corrupt file: fall back to the previous one
+            log.warning("checkpoint %s is unreadable (%s); trying the previous one", ckpt, exc)
+    return None
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A directory holding ``config.yaml`` + ``model.safetensors``.
+
+    Accepts a model/checkpoint directory itself or a pretraining run directory (its latest
+    checkpoint is used).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint path not found: {path}")
+    if (path / MODEL_FILE).is_file() and (path / CONFIG_FILE).is_file():
+        return path
+    ckpts = list_checkpoints(path)
+    if ckpts:
+        return ckpts[-1]
+    raise UserError(
+        f"{path} is neither a model directory ({CONFIG_FILE} + {MODEL_FILE}) nor a run "
+        "directory with checkpoints/step_*"
+    )
+
+
+def load_config_file(model_dir: Path) -> Config:
+    import yaml
+
+    raw = yaml.safe_load((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    return config_from_dict(raw)

@@ -1,0 +1,323 @@
+"""The pretraining loop.
+
+The model returns its loss and logs; the engine owns everything else, in this order, every
+step: learning rate -> autocast forward -> finite check -> backward -> clip -> optimizer step
+-> explicit teacher update -> logs -> collapse guard -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from data2vec.config import Config
+from data2vec.data.image_pretrain import PretrainBatch
+from data2vec.data.registry import build_pretrain_dataset
+from data2vec.data.sampling import StreamBatchSampler
+from data2vec.data.skips import SkipLog
+from data2vec.engine import checkpoint as ckpt
+from data2vec.engine.metrics import MetricsWriter
+from data2vec.engine.optim import build_optimizer
+from data2vec.engine.runtime import autocast, configure_threads, resolve_device
+from data2vec.engine.schedules import lr_at
+from data2vec.errors import UserError
+from data2vec.models.data2vec2 import Data2Vec2
+from data2vec.models.registry import build_model
+
+log = logging.getLogger(__name__)
+
+MAX_NONFINITE_IN_A_ROW = 20
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training (and is checkpointed)."""
+
+    model: Data2Vec2
+    optimizer: torch.optim.Optimizer
+    step: int = 0  # optimizer steps taken
+    batches_seen: int = 0  # data position (differs from step when steps are skipped)
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    grad_norm: float
+    ema_decay: float
+    updated: bool
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    stopped: str  # "max_steps" | "time_budget" | "collapse" | "nonfinite" | "interrupted"
+    seconds: float
+    checkpoint: Path | None
+    skipped_inputs: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def train_step(
+    state: TrainState, batch: PretrainBatch, cfg: Config, device: torch.device
+) -> StepResult:
+    """One optimizer step on ``batch``; skipped and counted when loss or gradient is not finite."""
+    model, opt = state.model, state.optimizer
+    total = cfg.train.max_steps
+    lr = lr_at(
+        state.step,
+        cfg.optim.lr,
+        cfg.optim.warmup_steps,
+        total,
+        cfg.optim.schedule,
+        cfg.optim.final_lr_ratio,
+    )
+    for group in opt.param_groups:
+        group["lr"] = lr
+    model.train()
+    with autocast(device, cfg.train.precision):
+        out = model(
+            batch.source.to(device, non_blocking=True), batch.mask.to(device, non_blocking=True)
+        )
+    loss = out.loss
+    loss_value = float(loss.detach())
+    logs = {k: float(v) for k, v in out.logs.items()}
+    if not math.isfinite(loss_value):
+        return _skip_step(state, loss_value, lr, logs)
+    loss.backward()
+    clip = cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else math.inf
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True))
+    if not math.isfinite(grad_norm):
+        return _skip_step(state, loss_value, lr, logs)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    state.step += 1
+    state.nonfinite_in_a_row = 0
+    decay = model.update_teacher(state.step)
+    return StepResult(loss_value, lr, grad_norm, decay, True, logs)
+
+
+def _skip_step(state: TrainState, loss: float, lr: float, logs: dict[str, float]) -> StepResult:
+    state.optimizer.zero_grad(set_to_none=True)
+    state.skipped_steps += 1
+    state.nonfinite_in_a_row += 1
+    log.warning("non-finite loss or gradient at step %d: update skipped", state.step)
+    return StepResult(loss, lr, float("nan"), float("nan"), False, logs)
+
+
+def save(state: TrainState, run_dir: Path, cfg: Config, skips: SkipLog) -> Path:
+    skips.write(run_dir / "skipped.tsv")
+    trainer_state: dict[str, Any] = {
+        "step": state.step,
+        "batches_seen": state.batches_seen,
+        "skipped_steps": state.skipped_steps,
+        "optimizer": state.optimizer.state_dict(),
+        "rng": ckpt.rng_state(),
+    }
+    model_state = {f"encoder.{k}": v for k, v in state.model.encoder.state_dict().items()}
+    model_state |= {f"decoder.{k}": v for k, v in state.model.decoder.state_dict().items()}
+    return ckpt.save_checkpoint(
+        run_dir,
+        state.step,
+        model_state,
+        state.model.teacher.state_dict(),
+        trainer_state,
+        cfg,
+        cfg.train.keep_checkpoints,
+    )
+
+
+def restore(state: TrainState, run_dir: Path) -> Path | None:
+    """Load the newest loadable checkpoint of ``run_dir`` into ``state``."""
+    found = ckpt.latest_loadable(run_dir)
+    if found is None:
+        return None
+    path, (model_state, teacher_state, trainer_state) = found
+    enc = {k[len("encoder.") :]: v for k, v in model_state.items() if k.startswith("encoder.")}
+    dec = {k[len("decoder.") :]: v for k, v in model_state.items() if k.startswith("decoder.")}
+    state.model.encoder.load_state_dict(enc, strict=True)
+    state.model.decoder.load_state_dict(dec, strict=True)
+    if teacher_state is not None:
+        state.model.teacher.load_state_dict(teacher_state)
+    state.optimizer.load_state_dict(trainer_state["optimizer"])
+    state.step = trainer_state["step"]
+    state.batches_seen = trainer_state["batches_seen"]
+    state.skipped_steps = trainer_state["skipped_steps"]
+    ckpt.set_rng_state(trainer_state["rng"])
+    return path
+
+
+def _collapsed(cfg: Config, step: int, logs: dict[str, float]) -> str | None:
+    after = (
+        cfg.train.collapse_after if cfg.train.collapse_after is not None else cfg.optim.warmup_steps
+    )
+    if step < after:
+        return None
+    if logs.get("target_std", math.inf) < cfg.train.min_target_std:
+        return (
+            f"target std {logs['target_std']:.4g} < train.min_target_std={cfg.train.min_target_std}"
+        )
+    if logs.get("pred_std", math.inf) < cfg.train.min_pred_std:
+        return (
+            f"prediction std {logs['pred_std']:.4g} < train.min_pred_std={cfg.train.min_pred_std}"
+        )
+    return None
+
+
+def make_loader(dataset, collate, cfg: Config, start_batch: int) -> DataLoader:
+    sampler = StreamBatchSampler(
+        len(dataset), cfg.data.batch_size, cfg.train.seed, start_batch=start_batch
+    )
+    workers = cfg.data.num_workers
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        # The loader draws its workers' base seed from this generator, not the global RNG, so
+        # starting a loader on resume does not shift the model's random stream (dropout, noise).
+        generator=torch.Generator().manual_seed(cfg.train.seed),
+    )
+
+
+def pretrain(
+    cfg: Config, data: str | Path, out_dir: str | Path, resume: bool = False
+) -> TrainResult:
+    """Pretrain ``cfg`` on ``data``, writing everything into ``out_dir``.
+
+    ``cfg.train.max_steps == 0`` writes the freshly initialized model (the random-init baseline).
+    """
+    run_dir = Path(out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume and ckpt.list_checkpoints(run_dir):
+        raise UserError(
+            f"{run_dir} already holds checkpoints: pass --resume or choose another --out"
+        )
+    device = resolve_device(cfg.train.device)
+    threads = configure_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    skips = SkipLog()
+    dataset, collate = build_pretrain_dataset(cfg, data, skips)
+    cfg.save(run_dir / "config.yaml")
+    skips.write(run_dir / "skipped.tsv")
+    model = build_model(cfg).to(device)
+    state = TrainState(model, build_optimizer(model, cfg.optim))
+    if resume:
+        path = restore(state, run_dir)
+        log.info("resumed from %s at step %d", path, state.step) if path else log.info(
+            "nothing to resume"
+        )
+    log.info(
+        "device %s, %d threads, %d samples, %.2fM parameters",
+        device,
+        threads,
+        len(dataset),
+        sum(p.numel() for p in model.parameters()) / 1e6,
+    )
+    if cfg.train.max_steps == 0 or state.step >= cfg.train.max_steps:
+        path = save(state, run_dir, cfg, skips)
+        return TrainResult(run_dir, state.step, "max_steps", 0.0, path, len(skips))
+    return _loop(
+        state, cfg, run_dir, make_loader(dataset, collate, cfg, state.batches_seen), skips, device
+    )
+
+
+def _loop(
+    state: TrainState,
+    cfg: Config,
+    run_dir: Path,
+    loader: DataLoader,
+    skips: SkipLog,
+    device: torch.device,
+) -> TrainResult:
+    writer = MetricsWriter(run_dir, cfg.train.tensorboard)
+    bar = tqdm(
+        total=cfg.train.max_steps,
+        initial=state.step,
+        disable=not cfg.train.progress,
+        desc="pretrain",
+        dynamic_ncols=True,
+    )
+    start = last_log = time.perf_counter()
+    samples_since_log, stopped, last_ckpt = 0, "max_steps", None
+    budget = cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
+    history: list[dict[str, float]] = []
+    try:
+        for batch in loader:
+            state.batches_seen += 1
+            skips.extend(batch.skipped)
+            if len(batch) == 0:
+                continue
+            result = train_step(state, batch, cfg, device)
+            samples_since_log += len(batch)
+            if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                stopped = "nonfinite"
+                break
+            if not result.updated:
+                continue
+            bar.update(1)
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+                now = time.perf_counter()
+                record = {
+                    "loss": result.loss,
+                    "lr": result.lr,
+                    "grad_norm": result.grad_norm,
+                    "ema_decay": result.ema_decay,
+                    **result.logs,
+                    "samples_per_s": samples_since_log / max(now - last_log, 1e-9),
+                    "elapsed_s": now - start,
+                    "skipped_inputs": len(skips),
+                }
+                writer.log(state.step, record)
+                history.append({"step": state.step, **record})
+                bar.set_postfix(
+                    loss=f"{result.loss:.4f}",
+                    lr=f"{result.lr:.2e}",
+                    img_s=f"{record['samples_per_s']:.1f}",
+                )
+                last_log, samples_since_log = now, 0
+            reason = _collapsed(cfg, state.step, result.logs)
+            if reason:
+                log.error(
+                    "representation collapse at step %d: %s; stopping (last checkpoint kept)",
+                    state.step,
+                    reason,
+                )
+                stopped = "collapse"
+                break
+            if state.step % cfg.train.checkpoint_every == 0:
+                last_ckpt = save(state, run_dir, cfg, skips)
+            if state.step >= cfg.train.max_steps:
+                break
+            if time.perf_counter() - start > budget:
+                stopped = "time_budget"
+                break
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    finally:
+        bar.close()
+        writer.close()
+    if stopped not in ("collapse", "nonfinite") and (
+        last_ckpt is None or not last_ckpt.name.endswith(f"{state.step:08d}")
+    ):
+        last_ckpt = save(state, run_dir, cfg, skips)
+    skips.write(run_dir / "skipped.tsv")
+    if len(skips):
+        log.warning("%d inputs were skipped; see %s", len(skips), run_dir / "skipped.tsv")
+    return TrainResult(
+        run_dir, state.step, stopped, time.perf_counter() - start, last_ckpt, len(skips), history
+    )

@@ -1,0 +1,175 @@
+"""Frozen features from a pretrained (or randomly initialized) encoder."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from data2vec.config import Config
+from data2vec.data.images import ImageSource, open_image_source
+from data2vec.data.skips import SkipError, SkipLog
+from data2vec.data.transforms import EvalTransform
+from data2vec.engine import checkpoint as ckpt
+from data2vec.engine.runtime import autocast
+from data2vec.errors import UserError
+from data2vec.models.encoder import Encoder, EncoderOutput
+from data2vec.models.registry import build_encoder
+
+log = logging.getLogger(__name__)
+
+Weights = Literal["student", "teacher"]
+Pool = Literal["mean", "cls"]
+
+
+@dataclass
+class Features:
+    """Features of one data set: ``features (N, D)`` float32, ``labels (N,)`` int64 (-1 = none)."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    paths: np.ndarray
+    classes: list[str]
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(
+            path,
+            features=self.features,
+            labels=self.labels,
+            paths=self.paths,
+            classes=np.array(self.classes),
+        )
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Features:
+        try:
+            z = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read features file {path}: {exc}") from exc
+        if "features" not in z.files:
+            raise UserError(f"{path} has no 'features' array (written by `data2vec embed`?)")
+        n = len(z["features"])
+        labels = z["labels"] if "labels" in z.files else np.full(n, -1, dtype=np.int64)
+        paths = z["paths"] if "paths" in z.files else np.array([str(i) for i in range(n)])
+        classes = [str(c) for c in z["classes"]] if "classes" in z.files else []
+        return cls(z["features"].astype(np.float32), labels.astype(np.int64), paths, classes)
+
+
+def load_encoder(path: str | Path, weights: Weights = "student") -> tuple[Config, Encoder]:
+    """The encoder of a run/checkpoint/model directory, in eval mode on the CPU."""
+    model_dir = ckpt.resolve_model_dir(path)
+    cfg = ckpt.load_config_file(model_dir)
+    encoder = build_encoder(cfg)
+    if weights == "student":
+        state = load_file(str(model_dir / ckpt.MODEL_FILE))
+        state = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+    else:
+        teacher_file = model_dir / ckpt.TEACHER_FILE
+        if not teacher_file.is_file():
+            raise UserError(f"{model_dir} has no {ckpt.TEACHER_FILE}; use the student weights")
+        state = load_file(str(teacher_file))
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if unexpected or (missing and weights == "student"):
+        raise UserError(
+            f"{model_dir}: weights do not match the config (missing {missing}, "
+            f"unexpected {unexpected})"
+        )
+    if missing:  # a teacher that does not own every module shares them with the student
+        student = load_file(str(model_dir / ckpt.MODEL_FILE))
+        encoder.load_state_dict({k: student[f"encoder.{k}"] for k in missing}, strict=False)
+    return cfg, encoder.eval()
+
+
+def pool_tokens(out: EncoderOutput, pool: Pool = "mean", layers: int = 1) -> torch.Tensor:
+    """One vector per sample.
+
+    Args:
+        out: encoder output with ``layer_outputs`` when ``layers > 1``.
+        pool: ``mean`` over the (non-extra) tokens, or the first extra (``cls``) token.
+        layers: average the outputs of the last ``layers`` blocks before pooling (DESIGN §5).
+
+    Returns:
+        ``(N, D)``.
+    """
+    x = out.x if layers == 1 else torch.stack(out.layer_outputs[-layers:]).mean(0)
+    if pool == "cls":
+        if out.num_extra_tokens == 0:
+            raise UserError("pool=cls needs a model with an extra (CLS) token")
+        return x[:, 0]
+    tokens = x[:, out.num_extra_tokens :]
+    if out.padding_mask is None:
+        return tokens.mean(1)
+    keep = (~out.padding_mask[:, out.num_extra_tokens :]).unsqueeze(-1).to(tokens.dtype)
+    return (tokens * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+
+@torch.no_grad()
+def embed_images(
+    encoder: Encoder,
+    cfg: Config,
+    source: ImageSource,
+    skips: SkipLog | None = None,
+    batch_size: int = 256,
+    pool: Pool = "mean",
+    layers: int = 1,
+    device: torch.device | None = None,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> Features:
+    """Embed every image of ``source`` (unreadable ones are skipped and recorded)."""
+    device = device or torch.device("cpu")
+    encoder = encoder.to(device).eval()
+    transform = EvalTransform(cfg.encoder.image_size, mean=cfg.data.mean, std=cfg.data.std)
+    feats, labels, names = [], [], []
+    all_labels = source.labels()
+    bar = tqdm(total=len(source), desc="embed", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(source), batch_size):
+        arrays, idx = [], []
+        for i in range(start, min(start + batch_size, len(source))):
+            try:
+                arrays.append(transform(source.load(i)))
+                idx.append(i)
+            except SkipError as exc:
+                if skips is not None:
+                    skips.add(source.name(i), str(exc))
+        bar.update(min(batch_size, len(source) - start))
+        if not arrays:
+            continue
+        x = torch.from_numpy(np.stack(arrays)).to(device)
+        with autocast(device, precision):
+            out = encoder(x, keep_layers=layers > 1)
+        feats.append(pool_tokens(out, pool, layers).float().cpu().numpy())
+        labels.append(all_labels[idx])
+        names += [source.name(i) for i in idx]
+    bar.close()
+    if not feats:
+        raise UserError("no readable images to embed")
+    return Features(
+        np.concatenate(feats),
+        np.concatenate(labels).astype(np.int64),
+        np.array(names),
+        list(source.classes),
+    )
+
+
+def embed_path(
+    checkpoint: str | Path,
+    data: str | Path,
+    skips: SkipLog | None = None,
+    weights: Weights = "student",
+    **kwargs,
+) -> Features:
+    """Load the encoder of ``checkpoint`` and embed the data at ``data``."""
+    cfg, encoder = load_encoder(checkpoint, weights)
+    if cfg.model.modality != "image":
+        raise UserError(f"embedding {cfg.model.modality} data is not available yet")
+    return embed_images(encoder, cfg, open_image_source(data, skips), skips, **kwargs)

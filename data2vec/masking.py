@@ -1,0 +1,139 @@
+"""Mask generators: pure, seeded functions returning boolean masks (True = masked).
+
+Every generator takes an explicit ``numpy.random.Generator`` so the data loader can draw masks
+in its worker processes from ``make_rng(seed, step, sample_index)``: the same run always sees
+the same masks, whatever the number of workers, and a resumed run continues exactly.
+
+data2vec 2.0 needs the *same number of visible tokens in every row* (the student drops the
+masked tokens and batches the rest), so every generator here returns an exact count per row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def make_rng(*keys: int) -> np.random.Generator:
+    """A generator determined only by ``keys`` (e.g. ``(seed, step, sample_index)``)."""
+    return np.random.default_rng(np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]))
+
+
+def num_visible(length: int, mask_ratio: float) -> int:
+    """Visible tokens per row for a mask ratio: ``int(L * (1 - ratio))`` as in MAE/fairseq."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {mask_ratio}")
+    return int(length * (1.0 - mask_ratio))
+
+
+def _select_exactly(keep: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """Adjust each row of ``keep`` (N, L) bool to exactly ``count`` True entries.
+
+    Rows with too many True entries keep a uniformly random subset of them; rows with too few
+    keep all of them plus uniformly random others. One vectorized rule does both: score every
+    position with ``u - keep`` (u ~ U[0, 1)), so already-kept positions always sort first, and
+    take the ``count`` lowest scores.
+    """
+    scores = rng.random(keep.shape) - keep
+    order = np.argsort(scores, axis=1, kind="stable")[:, :count]
+    out = np.zeros_like(keep)
+    np.put_along_axis(out, order, True, axis=1)
+    return out
+
+
+def inverse_block_mask(
+    height: int,
+    width: int,
+    num_rows: int,
+    mask_ratio: float,
+    rng: np.random.Generator,
+    block: int = 3,
+    adjust: float = 0.07,
+) -> np.ndarray:
+    """Inverse block masking of data2vec 2.0 (Baevski et al. 2022, §3 "Inverse block masking").
+
+    Instead of choosing blocks to *mask*, choose ``block x block`` squares to *keep* around
+    random centers (about ``(1 - ratio + adjust) * L / block²`` of them, so that overlaps still
+    leave enough visible patches), adjust every row to exactly ``int(L * (1 - ratio))`` visible
+    patches, and mask the rest. Squares are cut at the grid border.
+
+    Args:
+        height, width: patch grid, ``L = height * width``.
+        num_rows: how many independent masks (e.g. the clones of one sample).
+        mask_ratio: fraction to mask (0.8 for ViT-B).
+        rng: source of randomness.
+        block: side of the kept squares (3 in the released recipe).
+        adjust: extra keep probability compensating for overlapping squares (0.07).
+
+    Returns:
+        ``(num_rows, L)`` bool, True = masked, row-major over the grid; every row has exactly
+        ``L - int(L * (1 - mask_ratio))`` True entries.
+    """
+    length = height * width
+    n_keep = num_visible(length, mask_ratio)
+    n_centers = int(length * (1.0 - mask_ratio + adjust) / block**2)
+    keep = np.zeros((num_rows, height, width), dtype=bool)
+    if n_centers > 0:
+        centers = rng.integers(0, length, size=(num_rows, n_centers))
+        rows, cols = np.divmod(centers, width)  # (N, n_centers) each
+        row_idx = np.repeat(np.arange(num_rows), n_centers)
+        lo = -(block // 2)
+        for di in range(lo, lo + block):
+            for dj in range(lo, lo + block):
+                r, c = (rows + di).ravel(), (cols + dj).ravel()
+                inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
+                keep[row_idx[inside], r[inside], c[inside]] = True
+    keep = _select_exactly(keep.reshape(num_rows, length), n_keep, rng)
+    return ~keep
+
+
+def random_mask(
+    length: int, num_rows: int, mask_ratio: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Uniformly random token masking with exactly ``L - int(L * (1 - ratio))`` masked per row.
+
+    Returns:
+        ``(num_rows, length)`` bool, True = masked.
+    """
+    keep = _select_exactly(
+        np.zeros((num_rows, length), dtype=bool), num_visible(length, mask_ratio), rng
+    )
+    return ~keep
+
+
+@dataclass(frozen=True)
+class MaskInfo:
+    """A batch of masks in the two forms the model needs.
+
+    Attributes:
+        mask: ``(N, T)`` bool, True = masked.
+        ids_keep: ``(N, V)`` int64, the visible positions of each row in ascending order.
+    """
+
+    mask: Tensor
+    ids_keep: Tensor
+
+    @classmethod
+    def from_mask(cls, mask: Tensor) -> MaskInfo:
+        """Build from a ``(N, T)`` bool mask whose rows all keep the same number of tokens."""
+        if mask.ndim != 2 or mask.dtype != torch.bool:
+            raise ValueError(
+                f"mask must be a 2-D bool tensor, got {tuple(mask.shape)} {mask.dtype}"
+            )
+        visible = (~mask).sum(dim=1)
+        if visible.numel() and bool((visible != visible[0]).any()):
+            raise ValueError(
+                "every mask row must keep the same number of tokens (data2vec 2.0 batches the "
+                f"visible tokens); got counts {sorted(set(visible.tolist()))}"
+            )
+        n_keep = int(visible[0]) if visible.numel() else 0
+        # A stable sort of the 0/1 mask lists visible positions first, in ascending order.
+        order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
+        return cls(mask=mask, ids_keep=order[:, :n_keep])
+
+    @property
+    def num_visible(self) -> int:
+        return self.ids_keep.shape[1]

@@ -1,0 +1,215 @@
+"""The data2vec 2.0 objective (Baevski et al. 2022, "Efficient Self-supervised Learning with
+Contextualized Target Representations for Vision, Speech and Language").
+
+One training step::
+
+    local   = student.embed(source)                         (B, T, D)   once per sample
+    targets = teacher(source | local)  -> top-K average     (B, T, D)   once per sample
+    x       = student.contextualize(local, M masks) -> blocks  (B·M, E + V, D)  visible only
+    pred    = decoder(x scattered back, noise at masked)    (B·M, T, D)
+    loss    = L2(pred[mask], targets[mask]) / √D, averaged over masked tokens (+ CLS loss)
+
+``forward`` composes named stages; the engine does backward, the optimizer step and then
+``model.teacher.update(model.encoder, step)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from data2vec.config import LossConfig, MaskConfig, TargetConfig
+from data2vec.masking import MaskInfo
+from data2vec.models.encoder import Encoder, EncoderOutput
+from data2vec.targets import build_targets, per_dim_std, regression_loss
+from data2vec.teacher import EMATeacher
+
+
+@dataclass
+class PretrainOutput:
+    """What one forward pass of an objective returns to the engine.
+
+    Attributes:
+        loss: scalar to back-propagate: the mean over masked tokens of the summed,
+            scaled regression error, plus the weighted CLS loss.
+        sample_size: number of masked tokens (the loss normalizer).
+        logs: detached scalars to log (``target_std`` and ``pred_std`` are always present).
+    """
+
+    loss: Tensor
+    sample_size: int
+    logs: dict[str, Tensor] = field(default_factory=dict)
+
+
+# Which student modules the teacher leaves shared, per EMA scope (see EMAConfig.scope).
+_EXCLUDED_BY_SCOPE = {
+    "all": (),
+    "context": ("modality.local_encoder",),
+    "blocks": ("modality",),
+}
+
+
+class Data2Vec2(nn.Module):
+    """Student encoder + decoder, with an EMA teacher kept beside them.
+
+    Args:
+        encoder: the student encoder.
+        decoder: maps ``(N, T, D)`` (masked slots filled) to predictions (see ``ConvDecoder``).
+        mask_cfg: clones and the masked-slot noise.
+        target_cfg: top-K and normalizations.
+        loss_cfg: loss kind, scale and CLS weight.
+        teacher: the EMA teacher of ``encoder``.
+    """
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        decoder: nn.Module,
+        mask_cfg: MaskConfig,
+        target_cfg: TargetConfig,
+        loss_cfg: LossConfig,
+        teacher: EMATeacher,
+        scope: str = "all",
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.clones = mask_cfg.clones
+        self.noise_std = mask_cfg.noise_std
+        self.target_cfg = target_cfg
+        self.loss_cfg = loss_cfg
+        self.scope = scope
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: see EMATeacher
+        if loss_cfg.cls_weight > 0 and encoder.num_extra_tokens == 0:
+            raise ValueError("loss.cls_weight > 0 needs an extra (CLS) token in the encoder")
+
+    # ---------------------------------------------------------------- stages
+
+    @torch.no_grad()
+    def forward_targets(self, source: Tensor, local: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """Teacher targets on the unmasked input, once per sample.
+
+        Args:
+            source: the raw batch (used when the teacher owns its local encoder).
+            local: ``(B, T, D)`` student local features (used when it does not).
+            padding_mask: ``(B, T)`` bool or None.
+
+        Returns:
+            ``(B, T, D)`` float32 targets (extra tokens removed).
+        """
+        teacher: Encoder = self.teacher.model  # type: ignore[assignment]
+        self.teacher._follow_device(local)
+        if self.scope == "all":
+            t_local, pad = teacher.modality.embed(source, padding_mask)
+            ctx = teacher.modality.contextualize(t_local, pad)
+        elif self.scope == "context":
+            ctx = teacher.modality.contextualize(local.detach(), padding_mask)
+        else:  # "blocks": the student's own (gradient-free) context encoder feeds the teacher
+            ctx = self.encoder.modality.contextualize(local.detach(), padding_mask)
+        out = teacher.forward_blocks(ctx, keep_layers=True)
+        E = out.num_extra_tokens
+        layers = [r[:, E:] for r in out.layer_results]
+        return build_targets(
+            layers, self.target_cfg.top_k, self.target_cfg.layer_norm, self.target_cfg.final_norm
+        )
+
+    def forward_student(
+        self, local: Tensor, padding_mask: Tensor | None, mask: MaskInfo
+    ) -> EncoderOutput:
+        """Student on the visible tokens of every clone: ``(B, T, D)`` -> ``x: (B·M, E + V, D)``."""
+        ctx = self.encoder.modality.contextualize(local, padding_mask, mask)
+        return self.encoder.forward_blocks(ctx)
+
+    def decoder_input(
+        self, student: EncoderOutput, mask: MaskInfo, noise: Tensor | None = None
+    ) -> Tensor:
+        """Put visible outputs back in place; fill masked slots with N(0, noise_std²).
+
+        Args:
+            student: ``x: (N, E + V, D)``.
+            mask: the masks of the ``N`` rows.
+            noise: optional ``(num_masked, D)`` values for the masked slots (tests inject the
+                reference implementation's draw); drawn fresh when None.
+
+        Returns:
+            ``(N, T, D)``.
+        """
+        visible = student.tokens  # (N, V, D)
+        N, V, D = visible.shape
+        T = mask.mask.shape[1]
+        if noise is None:
+            noise = visible.new_empty(N * (T - V), D).normal_(0.0, self.noise_std)
+        full = visible.new_empty(N, T, D)
+        full[mask.mask] = noise.to(visible.dtype)
+        # ids_keep is ascending, so row-major boolean assignment lines the visible rows up.
+        full[~mask.mask] = visible.reshape(N * V, D)
+        return full
+
+    def forward_loss(
+        self, pred: Tensor, targets: Tensor, student: EncoderOutput, mask: MaskInfo
+    ) -> PretrainOutput:
+        """Loss over masked positions only.
+
+        Args:
+            pred: ``(num_masked, D)`` decoder predictions, row-major over ``mask``.
+            targets: ``(B, T, D)`` un-cloned teacher targets.
+            student: the student's output (its first token is the CLS prediction).
+            mask: ``(B·M, T)`` masks.
+        """
+        N = mask.mask.shape[0]
+        B = targets.shape[0]
+        rows, cols = mask.mask.nonzero(as_tuple=True)
+        # Clone row n belongs to sample n // M: index targets instead of repeating them M times.
+        y = targets[rows.div(N // B, rounding_mode="floor"), cols]  # (num_masked, D)
+        sample_size = int(rows.numel())
+        reg = regression_loss(pred, y, self.loss_cfg.beta, self.loss_cfg.scale)
+        loss = reg / sample_size
+        logs = {"loss_regression": reg.detach() / sample_size}
+        if self.loss_cfg.cls_weight > 0:
+            cls_target = targets.mean(dim=1).repeat_interleave(N // B, dim=0)  # (N, D)
+            cls_pred = student.x[:, self.encoder.num_extra_tokens - 1]
+            cls = regression_loss(cls_pred, cls_target, self.loss_cfg.beta, self.loss_cfg.scale)
+            # fairseq weights the CLS term by cls_loss * sample_size before the trainer divides
+            # by sample_size: net effect cls_weight * (sum over the N rows).
+            cls = self.loss_cfg.cls_weight * cls
+            loss = loss + cls
+            logs["loss_cls"] = cls.detach()
+        logs["target_std"] = per_dim_std(y)
+        logs["pred_std"] = per_dim_std(pred.detach())
+        logs["masked_fraction"] = torch.tensor(sample_size / mask.mask.numel())
+        return PretrainOutput(loss=loss, sample_size=sample_size, logs=logs)
+
+    # ---------------------------------------------------------------- composition
+
+    def forward(
+        self,
+        source: Tensor,
+        mask: Tensor,
+        padding_mask: Tensor | None = None,
+        noise: Tensor | None = None,
+    ) -> PretrainOutput:
+        """One pretraining forward pass.
+
+        Args:
+            source: the batch (images ``(B, C, H, W)``).
+            mask: ``(B·M, T)`` bool, True = masked, sample-major (row ``b·M + c``).
+            padding_mask: ``(B, S)`` bool or None.
+            noise: optional fixed mask-token values (see :meth:`decoder_input`).
+        """
+        info = MaskInfo.from_mask(mask)
+        if info.mask.shape[0] != source.shape[0] * self.clones:
+            raise ValueError(
+                f"expected {source.shape[0]} x {self.clones} clones = "
+                f"{source.shape[0] * self.clones} mask rows, got {info.mask.shape[0]}"
+            )
+        local, pad = self.encoder.modality.embed(source, padding_mask)
+        targets = self.forward_targets(source, local, pad)
+        student = self.forward_student(local, pad, info)
+        pred = self.decoder(self.decoder_input(student, info, noise), info.mask)
+        return self.forward_loss(pred, targets, student, info)
+
+    def update_teacher(self, step: int) -> float:
+        """EMA step after ``step`` optimizer updates; returns the decay used."""
+        return self.teacher.update(self.encoder, step)

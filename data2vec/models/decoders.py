@@ -1,0 +1,113 @@
+"""The light convolutional decoder of data2vec 2.0 (Baevski et al. 2022, §3 "Decoder").
+
+``L`` layers of ``conv(kernel k, groups g, same padding) -> LayerNorm over channels (no affine)
+-> GELU``, with a residual around every layer whose input and output widths match, then a
+linear projection back to the model width (text uses a 2-layer projection). Images run 2-D
+convolutions over the patch grid, audio and text 1-D convolutions over time.
+
+Module names (``blocks.{i}.0`` = the conv, ``proj``) match fairseq's ``Decoder1d/2d``.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over dim 1 of ``(N, C, *spatial)`` without affine parameters (eps 1e-5)."""
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.movedim(1, -1)
+        return F.layer_norm(y, y.shape[-1:], eps=self.eps).movedim(-1, 1)
+
+
+def _projection(dim: int, out_dim: int, layers: int, ratio: float) -> nn.Module:
+    """``layers`` Linear layers with GELU between; the first widens by ``ratio``."""
+    if layers == 1:
+        return nn.Linear(dim, out_dim)
+    mods: list[nn.Module] = []
+    cur = dim
+    for i in range(layers - 1):
+        nxt = int(cur * ratio) if i == 0 else cur
+        mods += [nn.Linear(cur, nxt), nn.GELU()]
+        cur = nxt
+    mods.append(nn.Linear(cur, out_dim))
+    return nn.Sequential(*mods)
+
+
+class ConvDecoder(nn.Module):
+    """1-D or 2-D convolutional decoder.
+
+    Args:
+        in_dim: model width ``D`` (decoder input and output).
+        dim: decoder channels.
+        layers, kernel, groups: conv stack shape.
+        grid: ``(H, W)`` patch grid for a 2-D decoder, None for 1-D over the sequence.
+        residual: add residuals where widths match.
+        projection_layers, projection_ratio: output projection shape.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        dim: int,
+        layers: int,
+        kernel: int,
+        groups: int,
+        grid: tuple[int, int] | None = None,
+        residual: bool = True,
+        projection_layers: int = 1,
+        projection_ratio: float = 2.0,
+    ) -> None:
+        super().__init__()
+        self.grid = grid
+        self.residual = residual
+        conv = nn.Conv2d if grid is not None else nn.Conv1d
+        self.blocks = nn.Sequential(
+            *[
+                nn.Sequential(
+                    conv(
+                        in_dim if i == 0 else dim, dim, kernel, padding=kernel // 2, groups=groups
+                    ),
+                    ChannelLayerNorm(),
+                    nn.GELU(),
+                )
+                for i in range(layers)
+            ]
+        )
+        self.proj = _projection(dim, in_dim, projection_layers, projection_ratio)
+
+    def reset_parameters(self) -> None:
+        """PyTorch's default init for the projection (data2vec 2.0 keeps it; DESIGN §3)."""
+        for m in self.proj.modules():
+            if isinstance(m, nn.Linear):
+                m.reset_parameters()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Conv stack. ``x: (N, T, D)`` -> ``(N, T, dim)``."""
+        N, T, D = x.shape
+        h = x.transpose(1, 2)  # (N, D, T)
+        if self.grid is not None:
+            h = h.reshape(N, D, *self.grid)  # (N, D, H, W), row-major patches
+        for layer in self.blocks:
+            out = layer(h)
+            h = out + h if self.residual and out.shape[1] == h.shape[1] else out
+        return h.reshape(N, h.shape[1], T).transpose(1, 2)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Decode.
+
+        Args:
+            x: ``(N, T, D)`` encoder output with masked slots filled.
+            mask: ``(N, T)`` bool; when given, only the masked positions are projected.
+
+        Returns:
+            ``(N, T, D)``; with ``mask``, ``(num_masked, D)`` rows in row-major mask order.
+        """
+        h = self.forward_features(x)
+        return self.proj(h if mask is None else h[mask])

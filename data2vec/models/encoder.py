@@ -1,0 +1,98 @@
+"""The encoder: a modality encoder followed by the shared transformer blocks.
+
+This is the network that pretraining produces and that embedding, probing and fine-tuning use.
+It is the same code for every modality; only ``self.modality`` differs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor, nn
+
+from data2vec.masking import MaskInfo
+from data2vec.modalities.base import Context, ModalityEncoder
+
+
+@dataclass
+class EncoderOutput:
+    """Result of :meth:`Encoder.forward`.
+
+    Attributes:
+        x: ``(N, E + T, D)`` final output, extra tokens first.
+        padding_mask: ``(N, E + T)`` bool, True = padding, or None.
+        num_extra_tokens: ``E``.
+        layer_results: per shared block, its FFN output ``(N, E + T, D)`` (target material).
+        layer_outputs: per shared block, its output ``(N, E + T, D)``.
+    """
+
+    x: Tensor
+    padding_mask: Tensor | None
+    num_extra_tokens: int
+    layer_results: list[Tensor] = field(default_factory=list)
+    layer_outputs: list[Tensor] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> Tensor:
+        """``(N, T, D)``: the final output without extra tokens."""
+        return self.x[:, self.num_extra_tokens :]
+
+
+class Encoder(nn.Module):
+    """``modality -> blocks -> norm``.
+
+    Args:
+        modality: the modality encoder (local encoder, positions, extra tokens, prenet).
+        blocks: the shared blocks; each maps ``(x, attn_mask)`` to ``(x, ffn_out)``.
+        norm: final norm (``nn.Identity`` for post-LN blocks, whose output is already normed).
+    """
+
+    def __init__(self, modality: ModalityEncoder, blocks: nn.ModuleList, norm: nn.Module) -> None:
+        super().__init__()
+        self.modality = modality
+        self.blocks = blocks
+        self.norm = norm
+
+    @property
+    def embed_dim(self) -> int:
+        return self.modality.embed_dim
+
+    @property
+    def num_extra_tokens(self) -> int:
+        return self.modality.num_extra_tokens
+
+    def forward_blocks(self, ctx: Context, keep_layers: bool = False) -> EncoderOutput:
+        """Run the shared blocks on a prepared context ``ctx.x: (N, T, D)``."""
+        x = ctx.x
+        out = EncoderOutput(
+            x=x, padding_mask=ctx.padding_mask, num_extra_tokens=self.num_extra_tokens
+        )
+        for block in self.blocks:
+            x, ffn = block(x, ctx.attn_mask)
+            if keep_layers:
+                out.layer_results.append(ffn)
+                out.layer_outputs.append(x)
+        out.x = self.norm(x)
+        return out
+
+    def forward(
+        self,
+        source: Tensor,
+        padding_mask: Tensor | None = None,
+        mask: MaskInfo | None = None,
+        keep_layers: bool = False,
+    ) -> EncoderOutput:
+        """Encode a batch.
+
+        Args:
+            source: modality input (images ``(B, C, H, W)``).
+            padding_mask: ``(B, S)`` bool, True = padding, or None.
+            mask: optional masks (masked tokens are dropped), ``B·M`` rows.
+            keep_layers: also return every block's FFN output and output.
+
+        Returns:
+            :class:`EncoderOutput` with ``x: (N, E + T', D)``.
+        """
+        local, pad = self.modality.embed(source, padding_mask)
+        ctx = self.modality.contextualize(local, pad, mask)
+        return self.forward_blocks(ctx, keep_layers=keep_layers)

@@ -1,0 +1,83 @@
+"""Multi-head self-attention through ``F.scaled_dot_product_attention``.
+
+Module and parameter names (``qkv``, ``proj``) follow the fairseq/timm layout so that weight
+conversion is a rename, not a reshuffle.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def attention_mask(
+    padding_mask: Tensor | None, attn_bias: Tensor | None, dtype: torch.dtype
+) -> Tensor | None:
+    """Combine a key padding mask and an additive bias into one SDPA ``attn_mask``.
+
+    Args:
+        padding_mask: ``(B, T)`` bool, True = padding (this key is ignored), or None.
+        attn_bias: additive logits bias broadcastable to ``(B, H, T, T)`` (e.g. ALiBi), or None.
+        dtype: dtype of the attention logits.
+
+    Returns:
+        None, or a float mask broadcastable to ``(B, H, T, T)`` with ``-inf`` at padded keys.
+    """
+    if padding_mask is None or not bool(padding_mask.any()):
+        return None if attn_bias is None else attn_bias.to(dtype)
+    # (B, 1, 1, T): padded keys get -inf in every head and for every query.
+    key_mask = torch.zeros(padding_mask.shape, dtype=dtype, device=padding_mask.device)
+    key_mask = key_mask.masked_fill(padding_mask, float("-inf"))[:, None, None, :]
+    return key_mask if attn_bias is None else attn_bias.to(dtype) + key_mask
+
+
+class Attention(nn.Module):
+    """Fused-qkv self-attention.
+
+    Args:
+        dim: model width ``C``.
+        num_heads: number of heads ``H`` (``C`` must be divisible by ``H``).
+        qkv_bias: bias on the fused qkv projection (all released data2vec 2.0 models use one).
+        attn_drop: dropout on the attention probabilities (training only).
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_drop = attn_drop
+        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        """Attend.
+
+        Args:
+            x: ``(B, T, C)``.
+            attn_mask: additive float mask broadcastable to ``(B, H, T, T)`` (see
+                :func:`attention_mask`), or None.
+
+        Returns:
+            ``(B, T, C)``.
+        """
+        B, T, C = x.shape
+        # (B, T, 3C) -> (3, B, H, T, C/H)
+        qkv = self.qkv(x).view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        drop = self.attn_drop if self.training else 0.0
+        if attn_mask is not None:
+            attn_mask = attn_mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        out = out.transpose(1, 2).reshape(B, T, C)  # (B, H, T, C/H) -> (B, T, C)
+        return self.proj_drop(self.proj(out))

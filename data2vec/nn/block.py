@@ -1,0 +1,88 @@
+"""Transformer blocks shared by every modality.
+
+data2vec 2.0 uses **post-LN** blocks (all released v2 configs, fairseq ``AltBlock`` with
+``layer_norm_first=False``)::
+
+    x = LN1(x + DropPath(Attn(x)))
+    f = MLP(x)
+    x = LN2(x + DropPath(Dropout(f)))
+
+and returns ``(x, f)``: the FFN output ``f`` *before* the last residual is the layer's
+target material (data2vec 2.0 paper §3, fairseq ``ffn_targets``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from data2vec.nn.attention import Attention
+from data2vec.nn.drop_path import drop_path_or_identity
+
+NormFactory = Callable[[int], nn.Module]
+
+
+class Mlp(nn.Module):
+    """``fc1 -> act -> dropout -> fc2``. ``x: (..., C) -> (..., C)``."""
+
+    def __init__(
+        self,
+        dim: int,
+        hidden: int,
+        act_layer: Callable[[], nn.Module] = nn.GELU,
+        drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = act_layer()
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class PostLNBlock(nn.Module):
+    """Post-LN transformer block returning ``(output, ffn_output)``.
+
+    Args:
+        dim: width ``C``.
+        num_heads: attention heads.
+        mlp_ratio: hidden width of the MLP as a multiple of ``C``.
+        norm_layer: factory for the two norms (e.g. ``partial(nn.LayerNorm, eps=1e-6)``).
+        drop_path: stochastic-depth probability of both residual branches.
+        attn_drop: dropout on attention probabilities.
+        proj_drop: dropout after the attention output projection (fairseq ``encoder_dropout``).
+        mlp_drop: dropout inside the MLP (fairseq ``activation_dropout``).
+        post_mlp_drop: dropout on the MLP output before the residual (fairseq ``post_mlp_drop``).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        norm_layer: NormFactory = nn.LayerNorm,
+        drop_path: float = 0.0,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        mlp_drop: float = 0.0,
+        post_mlp_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.attn = Attention(
+            dim, num_heads, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop
+        )
+        self.norm1 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=mlp_drop)
+        self.post_mlp_dropout = nn.Dropout(post_mlp_drop) if post_mlp_drop > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.drop_path = drop_path_or_identity(drop_path)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``x: (B, T, C)`` -> ``(x, ffn_out)``, both ``(B, T, C)``."""
+        x = self.norm1(x + self.drop_path(self.attn(x, attn_mask)))
+        f = self.mlp(x)
+        x = self.norm2(x + self.drop_path(self.post_mlp_dropout(f)))
+        return x, f

@@ -1,0 +1,96 @@
+"""Teacher targets and the regression loss of data2vec (Baevski et al. 2022, §3 / §3.3).
+
+Targets: take the teacher's top-K block outputs (the FFN output before the last residual),
+normalize each layer, average them, and normalize the average. All in fp32, eps 1e-5, no affine
+(fairseq ``make_targets``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Norm = Literal["instance", "layer", "none"]
+EPS = 1e-5
+
+
+def instance_norm_over_time(x: Tensor) -> Tensor:
+    """Normalize each (sample, channel) over the time axis.
+
+    ``x: (B, T, D)`` -> ``(x - mean_T) / sqrt(var_T + 1e-5)`` with the biased variance, as
+    ``F.instance_norm`` on ``(B, D, T)``. Padded positions are included, as in fairseq.
+    """
+    x = x.float()
+    mean = x.mean(dim=1, keepdim=True)
+    var = x.var(dim=1, unbiased=False, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + EPS)
+
+
+def normalize(x: Tensor, kind: Norm) -> Tensor:
+    """Apply one target normalization to ``x: (B, T, D)`` (fp32 out)."""
+    if kind == "instance":
+        return instance_norm_over_time(x)
+    if kind == "layer":
+        return F.layer_norm(x.float(), x.shape[-1:], eps=EPS)
+    return x.float()
+
+
+@torch.no_grad()
+def build_targets(
+    layer_results: list[Tensor], top_k: int, layer_norm: Norm, final_norm: Norm
+) -> Tensor:
+    """Average of the normalized top-K layer results, then the final normalization.
+
+    Args:
+        layer_results: one ``(B, T, D)`` per shared block, lowest first, without extra tokens.
+        top_k: how many of the last layers to average.
+        layer_norm: per-layer normalization.
+        final_norm: normalization of the average.
+
+    Returns:
+        ``(B, T, D)`` float32 targets.
+    """
+    if not 0 < top_k <= len(layer_results):
+        raise ValueError(f"top_k={top_k} but only {len(layer_results)} layers")
+    total = None
+    for layer in layer_results[-top_k:]:
+        y = normalize(layer, layer_norm)
+        total = y if total is None else total.add_(y)
+    assert total is not None
+    return normalize(total.div_(top_k), final_norm)
+
+
+def regression_loss(
+    pred: Tensor, target: Tensor, beta: float = 0.0, scale: float | None = None
+) -> Tensor:
+    """Element-wise regression loss, summed.
+
+    ``mse`` for ``beta == 0`` else smooth-L1 with ``beta``, times ``scale`` (default ``1/sqrt(D)``),
+    summed over all elements (the caller divides by the number of masked tokens).
+
+    Args:
+        pred, target: ``(N, D)``.
+    """
+    pred = pred.float()
+    target = target.float()
+    if beta == 0:
+        loss = F.mse_loss(pred, target, reduction="sum")
+    else:
+        loss = F.smooth_l1_loss(pred, target, reduction="sum", beta=beta)
+    return loss * (scale if scale is not None else 1.0 / math.sqrt(pred.shape[-1]))
+
+
+@torch.no_grad()
+def per_dim_std(x: Tensor) -> Tensor:
+    """Mean over dimensions of the per-dimension std over rows: ``x: (N, D)`` -> scalar.
+
+    This is the collapse statistic of fairseq's ``compute_var`` (``sqrt(var + 1e-6)``).
+    """
+    x = x.float().reshape(-1, x.shape[-1])
+    if x.shape[0] < 2:
+        return x.new_tensor(float("nan"))
+    return torch.sqrt(x.var(dim=0) + 1e-6).mean()

@@ -1,0 +1,71 @@
+"""Shared test helpers: tiny configs and synthetic image folders."""
+
+from __future__ import annotations
+
+import os
+
+# Before torch loads (see data2vec/_runtime.py): libgomp's spin-waiting makes 2-core runs crawl.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data2vec.config import Config, load_config
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# A model small enough for many steps per second on 2 CPU cores.
+TINY = [
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "encoder.image_size=16",
+    "encoder.patch_size=4",
+    "encoder.prenet_depth=1",
+    "mask.clones=2",
+    "mask.ratio=0.5",
+    "decoder.dim=16",
+    "decoder.groups=4",
+    "decoder.layers=2",
+    "target.top_k=2",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "optim.warmup_steps=2",
+    "train.progress=false",
+    "train.tensorboard=false",
+    "train.log_every=1",
+]
+
+
+def tiny_config(*overrides: str) -> Config:
+    return load_config("image-v2-tiny", [*TINY, *overrides])
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def make_image_folder(root: Path, n_per_class: int = 6, size: int = 20, classes: int = 2) -> Path:
+    """Class folders of simple, class-dependent images: stripes (class 0) vs. blobs (class 1)."""
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        folder = root / f"class{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            arr = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+            if c == 0:
+                arr[:, ::4] = 255
+            else:
+                arr[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 230
+            Image.fromarray(arr).save(folder / f"img{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / "images")

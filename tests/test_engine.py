@@ -1,0 +1,142 @@
+import math
+import shutil
+
+import pytest
+import torch
+
+from data2vec.engine import checkpoint as ckpt
+from data2vec.engine.metrics import read_metrics
+from data2vec.engine.optim import no_decay_names, param_groups
+from data2vec.engine.schedules import lr_at
+from data2vec.engine.trainer import pretrain
+from data2vec.errors import UserError
+from data2vec.models.registry import build_model
+from tests.conftest import make_image_folder, tiny_config
+
+
+def test_lr_schedule__warmup_cosine_and_constant():
+    assert lr_at(0, 1.0, 10, 110) == pytest.approx(0.1)
+    assert lr_at(9, 1.0, 10, 110) == pytest.approx(1.0)
+    assert lr_at(10, 1.0, 10, 110) == pytest.approx(1.0)
+    assert lr_at(60, 1.0, 10, 110) == pytest.approx(0.5)  # half way down the cosine
+    assert lr_at(110, 1.0, 10, 110) == pytest.approx(0.0)
+    assert lr_at(500, 1.0, 10, 110, final_lr_ratio=0.1) == pytest.approx(0.1)
+    assert lr_at(500, 1.0, 10, 110, schedule="constant") == 1.0
+
+
+def test_weight_decay_groups__no_decay_on_bias_norm_and_cls():
+    model = build_model(tiny_config())
+    skip = no_decay_names(model)
+    assert "encoder.modality.extra_tokens" in skip
+    assert "encoder.blocks.0.norm1.weight" in skip and "encoder.blocks.0.attn.qkv.bias" in skip
+    assert "encoder.blocks.0.attn.qkv.weight" not in skip
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    n = sum(1 for p in model.parameters() if p.requires_grad)
+    assert len(decay["params"]) + len(no_decay["params"]) == n
+    # positions are a fixed buffer: never optimized
+    assert "encoder.modality.pos_embed" not in dict(model.named_parameters())
+
+
+def _history(run):
+    return {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
+
+
+def test_short_training_run__loss_falls(tmp_path):
+    data = make_image_folder(tmp_path / "data", n_per_class=8)
+    cfg = tiny_config("train.max_steps=40", "optim.lr=5e-3", "optim.warmup_steps=5")
+    result = pretrain(cfg, data, tmp_path / "run")
+    assert result.steps == 40 and result.stopped == "max_steps"
+    losses = [r["loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+
+
+def test_run_directory_contents(tmp_path, image_folder):
+    run = tmp_path / "run"
+    pretrain(tiny_config("train.max_steps=3", "train.checkpoint_every=2"), image_folder, run)
+    assert (run / "config.yaml").is_file() and (run / "skipped.tsv").is_file()
+    names = [p.name for p in ckpt.list_checkpoints(run)]
+    assert names == ["step_00000002", "step_00000003"]
+    for f in (ckpt.MODEL_FILE, ckpt.TEACHER_FILE, ckpt.STATE_FILE, ckpt.CONFIG_FILE):
+        assert (run / "checkpoints" / names[-1] / f).is_file()
+
+
+def test_save_then_resume__identical_next_steps(tmp_path, image_folder):
+    cfg = tiny_config("train.max_steps=6", "train.checkpoint_every=3", "train.keep_checkpoints=5")
+    straight = tmp_path / "straight"
+    pretrain(cfg, image_folder, straight)
+    # A run "killed" after step 3: the same run directory holding only the step-3 checkpoint.
+    killed = tmp_path / "killed"
+    (killed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(
+        straight / "checkpoints" / "step_00000003", killed / "checkpoints" / "step_00000003"
+    )
+    resumed = pretrain(cfg, image_folder, killed, resume=True)
+    assert resumed.steps == 6
+    a, b = _history(straight), _history(killed)
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert a[step]["loss"] == b[step]["loss"], step
+    s1 = ckpt.load_trainer_checkpoint(ckpt.list_checkpoints(straight)[-1])
+    s2 = ckpt.load_trainer_checkpoint(ckpt.list_checkpoints(killed)[-1])
+    for k, v in s1[0].items():
+        assert torch.equal(v, s2[0][k]), k
+    for k, v in s1[1].items():
+        assert torch.equal(v, s2[1][k]), k
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path, image_folder):
+    run = tmp_path / "run"
+    pretrain(tiny_config("train.max_steps=1"), image_folder, run)
+    with pytest.raises(UserError, match="--resume"):
+        pretrain(tiny_config("train.max_steps=1"), image_folder, run)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, image_folder):
+    run = tmp_path / "run"
+    pretrain(tiny_config("train.max_steps=4", "train.checkpoint_every=2"), image_folder, run)
+    latest = ckpt.list_checkpoints(run)[-1]
+    (latest / ckpt.MODEL_FILE).write_bytes(b"garbage")
+    path, _ = ckpt.latest_loadable(run)
+    assert path.name == "step_00000002"
+    # a leftover temporary directory from a crash mid-save is never taken for a checkpoint
+    shutil.copytree(path, run / "checkpoints" / ".tmp_step_00000009_1")
+    assert ckpt.list_checkpoints(run)[-1].name == latest.name
+
+
+def test_max_steps_zero_writes_initial_model(tmp_path, image_folder):
+    run = tmp_path / "run"
+    result = pretrain(tiny_config("train.max_steps=0"), image_folder, run)
+    assert result.steps == 0 and ckpt.list_checkpoints(run)[0].name == "step_00000000"
+
+
+def test_collapse_guard_stops_without_saving_the_collapsed_state(tmp_path, image_folder):
+    run = tmp_path / "run"
+    cfg = tiny_config(
+        "train.max_steps=10",
+        "train.min_target_std=100",
+        "train.collapse_after=2",
+        "train.checkpoint_every=1",
+    )
+    result = pretrain(cfg, image_folder, run)
+    assert result.stopped == "collapse" and result.steps == 2
+    assert ckpt.list_checkpoints(run)[-1].name == "step_00000001"
+    record = read_metrics(run / "metrics.jsonl")[-1]
+    assert record["target_std"] < 100 and record["pred_std"] > 0
+
+
+def test_bad_files_are_skipped_and_reported(tmp_path):
+    data = make_image_folder(tmp_path / "data")
+    (data / "class0" / "broken.png").write_bytes(b"\x89PNG not really")
+    (data / "class1" / "empty.jpg").write_bytes(b"")
+    run = tmp_path / "run"
+    result = pretrain(tiny_config("train.max_steps=4"), data, run)
+    assert result.steps == 4
+    report = (run / "skipped.tsv").read_text().splitlines()
+    assert sorted(line.split("\t")[0].rsplit("/", 1)[1] for line in report) == [
+        "broken.png",
+        "empty.jpg",
+    ]
+    assert result.skipped_inputs == 2

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+
+from data2vec.masking import MaskInfo, inverse_block_mask, make_rng, num_visible, random_mask
+
+
+def _kept_neighbour_rate(mask: np.ndarray, h: int, w: int) -> float:
+    """Average number of kept 4-neighbours of kept patches (high for block-shaped keeps)."""
+    keep = ~mask.reshape(-1, h, w)
+    pad = np.pad(keep, ((0, 0), (1, 1), (1, 1)))
+    nbs = pad[:, :-2, 1:-1].astype(int) + pad[:, 2:, 1:-1] + pad[:, 1:-1, :-2] + pad[:, 1:-1, 2:]
+    return float((nbs * keep).sum() / keep.sum())
+
+
+def test_inverse_block_mask__exact_count_shape_and_semantics():
+    m = inverse_block_mask(14, 14, 16, 0.8, make_rng(1), block=3, adjust=0.07)
+    assert m.shape == (16, 196) and m.dtype == bool
+    # int(196 * 0.2) = 39 visible patches per row, the rest (True) masked: ViT-B's 157.
+    assert (m.sum(1) == 196 - 39).all()
+    assert num_visible(196, 0.8) == 39
+
+
+@pytest.mark.parametrize("h,w,ratio", [(7, 7, 0.6), (8, 8, 0.8), (4, 6, 0.5), (14, 14, 0.75)])
+def test_inverse_block_mask__exact_count_any_grid(h, w, ratio):
+    m = inverse_block_mask(h, w, 32, ratio, make_rng(3))
+    assert (m.sum(1) == h * w - int(h * w * (1 - ratio))).all()
+
+
+def test_inverse_block_mask__deterministic_under_seed():
+    a = inverse_block_mask(14, 14, 4, 0.8, make_rng(5, 7, 9))
+    b = inverse_block_mask(14, 14, 4, 0.8, make_rng(5, 7, 9))
+    c = inverse_block_mask(14, 14, 4, 0.8, make_rng(5, 7, 10))
+    assert (a == b).all()
+    assert (a != c).any()
+    assert (a[0] != a[1]).any()  # each clone row gets its own mask
+
+
+def test_inverse_block_mask__keeps_blocks_not_scattered_patches():
+    blocks = inverse_block_mask(14, 14, 64, 0.8, make_rng(0))
+    scattered = random_mask(196, 64, 0.8, make_rng(0))
+    # Kept 3x3 squares give kept patches ~2+ kept neighbours; random keeps ~0.8.
+    assert _kept_neighbour_rate(blocks, 14, 14) > 1.8
+    assert _kept_neighbour_rate(scattered, 14, 14) < 1.2
+
+
+def test_random_mask__exact_count_and_uniform():
+    m = random_mask(49, 2000, 0.48, make_rng(2))
+    assert (m.sum(1) == 49 - int(49 * 0.52)).all()
+    freq = m.mean(0)  # every position masked about equally often
+    assert np.abs(freq - freq.mean()).max() < 0.06
+
+
+def test_mask_ratio_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match="mask ratio"):
+        random_mask(10, 1, 1.0, make_rng(0))
+
+
+def test_mask_info__visible_ids_ascending_and_complementary():
+    mask = torch.tensor([[True, False, True, False], [False, False, True, True]])
+    info = MaskInfo.from_mask(mask)
+    assert info.ids_keep.tolist() == [[1, 3], [0, 1]]
+    assert info.num_visible == 2
+
+
+def test_mask_info__rejects_unequal_rows():
+    with pytest.raises(ValueError, match="same number"):
+        MaskInfo.from_mask(torch.tensor([[True, False, False], [True, True, False]]))

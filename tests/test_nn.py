@@ -1,0 +1,116 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from data2vec.nn.attention import Attention, attention_mask
+from data2vec.nn.block import PostLNBlock
+from data2vec.nn.drop_path import DropPath
+from data2vec.nn.positions import sincos_2d
+
+
+def naive_attention(attn: Attention, x, pad=None, bias=None):
+    B, T, C = x.shape
+    H = attn.num_heads
+    q, k, v = attn.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
+    logits = q @ k.transpose(-1, -2) / math.sqrt(C // H)
+    if bias is not None:
+        logits = logits + bias
+    if pad is not None:
+        logits = logits.masked_fill(pad[:, None, None, :], float("-inf"))
+    out = logits.softmax(-1) @ v
+    return attn.proj(out.transpose(1, 2).reshape(B, T, C))
+
+
+def test_attention__matches_naive_softmax_with_padding_and_bias():
+    attn = Attention(16, 4).eval()
+    x = torch.randn(2, 5, 16)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    bias = torch.randn(1, 4, 5, 5)
+    got = attn(x, attention_mask(pad, bias, x.dtype))
+    torch.testing.assert_close(got, naive_attention(attn, x, pad, bias), atol=1e-5, rtol=1e-5)
+
+
+def test_attention__padded_keys_do_not_influence_outputs():
+    attn = Attention(8, 2).eval()
+    x = torch.randn(1, 4, 8)
+    pad = torch.tensor([[False, False, True, True]])
+    y1 = attn(x, attention_mask(pad, None, x.dtype))
+    x2 = x.clone()
+    x2[:, 2:] = torch.randn(1, 2, 8) * 100
+    y2 = attn(x2, attention_mask(pad, None, x.dtype))
+    torch.testing.assert_close(y1[:, :2], y2[:, :2])
+
+
+def test_attention_mask__none_without_padding_or_bias():
+    assert attention_mask(None, None, torch.float32) is None
+    assert attention_mask(torch.zeros(2, 3, dtype=torch.bool), None, torch.float32) is None
+
+
+def test_post_ln_block__formula_and_ffn_output():
+    block = PostLNBlock(8, 2, mlp_ratio=2.0).eval()
+    x = torch.randn(3, 4, 8)
+    y, f = block(x)
+    h = block.norm1(x + block.attn(x))
+    f_ref = block.mlp(h)
+    torch.testing.assert_close(f, f_ref)
+    torch.testing.assert_close(y, block.norm2(h + f_ref))
+
+
+def test_drop_path__identity_in_eval_and_drops_whole_samples_in_train():
+    dp = DropPath(0.5)
+    x = torch.ones(2000, 3)
+    assert torch.equal(dp.eval()(x), x)
+    y = dp.train()(x)
+    rows = y[:, 0]
+    assert set(rows.unique().tolist()) <= {0.0, 2.0}  # kept rows scaled by 1/(1-p)
+    assert (y == y[:, :1]).all()  # the whole sample is kept or dropped
+    assert abs(float(y.mean()) - 1.0) < 0.1
+
+
+def test_sincos_2d__column_first_then_row():
+    pos = sincos_2d(8, 3, 4)  # 3 rows x 4 cols, D=8 -> 2 freqs per quarter
+    assert pos.shape == (12, 8)
+    omega = 1.0 / 10000 ** (np.arange(2) / 2)
+    r, c = 2, 3
+    p = pos[r * 4 + c].numpy()
+    np.testing.assert_allclose(p[:2], np.sin(c * omega), rtol=1e-6)
+    np.testing.assert_allclose(p[2:4], np.cos(c * omega), rtol=1e-6)
+    np.testing.assert_allclose(p[4:6], np.sin(r * omega), rtol=1e-6)
+    np.testing.assert_allclose(p[6:], np.cos(r * omega), rtol=1e-6)
+
+
+def test_init__bert_linear_xavier_patch_and_normal_cls(tmp_path):
+    from data2vec.models.registry import build_model
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("model.embed_dim=256", "model.num_heads=4", "decoder.dim=64")
+    model = build_model(cfg).requires_grad_(False)
+    enc = model.encoder
+    w = enc.blocks[0].mlp.fc1.weight
+    assert abs(float(w.std()) - 0.02) < 0.002 and float(enc.blocks[0].mlp.fc1.bias.abs().max()) == 0
+    conv = enc.modality.local_encoder.proj.weight
+    bound = math.sqrt(6.0 / (conv.shape[0] + conv[0].numel()))  # xavier on (D, C*p*p)
+    assert float(conv.abs().max()) <= bound and float(conv.abs().max()) > 0.9 * bound
+    assert abs(float(enc.modality.extra_tokens.std()) - 1.0) < 0.2
+    proj = model.decoder.proj.weight  # PyTorch default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    bound = 1 / math.sqrt(proj.shape[1])
+    assert float(proj.abs().max()) <= bound + 1e-6
+    assert abs(float(proj.std()) - bound / math.sqrt(3)) < 0.1 * bound  # not N(0, 0.02²)
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0])
+def test_drop_path__rejects_bad_probability(p):
+    with pytest.raises(ValueError):
+        DropPath(p)
+
+
+def test_layer_norm_eps_is_configurable():
+    from data2vec.models.registry import build_encoder
+    from tests.conftest import tiny_config
+
+    enc = build_encoder(tiny_config("model.norm_eps=0.001"))
+    norms = [m for m in enc.modules() if isinstance(m, nn.LayerNorm)]
+    assert norms and all(m.eps == 0.001 for m in norms)

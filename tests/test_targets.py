@@ -1,0 +1,61 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data2vec.targets import build_targets, instance_norm_over_time, per_dim_std, regression_loss
+
+
+def test_instance_norm_over_time__hand_example():
+    x = torch.tensor([[[1.0, 10.0], [3.0, 10.0], [5.0, 40.0]]])  # (B=1, T=3, D=2)
+    y = instance_norm_over_time(x)
+    # channel 0: mean 3, biased var 8/3; channel 1: mean 20, var 200
+    expected0 = (np.array([1, 3, 5]) - 3) / math.sqrt(8 / 3 + 1e-5)
+    expected1 = (np.array([10, 10, 40]) - 20) / math.sqrt(200 + 1e-5)
+    np.testing.assert_allclose(y[0, :, 0].numpy(), expected0, rtol=1e-6)
+    np.testing.assert_allclose(y[0, :, 1].numpy(), expected1, rtol=1e-6)
+    ref = F.instance_norm(x.transpose(1, 2)).transpose(1, 2)
+    torch.testing.assert_close(y, ref)
+
+
+def test_build_targets__hand_computed_average_of_top_k():
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.randn(2, 5, 4, generator=g) * (i + 1) + i for i in range(3)]
+    y = build_targets(layers, top_k=2, layer_norm="instance", final_norm="layer")
+
+    # by hand in numpy: instance-norm each of the last two layers, average, layer-norm
+    def inorm(a):
+        return (a - a.mean(1, keepdims=True)) / np.sqrt(a.var(1, keepdims=True) + 1e-5)
+
+    avg = (inorm(layers[1].numpy()) + inorm(layers[2].numpy())) / 2
+    ref = (avg - avg.mean(-1, keepdims=True)) / np.sqrt(avg.var(-1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(y.numpy(), ref, atol=1e-5)
+
+
+def test_build_targets__ignores_layers_below_top_k():
+    layers = [torch.randn(1, 4, 3) for _ in range(4)]
+    a = build_targets(layers, 2, "layer", "none")
+    layers[0] = layers[0] * 100 + 5
+    layers[1] = -layers[1]
+    b = build_targets(layers, 2, "layer", "none")
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError):
+        build_targets(layers, 5, "layer", "none")
+
+
+def test_regression_loss__l2_scaled_and_smooth_l1():
+    pred = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    target = torch.tensor([[0.0, 2.0, 5.0, 4.0]])
+    # squared errors 1 + 0 + 4 + 0 = 5, times 1/sqrt(4)
+    assert float(regression_loss(pred, target)) == pytest.approx(2.5)
+    assert float(regression_loss(pred, target, scale=1.0)) == pytest.approx(5.0)
+    # smooth L1 with beta 4: |d| < 4 -> 0.5 d²/4: 0.125 + 0.5 = 0.625
+    assert float(regression_loss(pred, target, beta=4.0, scale=1.0)) == pytest.approx(0.625)
+
+
+def test_per_dim_std__matches_formula():
+    x = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 1.0]])
+    expected = (math.sqrt(4.0 + 1e-6) + math.sqrt(0.0 + 1e-6)) / 2
+    assert float(per_dim_std(x)) == pytest.approx(expected)
