@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from data2vec.config import load_config
-from data2vec.data.image_pretrain import ImageMaskGenerator, PretrainBatch
-from data2vec.engine.optim import build_optimizer
-from data2vec.engine.runtime import configure_threads, resolve_device
-from data2vec.engine.trainer import TrainState, train_step
+from data2vec.config import Config, load_config
+from data2vec.data.batch import PretrainBatch
+from data2vec.data.image_pretrain import ImageMaskGenerator
+from data2vec.engine.runtime import check_precision, configure_threads, resolve_device
+from data2vec.engine.trainer import new_state, train_step
 from data2vec.masking import make_rng
 from data2vec.models.registry import build_model
 
@@ -66,6 +66,38 @@ def _synthetic_batch(cfg, batch: int) -> PretrainBatch:
     return PretrainBatch(images, mask, torch.arange(batch))
 
 
+def time_steps(
+    cfg: Config, steps: int, warmup: int = 1, count_flops: bool = True
+) -> dict[str, Any]:
+    """Time ``steps`` training steps of ``cfg`` on synthetic data after ``warmup`` untimed ones.
+
+    Returns:
+        ``{"times": [s, ...], "flops": FLOPs of one step or None, "threads", "device"}``.
+    """
+    device = resolve_device(cfg.train.device)
+    check_precision(device, cfg.train.precision)
+    threads = configure_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg).to(device)
+    state = new_state(model, cfg, device)
+    data = _synthetic_batch(cfg, cfg.data.batch_size)
+    for _ in range(warmup):
+        train_step(state, data, cfg, device)
+    flops = None
+    if count_flops:
+        with FlopCounterMode(display=False) as counter:
+            train_step(state, data, cfg, device)
+        flops = counter.get_total_flops()
+    times = []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        train_step(state, data, cfg, device)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return {"times": times, "flops": flops, "threads": threads, "device": device}
+
+
 def bench(
     preset: str,
     batch: int | None = None,
@@ -82,24 +114,8 @@ def bench(
     if image_size is not None:
         extra.append(f"encoder.image_size={image_size}")
     cfg = load_config(preset, extra)
-    device = resolve_device(cfg.train.device)
-    threads = configure_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg).to(device)
-    state = TrainState(model, build_optimizer(model, cfg.optim))
-    data = _synthetic_batch(cfg, cfg.data.batch_size)
-    for _ in range(warmup):
-        train_step(state, data, cfg, device)
-    with FlopCounterMode(display=False) as counter:
-        train_step(state, data, cfg, device)
-    flops = counter.get_total_flops()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        train_step(state, data, cfg, device)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
+    run = time_steps(cfg, steps, warmup)
+    times, flops, device = run["times"], run["flops"], run["device"]
     step_time = statistics.median(times)
     peak = matmul_peak_flops(_DTYPES[precision], device)
     achieved = flops / step_time
@@ -121,7 +137,7 @@ def bench(
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "env": {
             "torch": torch.__version__,
-            "threads": threads,
+            "threads": run["threads"],
             "device": str(device),
             "cpu": platform.processor() or platform.machine(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),

@@ -241,7 +241,7 @@ class TrainConfig:
     precision: Precision = "fp32"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     threads: int | None = None  # torch CPU threads; None = the cores this process may use
-    log_every: int = 10
+    log_every: int = 1  # metrics.jsonl/TensorBoard every N steps (std stats included)
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
     tensorboard: bool = True

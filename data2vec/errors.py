@@ -9,3 +9,11 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """An invalid configuration value; the message names the field and the allowed values."""
+
+
+class DataError(UserError, ValueError):
+    """Data that cannot be used as given (wrong layout, corrupt index file, empty folder)."""
+
+
+class DataNotFoundError(UserError, FileNotFoundError):
+    """A data path that does not exist."""

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data2vec.errors import DataError, DataNotFoundError
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where the Debian package ``dataset-fashion-mnist`` installs the four ``*-ubyte.gz`` files."""
 
@@ -48,14 +50,14 @@ def _read_bytes(path: Path) -> bytes:
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        raise FileNotFoundError(f"IDX file not found: {path}") from None
+        raise DataNotFoundError(f"IDX file not found: {path}") from None
     if not raw.startswith(_GZIP_MAGIC):
         return raw
     try:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as e:
         # gzip reports a cut-off download as EOFError and a damaged one as BadGzipFile/zlib.error.
-        raise ValueError(f"{path}: corrupt or truncated gzip data ({e})") from None
+        raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
 
 
 def read_idx(path: str | Path) -> np.ndarray:
@@ -76,18 +78,18 @@ def read_idx(path: str | Path) -> np.ndarray:
     path = Path(path)
     data = _read_bytes(path)
     if len(data) < 4:
-        raise ValueError(f"{path}: not an IDX file: only {len(data)} bytes, the header needs 4")
+        raise DataError(f"{path}: not an IDX file: only {len(data)} bytes, the header needs 4")
     zero0, zero1, code, ndim = data[0], data[1], data[2], data[3]
     if zero0 != 0 or zero1 != 0:
-        raise ValueError(
+        raise DataError(
             f"{path}: not an IDX file: magic number {data[:4].hex()} should start with 0000"
         )
     if code not in _IDX_DTYPES:
         known = ", ".join(f"0x{c:02x}" for c in _IDX_DTYPES)
-        raise ValueError(f"{path}: unknown IDX dtype code 0x{code:02x} (expected one of {known})")
+        raise DataError(f"{path}: unknown IDX dtype code 0x{code:02x} (expected one of {known})")
     header_len = 4 + 4 * ndim
     if len(data) < header_len:
-        raise ValueError(
+        raise DataError(
             f"{path}: truncated IDX header: {ndim} dims need {header_len} header bytes, "
             f"file has {len(data)}"
         )
@@ -97,7 +99,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     payload = len(data) - header_len
     if payload != expected:
         what = "truncated" if payload < expected else "has trailing bytes"
-        raise ValueError(
+        raise DataError(
             f"{path}: IDX file {what}: declared shape {tuple(shape)} of {dtype.name} needs "
             f"{expected} bytes of data, found {payload}"
         )

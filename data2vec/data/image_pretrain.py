@@ -6,38 +6,16 @@ model receives ``(images, masks)`` and the same run always sees the same views a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from data2vec.config import Config
+from data2vec.data.batch import PretrainBatch
 from data2vec.data.images import ImageSource
 from data2vec.data.skips import SkipError
 from data2vec.data.transforms import TrainTransform
 from data2vec.masking import inverse_block_mask, make_rng, random_mask
-
-
-@dataclass
-class PretrainBatch:
-    """One pretraining batch.
-
-    Attributes:
-        source: ``(B, C, H, W)`` float images.
-        mask: ``(B·M, T)`` bool, True = masked, sample-major.
-        positions: ``(B,)`` stream positions of the samples (for debugging and exact resume).
-        skipped: ``(path, reason)`` of inputs dropped from this batch.
-    """
-
-    source: Tensor
-    mask: Tensor
-    positions: Tensor
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return int(self.source.shape[0])
 
 
 class ImageMaskGenerator:

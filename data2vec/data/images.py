@@ -19,6 +19,7 @@ from PIL import Image
 
 from data2vec.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
 from data2vec.data.skips import SkipError, SkipLog
+from data2vec.errors import DataError, DataNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +241,7 @@ class ImageFolder(_FileListSource):
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder not found or not a directory: {self.root}")
+            raise DataNotFoundError(f"image folder not found or not a directory: {self.root}")
         entries = sorted(e for e in self.root.iterdir() if not _is_hidden(e.name))
         class_dirs = [e for e in entries if e.is_dir()]
         paths: list[Path] = []
@@ -262,7 +263,7 @@ class ImageFolder(_FileListSource):
             labels = [-1] * len(paths)
         if not paths:
             exts = " ".join(sorted(IMAGE_EXTENSIONS))
-            raise ValueError(
+            raise DataError(
                 f"no images found in {self.root} (expected files with extensions {exts}, "
                 "either directly in the folder or in one sub-folder per class)"
             )
@@ -280,7 +281,7 @@ def _parse_manifest(path: Path) -> tuple[list[Path], list[str | None]]:
                 continue
             fields = line.split("\t")
             if len(fields) > 2 or not fields[0].strip():
-                raise ValueError(
+                raise DataError(
                     f"{path}:{lineno}: expected 'path' or 'path<TAB>label', got {line!r}"
                 )
             image = Path(fields[0].strip()).expanduser()
@@ -295,14 +296,14 @@ def _manifest_labels(path: Path, raw: list[str | None]) -> tuple[np.ndarray, lis
     if not given:
         return np.full(len(raw), -1, dtype=np.int64), []
     if len(given) != len(raw):
-        raise ValueError(
+        raise DataError(
             f"{path}: {len(raw) - len(given)} of {len(raw)} lines have no label; "
             "label every line or none"
         )
     if all(re.fullmatch(r"-?\d+", r) for r in given):
         ints = np.array([int(r) for r in given], dtype=np.int64)
         if ints.min() < 0:
-            raise ValueError(f"{path}: negative label {ints.min()}; labels must be >= 0")
+            raise DataError(f"{path}: negative label {ints.min()}; labels must be >= 0")
         return ints, [str(i) for i in range(int(ints.max()) + 1)]
     classes = sorted(set(given))
     index = {c: i for i, c in enumerate(classes)}
@@ -328,11 +329,11 @@ class ImageManifest(_FileListSource):
     ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"image manifest not found: {self.path}")
+            raise DataNotFoundError(f"image manifest not found: {self.path}")
         self.skips = skips  # kept for symmetry with ImageFolder: nothing is skipped at parse time
         paths, raw = _parse_manifest(self.path)
         if not paths:
-            raise ValueError(f"image manifest {self.path} lists no images")
+            raise DataError(f"image manifest {self.path} lists no images")
         labels, classes = _manifest_labels(self.path, raw)
         super().__init__(paths, labels, classes, min_size, max_pixels)
 
@@ -355,7 +356,7 @@ class IdxImages(ImageSource):
         self.images_path = Path(images_path)
         self.array = read_idx(self.images_path)
         if self.array.ndim != 3 or self.array.dtype != np.uint8:
-            raise ValueError(
+            raise DataError(
                 f"{self.images_path}: expected uint8 images of shape (N, H, W), got "
                 f"{self.array.dtype} {self.array.shape}"
             )
@@ -366,7 +367,7 @@ class IdxImages(ImageSource):
         else:
             self._labels = read_idx(labels_path).astype(np.int64)
             if self._labels.shape != (n,):
-                raise ValueError(
+                raise DataError(
                     f"{labels_path}: expected {n} labels for {self.images_path}, got shape "
                     f"{self._labels.shape}"
                 )
@@ -418,11 +419,11 @@ def _looks_like_idx_images(path: Path) -> bool:
 def _open_fashion_mnist(split: str) -> IdxImages:
     prefixes = {"train": "train", "test": "t10k"}
     if split not in prefixes:
-        raise ValueError(f"unknown Fashion-MNIST split {split!r}: use fashion-mnist:train or :test")
+        raise DataError(f"unknown Fashion-MNIST split {split!r}: use fashion-mnist:train or :test")
     images = FASHION_MNIST_DIR / f"{prefixes[split]}-images-idx3-ubyte.gz"
     labels = FASHION_MNIST_DIR / f"{prefixes[split]}-labels-idx1-ubyte.gz"
     if not images.is_file() or not labels.is_file():
-        raise FileNotFoundError(
+        raise DataNotFoundError(
             f"Fashion-MNIST not found at {FASHION_MNIST_DIR} (looked for {images.name} and "
             f"{labels.name}); install it with: apt-get install dataset-fashion-mnist"
         )
@@ -458,7 +459,7 @@ def open_image_source(
         return source
     path = Path(text).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"image source not found: {path} (accepted: {_ACCEPTED_LAYOUTS})")
+        raise DataNotFoundError(f"image source not found: {path} (accepted: {_ACCEPTED_LAYOUTS})")
     if path.is_dir():
         return ImageFolder(path, skips, min_size=min_size, max_pixels=max_pixels)
     if path.suffix.lower() in {".txt", ".tsv"}:
@@ -469,4 +470,4 @@ def open_image_source(
             log.info("no labels file next to %s: images are unlabelled", path)
             labels = None
         return IdxImages(path, labels, min_size=min_size)
-    raise ValueError(f"cannot read {path} as an image source (accepted: {_ACCEPTED_LAYOUTS})")
+    raise DataError(f"cannot read {path} as an image source (accepted: {_ACCEPTED_LAYOUTS})")

@@ -43,13 +43,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def check_precision(device: torch.device, precision: str) -> None:
+    """Refuse a precision the device cannot run, before any work starts."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 on CPU")
+
+
 @contextlib.contextmanager
 def autocast(device: torch.device, precision: str) -> Iterator[None]:
     """Mixed precision for the forward pass (weights, targets and loss stay fp32)."""
     if precision == "fp32":
         yield
         return
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("train.precision=fp16 needs a CUDA device; use bf16 on CPU")
+    check_precision(device, precision)
     with torch.autocast(device_type=device.type, dtype=_DTYPES[precision]):
         yield

@@ -7,9 +7,13 @@ step: learning rate -> autocast forward -> finite check -> backward -> clip -> o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,14 +23,19 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from data2vec.config import Config
-from data2vec.data.image_pretrain import PretrainBatch
+from data2vec.data.batch import PretrainBatch
 from data2vec.data.registry import build_pretrain_dataset
 from data2vec.data.sampling import StreamBatchSampler
 from data2vec.data.skips import SkipLog
 from data2vec.engine import checkpoint as ckpt
 from data2vec.engine.metrics import MetricsWriter
 from data2vec.engine.optim import build_optimizer
-from data2vec.engine.runtime import autocast, configure_threads, resolve_device
+from data2vec.engine.runtime import (
+    autocast,
+    check_precision,
+    configure_threads,
+    resolve_device,
+)
 from data2vec.engine.schedules import lr_at
 from data2vec.errors import UserError
 from data2vec.models.data2vec2 import Data2Vec2
@@ -47,6 +56,8 @@ class TrainState:
     batches_seen: int = 0  # data position (differs from step when steps are skipped)
     skipped_steps: int = 0
     nonfinite_in_a_row: int = 0
+    # fp16 only: dynamic loss scaling (bf16 and fp32 have fp32's exponent range and need none).
+    scaler: torch.amp.GradScaler | None = None
 
 
 @dataclass
@@ -96,17 +107,34 @@ def train_step(
     logs = {k: float(v) for k, v in out.logs.items()}
     if not math.isfinite(loss_value):
         return _skip_step(state, loss_value, lr, logs)
-    loss.backward()
+    scaler = state.scaler
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # clip the true gradients
+    else:
+        loss.backward()
     clip = cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True))
     if not math.isfinite(grad_norm):
+        if scaler is not None:
+            scaler.update()  # overflow: lower the loss scale for the next step
         return _skip_step(state, loss_value, lr, logs)
-    opt.step()
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
     opt.zero_grad(set_to_none=True)
     state.step += 1
     state.nonfinite_in_a_row = 0
     decay = model.update_teacher(state.step)
     return StepResult(loss_value, lr, grad_norm, decay, True, logs)
+
+
+def new_state(model: Data2Vec2, cfg: Config, device: torch.device) -> TrainState:
+    """Fresh training state: AdamW over the student, a loss scaler for fp16."""
+    scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+    return TrainState(model, build_optimizer(model, cfg.optim), scaler=scaler)
 
 
 def _skip_step(state: TrainState, loss: float, lr: float, logs: dict[str, float]) -> StepResult:
@@ -124,6 +152,7 @@ def save(state: TrainState, run_dir: Path, cfg: Config, skips: SkipLog) -> Path:
         "batches_seen": state.batches_seen,
         "skipped_steps": state.skipped_steps,
         "optimizer": state.optimizer.state_dict(),
+        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
         "rng": ckpt.rng_state(),
     }
     model_state = {f"encoder.{k}": v for k, v in state.model.encoder.state_dict().items()}
@@ -152,6 +181,8 @@ def restore(state: TrainState, run_dir: Path) -> Path | None:
     if teacher_state is not None:
         state.model.teacher.load_state_dict(teacher_state)
     state.optimizer.load_state_dict(trainer_state["optimizer"])
+    if state.scaler is not None and trainer_state.get("scaler"):
+        state.scaler.load_state_dict(trainer_state["scaler"])
     state.step = trainer_state["step"]
     state.batches_seen = trainer_state["batches_seen"]
     state.skipped_steps = trainer_state["skipped_steps"]
@@ -208,6 +239,7 @@ def pretrain(
             f"{run_dir} already holds checkpoints: pass --resume or choose another --out"
         )
     device = resolve_device(cfg.train.device)
+    check_precision(device, cfg.train.precision)
     threads = configure_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     skips = SkipLog()
@@ -215,12 +247,10 @@ def pretrain(
     cfg.save(run_dir / "config.yaml")
     skips.write(run_dir / "skipped.tsv")
     model = build_model(cfg).to(device)
-    state = TrainState(model, build_optimizer(model, cfg.optim))
+    state = new_state(model, cfg, device)
     if resume:
         path = restore(state, run_dir)
-        log.info("resumed from %s at step %d", path, state.step) if path else log.info(
-            "nothing to resume"
-        )
+        log.info("resumed from %s at step %d", path or "(no checkpoint)", state.step)
     log.info(
         "device %s, %d threads, %d samples, %.2fM parameters",
         device,
@@ -236,6 +266,53 @@ def pretrain(
     )
 
 
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[dict[str, bool]]:
+    """Turn the first Ctrl-C / SIGTERM into a request to stop after the current step.
+
+    Stopping between steps keeps the saved state consistent (never half an optimizer step);
+    a second Ctrl-C interrupts at once.
+    """
+    flag = {"stop": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if flag["stop"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+        log.warning("stop requested: finishing this step and saving a checkpoint")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _record(
+    state: TrainState,
+    result: StepResult,
+    samples: int,
+    seconds: float,
+    elapsed: float,
+    skips: SkipLog,
+) -> dict[str, float]:
+    return {
+        "loss": result.loss,
+        "lr": result.lr,
+        "grad_norm": result.grad_norm,
+        "ema_decay": result.ema_decay,
+        **result.logs,
+        "samples_per_s": samples / max(seconds, 1e-9),
+        "elapsed_s": elapsed,
+        "skipped_inputs": len(skips),
+        "skipped_steps": state.skipped_steps,
+    }
+
+
 def _loop(
     state: TrainState,
     cfg: Config,
@@ -244,6 +321,11 @@ def _loop(
     skips: SkipLog,
     device: torch.device,
 ) -> TrainResult:
+    """Train until max_steps, the time budget, a collapse, repeated non-finite steps or Ctrl-C.
+
+    The last good state is checkpointed on every exit except collapse and non-finite stops,
+    where the previous checkpoint is the last good one and is left untouched.
+    """
     writer = MetricsWriter(run_dir, cfg.train.tensorboard)
     bar = tqdm(
         total=cfg.train.max_steps,
@@ -253,18 +335,25 @@ def _loop(
         dynamic_ncols=True,
     )
     start = last_log = time.perf_counter()
-    samples_since_log, stopped, last_ckpt = 0, "max_steps", None
     budget = cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
+    samples, stopped, last_ckpt = 0, "max_steps", None
     history: list[dict[str, float]] = []
-    try:
+    with contextlib.ExitStack() as stack:
+        requests = stack.enter_context(_stop_requests())
+        stack.callback(bar.close)
+        stack.callback(writer.close)
         for batch in loader:
             state.batches_seen += 1
             skips.extend(batch.skipped)
             if len(batch) == 0:
                 continue
             result = train_step(state, batch, cfg, device)
-            samples_since_log += len(batch)
+            samples += len(batch)
             if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                log.error(
+                    "%d non-finite steps in a row; stopping (last checkpoint kept)",
+                    state.nonfinite_in_a_row,
+                )
                 stopped = "nonfinite"
                 break
             if not result.updated:
@@ -272,16 +361,7 @@ def _loop(
             bar.update(1)
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 now = time.perf_counter()
-                record = {
-                    "loss": result.loss,
-                    "lr": result.lr,
-                    "grad_norm": result.grad_norm,
-                    "ema_decay": result.ema_decay,
-                    **result.logs,
-                    "samples_per_s": samples_since_log / max(now - last_log, 1e-9),
-                    "elapsed_s": now - start,
-                    "skipped_inputs": len(skips),
-                }
+                record = _record(state, result, samples, now - last_log, now - start, skips)
                 writer.log(state.step, record)
                 history.append({"step": state.step, **record})
                 bar.set_postfix(
@@ -289,7 +369,7 @@ def _loop(
                     lr=f"{result.lr:.2e}",
                     img_s=f"{record['samples_per_s']:.1f}",
                 )
-                last_log, samples_since_log = now, 0
+                last_log, samples = now, 0
             reason = _collapsed(cfg, state.step, result.logs)
             if reason:
                 log.error(
@@ -306,18 +386,20 @@ def _loop(
             if time.perf_counter() - start > budget:
                 stopped = "time_budget"
                 break
-    except KeyboardInterrupt:
-        stopped = "interrupted"
-    finally:
-        bar.close()
-        writer.close()
-    if stopped not in ("collapse", "nonfinite") and (
-        last_ckpt is None or not last_ckpt.name.endswith(f"{state.step:08d}")
-    ):
+            if requests["stop"]:
+                stopped = "interrupted"
+                break
+    saved_now = last_ckpt is not None and last_ckpt.name == f"step_{state.step:08d}"
+    if stopped not in ("collapse", "nonfinite") and not saved_now:
         last_ckpt = save(state, run_dir, cfg, skips)
     skips.write(run_dir / "skipped.tsv")
     if len(skips):
-        log.warning("%d inputs were skipped; see %s", len(skips), run_dir / "skipped.tsv")
+        log.warning(
+            "%d inputs were skipped (%s); see %s",
+            len(skips),
+            skips.summary(),
+            run_dir / "skipped.tsv",
+        )
     return TrainResult(
         run_dir, state.step, stopped, time.perf_counter() - start, last_ckpt, len(skips), history
     )

@@ -1,0 +1,27 @@
+"""The batch the engine hands to an objective (modality-agnostic)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+
+@dataclass
+class PretrainBatch:
+    """One pretraining batch.
+
+    Attributes:
+        source: the model input, ``(B, ...)`` (images: ``(B, C, H, W)`` float).
+        mask: ``(B·M, T)`` bool, True = masked, sample-major.
+        positions: ``(B,)`` stream positions of the samples (for debugging and exact resume).
+        skipped: ``(path, reason)`` of inputs dropped from this batch.
+    """
+
+    source: Tensor
+    mask: Tensor
+    positions: Tensor
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.source.shape[0])
