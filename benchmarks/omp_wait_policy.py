@@ -1,8 +1,9 @@
 """Pretraining throughput with OMP_WAIT_POLICY=PASSIVE vs the libgomp default (spin-waiting).
 
-Each policy runs in a fresh process (the variable is read when the OpenMP runtime starts):
+Each policy runs in fresh processes (the variable is read when the OpenMP runtime starts):
 ``data2vec pretrain`` of the tiny preset on Fashion-MNIST for a fixed number of steps with one
-data-loader worker, as the demo does. Prints one JSON object with samples/s per policy.
+data-loader worker, as the demo does, once alone and once as two concurrent runs (more threads
+than cores, as on a shared machine). Prints one JSON object with samples/s per setting.
 
     python benchmarks/omp_wait_policy.py [--steps 60]
 """
@@ -18,38 +19,55 @@ import sys
 import tempfile
 from pathlib import Path
 
+# `python -c` imports torch before data2vec could set its default, so the policy in the
+# environment (or libgomp's own default when unset) is what the process runs with.
+CODE = "import sys, torch; from data2vec.cli import main; sys.exit(main(sys.argv[1:]))"
 
-def run(policy: str | None, steps: int, data: str) -> dict:
-    env = dict(os.environ)
-    env.pop("OMP_WAIT_POLICY", None)
-    if policy is not None:
-        env["OMP_WAIT_POLICY"] = policy
+
+SETTINGS = {
+    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "libgomp default": {},
+    "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"},
+}
+
+
+def run(policy: str, steps: int, data: str, copies: int) -> dict:
+    """``copies`` identical pretraining processes at once (2 copies = 4 threads on 2 cores)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(SETTINGS[policy])
     with tempfile.TemporaryDirectory() as tmp:
-        # `python -c` imports torch before data2vec could set its default: the policy in `env`
-        # (or libgomp's own default when None) is what the process runs with.
-        code = "import sys, torch; from data2vec.cli import main; sys.exit(main(sys.argv[1:]))"
-        cmd = [
-            sys.executable,
-            "-c",
-            code,
-            "pretrain",
-            "--preset",
-            "image-v2-tiny",
-            "--data",
-            data,
-            "--out",
-            tmp,
-            "--max-steps",
-            str(steps),
-            "train.progress=false",
-            "train.tensorboard=false",
-            "train.log_every=5",
-        ]
-        subprocess.run(cmd, env=env, check=True, capture_output=True)
-        records = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["samples_per_s"] for r in records[2:]]  # skip start-up
+        procs = []
+        for i in range(copies):
+            cmd = [
+                sys.executable,
+                "-c",
+                CODE,
+                "pretrain",
+                "--preset",
+                "image-v2-tiny",
+                "--data",
+                data,
+                "--out",
+                f"{tmp}/{i}",
+                "--max-steps",
+                str(steps),
+                "train.progress=false",
+                "train.tensorboard=false",
+                "train.log_every=5",
+            ]
+            procs.append(
+                subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        if any(p.wait() != 0 for p in procs):
+            raise RuntimeError(f"pretraining failed under OMP_WAIT_POLICY={policy}")
+        rates = []
+        for i in range(copies):
+            lines = (Path(tmp) / str(i) / "metrics.jsonl").read_text().splitlines()
+            rates += [json.loads(x)["samples_per_s"] for x in lines[2:]]  # skip start-up
     return {
         "policy": policy or "libgomp default",
+        "copies": copies,
         "samples_per_s_median": statistics.median(rates),
         "samples_per_s_min": min(rates),
         "samples_per_s_max": max(rates),
@@ -61,10 +79,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--data", default="fashion-mnist:train")
     args = p.parse_args()
-    results = [run(policy, args.steps, args.data) for policy in ("PASSIVE", None, "ACTIVE")]
-    base = results[0]["samples_per_s_median"]
-    for r in results:
-        r["relative_to_passive"] = r["samples_per_s_median"] / base
+    results = []
+    for copies in (1, 2):
+        rows = [run(pol, args.steps, args.data, copies) for pol in SETTINGS]
+        for r in rows:
+            r["relative_to_passive"] = r["samples_per_s_median"] / rows[0]["samples_per_s_median"]
+        results += rows
     print(
         json.dumps(
             {

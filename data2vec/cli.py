@@ -79,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="pretrain on Fashion-MNIST and compare probes")
     p.add_argument("--modality", choices=["image", "all"], default="image")
-    p.add_argument("--minutes", type=float, default=6.0, help="pretraining wall-clock budget")
+    p.add_argument("--minutes", type=float, default=7.0, help="pretraining wall-clock budget")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument(
         "--data",

@@ -12,8 +12,23 @@ from tests.conftest import FIXTURES, TINY, make_image_folder
 @pytest.fixture
 def trained(tmp_path, image_folder):
     run = tmp_path / "run"
-    assert main(["pretrain", "--preset", "image-v2-tiny", "--data", str(image_folder), "--out",
-                 str(run), "--max-steps", "2", *TINY]) == 0
+    assert (
+        main(
+            [
+                "pretrain",
+                "--preset",
+                "image-v2-tiny",
+                "--data",
+                str(image_folder),
+                "--out",
+                str(run),
+                "--max-steps",
+                "2",
+                *TINY,
+            ]
+        )
+        == 0
+    )
     return run
 
 
@@ -25,8 +40,21 @@ def test_pretrain_writes_run_directory(trained):
 
 def test_embed_writes_features_labels_paths(tmp_path, trained, image_folder):
     out = tmp_path / "f.npz"
-    assert main(["embed", "--checkpoint", str(trained), "--data", str(image_folder), "--out",
-                 str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--checkpoint",
+                str(trained),
+                "--data",
+                str(image_folder),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     z = np.load(out)
     assert z["features"].shape == (12, 32) and np.isfinite(z["features"]).all()
     assert sorted(set(z["labels"].tolist())) == [0, 1]
@@ -35,8 +63,22 @@ def test_embed_writes_features_labels_paths(tmp_path, trained, image_folder):
 
 @pytest.mark.parametrize("probe", ["knn", "linear"])
 def test_evaluate_prints_one_json_object(trained, image_folder, capsys, probe):
-    code = main(["evaluate", "--checkpoint", str(trained), "--train", str(image_folder),
-                 "--test", str(image_folder), "--probe", probe, "--k", "3", "--no-progress"])
+    code = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(trained),
+            "--train",
+            str(image_folder),
+            "--test",
+            str(image_folder),
+            "--probe",
+            probe,
+            "--k",
+            "3",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["probe"] == probe
@@ -46,16 +88,29 @@ def test_evaluate_prints_one_json_object(trained, image_folder, capsys, probe):
 
 def test_evaluate_on_saved_features(tmp_path, trained, image_folder, capsys):
     f = tmp_path / "f.npz"
-    main(["embed", "--checkpoint", str(trained), "--data", str(image_folder), "--out", str(f),
-          "--no-progress"])
+    main(
+        [
+            "embed",
+            "--checkpoint",
+            str(trained),
+            "--data",
+            str(image_folder),
+            "--out",
+            str(f),
+            "--no-progress",
+        ]
+    )
     capsys.readouterr()
-    assert main(["evaluate", "--train", str(f), "--test", str(f), "--probe", "knn", "--k", "1"]) == 0
+    assert (
+        main(["evaluate", "--train", str(f), "--test", str(f), "--probe", "knn", "--k", "1"]) == 0
+    )
     assert json.loads(capsys.readouterr().out)["accuracy"] == 1.0  # k=1 on the training set itself
 
 
 def test_bad_config_exits_2_naming_field(tmp_path, image_folder, capsys):
-    code = main(["pretrain", "--data", str(image_folder), "--out", str(tmp_path / "r"),
-                 "mask.kind=blocks"])
+    code = main(
+        ["pretrain", "--data", str(image_folder), "--out", str(tmp_path / "r"), "mask.kind=blocks"]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "mask.kind='blocks'" in err and "inverse_block" in err
@@ -68,31 +123,82 @@ def test_missing_data_exits_2(tmp_path, capsys):
 
 
 def test_missing_checkpoint_exits_2(tmp_path, image_folder, capsys):
-    code = main(["embed", "--checkpoint", str(tmp_path / "none"), "--data", str(image_folder),
-                 "--out", str(tmp_path / "f.npz")])
+    code = main(
+        [
+            "embed",
+            "--checkpoint",
+            str(tmp_path / "none"),
+            "--data",
+            str(image_folder),
+            "--out",
+            str(tmp_path / "f.npz"),
+        ]
+    )
     assert code == 2 and "not found" in capsys.readouterr().err
 
 
 def test_convert_fairseq_with_verify(tmp_path, capsys, image_folder):
     fixture = FIXTURES / "fairseq" / "v2_image_tiny"
     dst = tmp_path / "converted"
-    code = main(["convert", "--from", "fairseq", "--to", "ours", str(fixture.with_suffix(".pt")),
-                 str(dst), "--verify", str(fixture.with_suffix(".npz"))])
+    code = main(
+        [
+            "convert",
+            "--from",
+            "fairseq",
+            "--to",
+            "ours",
+            str(fixture.with_suffix(".pt")),
+            str(dst),
+            "--verify",
+            str(fixture.with_suffix(".npz")),
+        ]
+    )
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 0 and out["ok"] is True and out["max_abs_diff"] < 1e-4
     # the converted directory is a model directory the other commands accept
-    assert main(["embed", "--checkpoint", str(dst), "--data", str(image_folder), "--out",
-                 str(tmp_path / "f.npz"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--checkpoint",
+                str(dst),
+                "--data",
+                str(image_folder),
+                "--out",
+                str(tmp_path / "f.npz"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert np.load(tmp_path / "f.npz")["features"].shape == (12, 64)
 
 
 def test_bench_json_has_contract_keys(capsys):
-    code = main(["bench", "--preset", "image-v2-tiny", "--batch", "4", "--steps", "1", "--json",
-                 "mask.clones=2"])
+    code = main(
+        [
+            "bench",
+            "--preset",
+            "image-v2-tiny",
+            "--batch",
+            "4",
+            "--steps",
+            "1",
+            "--json",
+            "mask.clones=2",
+        ]
+    )
     assert code == 0
     r = json.loads(capsys.readouterr().out)
-    for key in ("preset", "batch", "step_time_s", "samples_per_s", "flops_per_step", "mfu",
-                "peak_rss_mb"):
+    for key in (
+        "preset",
+        "batch",
+        "step_time_s",
+        "samples_per_s",
+        "flops_per_step",
+        "mfu",
+        "peak_rss_mb",
+    ):
         assert key in r
     assert r["batch"] == 4 and r["flops_per_step"] > 1e8 and 0 < r["mfu"] < 2
 
@@ -102,12 +208,27 @@ def test_demo_end_to_end_on_a_folder(tmp_path, capsys):
     make_image_folder(data / "train", n_per_class=10)
     make_image_folder(data / "test", n_per_class=4)
     out = tmp_path / "demo"
-    code = main(["demo", "--data", str(data), "--out", str(out), "--minutes", "0.05", *TINY,
-                 "train.max_steps=3"])
+    code = main(
+        [
+            "demo",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--minutes",
+            "0.05",
+            *TINY,
+            "train.max_steps=3",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "linear probe" in printed and "raw pixels" in printed
     results = json.loads((out / "results.json").read_text())
-    assert set(results["results"]) == {"data2vec 2.0 (pretrained)", "random init (same ViT)", "raw pixels"}
+    assert set(results["results"]) == {
+        "data2vec 2.0 (pretrained)",
+        "random init (same ViT)",
+        "raw pixels",
+    }
     for name in ("loss_curve.png", "features_pca.png"):
         assert (out / name).stat().st_size > 1000

@@ -146,13 +146,16 @@ def test_fp16_on_cpu_is_refused_before_any_work(tmp_path, image_folder):
     from data2vec.errors import ConfigError
 
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
-        pretrain(tiny_config("train.precision=fp16", "train.device=cpu"), image_folder, tmp_path / "r")
+        pretrain(
+            tiny_config("train.precision=fp16", "train.device=cpu"), image_folder, tmp_path / "r"
+        )
     assert not (tmp_path / "r" / "config.yaml").exists()
 
 
 def test_bf16_autocast_trains_with_fp32_weights_and_targets(tmp_path, image_folder):
-    result = pretrain(tiny_config("train.precision=bf16", "train.max_steps=3"), image_folder,
-                      tmp_path / "r")
+    result = pretrain(
+        tiny_config("train.precision=bf16", "train.max_steps=3"), image_folder, tmp_path / "r"
+    )
     assert result.steps == 3 and math.isfinite(result.history[-1]["loss"])
     state = ckpt.load_trainer_checkpoint(ckpt.list_checkpoints(tmp_path / "r")[-1])
     assert all(v.dtype == torch.float32 for v in state[0].values() if v.is_floating_point())
