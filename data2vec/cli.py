@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_overrides(p)
 
     p = sub.add_parser("demo", help="pretrain on Fashion-MNIST and compare probes")
-    p.add_argument("--modality", choices=["image", "all"], default="image")
+    p.add_argument("--modality", choices=["image"], default="image",
+                   help="speech and text join with their issues")
     p.add_argument("--minutes", type=float, default=7.0, help="pretraining wall-clock budget")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument(

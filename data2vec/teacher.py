@@ -74,7 +74,7 @@ class EMATeacher:
         self.last_decay = decay
         if decay >= 1.0:
             return decay
-        self._follow_device(student)
+        self.follow_device(student)
         src = dict(student.named_parameters())
         averaged_t, averaged_s, copied = [], [], []
         for name, t in self.model.named_parameters():
@@ -94,7 +94,8 @@ class EMATeacher:
             b.copy_(student_buffers[name])
         return decay
 
-    def _follow_device(self, ref: nn.Module | Tensor) -> None:
+    def follow_device(self, ref: nn.Module | Tensor) -> None:
+        """Move the teacher to the device of ``ref`` (a tensor or module) if it is elsewhere."""
         p = ref if isinstance(ref, Tensor) else next(ref.parameters())
         q = next(self.model.parameters())
         if q.device != p.device:

@@ -44,7 +44,7 @@ class PretrainOutput:
 
 
 # Which student modules the teacher leaves shared, per EMA scope (see EMAConfig.scope).
-_EXCLUDED_BY_SCOPE = {
+EXCLUDED_BY_SCOPE = {
     "all": (),
     "context": ("modality.local_encoder",),
     "blocks": ("modality",),
@@ -100,7 +100,7 @@ class Data2Vec2(nn.Module):
             ``(B, T, D)`` float32 targets (extra tokens removed).
         """
         teacher: Encoder = self.teacher.model  # type: ignore[assignment]
-        self.teacher._follow_device(local)
+        self.teacher.follow_device(local)
         if self.scope == "all":
             t_local, pad = teacher.modality.embed(source, padding_mask)
             ctx = teacher.modality.contextualize(t_local, pad)
@@ -198,7 +198,7 @@ class Data2Vec2(nn.Module):
             padding_mask: ``(B, S)`` bool or None.
             noise: optional fixed mask-token values (see :meth:`decoder_input`).
         """
-        info = MaskInfo.from_mask(mask)
+        info = MaskInfo.from_mask(mask.to(source.device))
         if info.mask.shape[0] != source.shape[0] * self.clones:
             raise ValueError(
                 f"expected {source.shape[0]} x {self.clones} clones = "

@@ -14,7 +14,7 @@ from torch import nn
 from data2vec.config import Config
 from data2vec.modalities.base import ModalityEncoder
 from data2vec.modalities.image import ImageEncoder
-from data2vec.models.data2vec2 import _EXCLUDED_BY_SCOPE, Data2Vec2
+from data2vec.models.data2vec2 import EXCLUDED_BY_SCOPE, Data2Vec2
 from data2vec.models.encoder import Encoder
 from data2vec.nn.block import PostLNBlock
 from data2vec.nn.init import init_bert_params
@@ -69,6 +69,6 @@ def build_model(cfg: Config) -> Data2Vec2:
         cfg.ema.decay,
         cfg.ema.end_decay,
         cfg.ema.anneal_steps,
-        exclude=_EXCLUDED_BY_SCOPE[cfg.ema.scope],
+        exclude=EXCLUDED_BY_SCOPE[cfg.ema.scope],
     )
     return Data2Vec2(encoder, decoder, cfg.mask, cfg.target, cfg.loss, teacher, scope=cfg.ema.scope)
