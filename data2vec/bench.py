@@ -79,22 +79,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _synthetic_batch(cfg, batch: int) -> PretrainBatch:
+def _synthetic_batch(cfg: Config, batch: int, seconds: float = 2.0) -> PretrainBatch:
+    """Random input of the configured modality with masks drawn as the data loader would."""
+    rng = make_rng(cfg.train.seed, 0)
+    if cfg.model.modality == "audio":
+        from data2vec.data.audio_pretrain import _frames, audio_masks
+
+        samples = int(seconds * 16000)
+        wave = torch.from_numpy(rng.standard_normal((batch, samples), dtype=np.float32))
+        frames = _frames(samples)
+        rows = [audio_masks(cfg.mask, frames, make_rng(cfg.train.seed, i)) for i in range(batch)]
+        mask = np.concatenate(rows)
+        return PretrainBatch(wave, torch.from_numpy(mask), torch.arange(batch))
     size = cfg.encoder.image_size
     grid = (size // cfg.encoder.patch_size,) * 2
     masks = ImageMaskGenerator(cfg, grid)
-    rng = make_rng(cfg.train.seed, 0)
     images = torch.from_numpy(
         rng.standard_normal((batch, cfg.encoder.in_chans, size, size), dtype=np.float32)
     )
-    mask = torch.from_numpy(
-        np.concatenate([masks(make_rng(cfg.train.seed, i)) for i in range(batch)])
-    )
-    return PretrainBatch(images, mask, torch.arange(batch))
+    mask = np.concatenate([masks(make_rng(cfg.train.seed, i)) for i in range(batch)])
+    return PretrainBatch(images, torch.from_numpy(mask), torch.arange(batch))
 
 
 def time_steps(
-    cfg: Config, steps: int, warmup: int = 1, count_flops: bool = True
+    cfg: Config, steps: int, warmup: int = 1, count_flops: bool = True, seconds: float = 2.0
 ) -> dict[str, Any]:
     """Time ``steps`` training steps of ``cfg`` on synthetic data after ``warmup`` untimed ones.
 
@@ -107,7 +115,7 @@ def time_steps(
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(device)
     state = new_state(model, cfg, device)
-    data = _synthetic_batch(cfg, cfg.data.batch_size)
+    data = _synthetic_batch(cfg, cfg.data.batch_size, seconds)
     for _ in range(warmup):
         train_step(state, data, cfg, device)
     flops = None
@@ -134,15 +142,19 @@ def bench(
     precision: str = "fp32",
     image_size: int | None = None,
     overrides: list[str] | None = None,
+    seconds: float = 2.0,
 ) -> dict[str, Any]:
-    """Time ``steps`` training steps after ``warmup`` untimed ones; return the JSON record."""
+    """Time ``steps`` training steps after ``warmup`` untimed ones; return the JSON record.
+
+    ``image_size`` applies to image presets, ``seconds`` (clip length) to audio presets.
+    """
     extra = [*(overrides or []), f"train.precision={precision}"]
     if batch is not None:
         extra.append(f"data.batch_size={batch}")
     if image_size is not None:
         extra.append(f"encoder.image_size={image_size}")
     cfg = load_config(preset, extra)
-    run = time_steps(cfg, steps, warmup)
+    run = time_steps(cfg, steps, warmup, seconds=seconds)
     times, flops, device = run["times"], run["flops"], run["device"]
     step_time = statistics.median(times)
     peak = matmul_peak_flops(_DTYPES[precision], device)
@@ -151,7 +163,7 @@ def bench(
         "preset": cfg.preset,
         "batch": cfg.data.batch_size,
         "clones": cfg.mask.clones,
-        "image_size": cfg.encoder.image_size,
+        "input": _describe_input(cfg, seconds),
         "precision": precision,
         "steps": steps,
         "step_time_s": step_time,
@@ -173,9 +185,15 @@ def bench(
     }
 
 
+def _describe_input(cfg: Config, seconds: float) -> str:
+    if cfg.model.modality == "audio":
+        return f"{seconds:g} s at 16 kHz"
+    return f"{cfg.encoder.image_size} px"  # type: ignore[union-attr]
+
+
 def format_bench(r: dict[str, Any]) -> str:
     return (
-        f"{r['preset']} batch {r['batch']} x{r['clones']} clones, {r['image_size']}px, "
+        f"{r['preset']} batch {r['batch']} x{r['clones']} clones, {r['input']}, "
         f"{r['precision']}: "
         f"{r['step_time_s']:.3f} s/step ({r['samples_per_s']:.2f} samples/s), "
         f"{r['flops_per_step'] / 1e12:.3f} TFLOP/step, {r['achieved_flops'] / 1e9:.1f} GFLOP/s, "

@@ -44,6 +44,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     _add_overrides(p)
 
+    p = sub.add_parser("finetune", help="fine-tune a pretrained encoder with a task head")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument(
+        "--task",
+        required=True,
+        choices=["image-classification", "audio-classification", "ctc", "text-classification"],
+    )
+    p.add_argument("--train", required=True, help="labelled training data")
+    p.add_argument("--valid", required=True, help="labelled validation data")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="fine-tuning settings, e.g. lr=1e-4 max_steps=2000 layer_decay=0.75",
+    )
+
     p = sub.add_parser("embed", help="write frozen features of a data set")
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--data", required=True)
@@ -73,19 +90,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--image-size", type=int)
+    p.add_argument("--image-size", type=int, help="image presets: input size in px")
+    p.add_argument("--seconds", type=float, default=2.0, help="audio presets: clip length")
     p.add_argument("--json", action="store_true")
     _add_overrides(p)
 
-    p = sub.add_parser("demo", help="pretrain on Fashion-MNIST and compare probes")
-    p.add_argument("--modality", choices=["image"], default="image",
-                   help="speech and text join with their issues")
-    p.add_argument("--minutes", type=float, default=7.0, help="pretraining wall-clock budget")
-    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p = sub.add_parser("data", help="build data sets")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser(
+        "synth-speech",
+        help="spoken words from espeak-ng and flite, "
+        "voice-disjoint train/test (Debian packages espeak-ng, flite)",
+    )
+    q.add_argument("--out", required=True, type=Path)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--jobs", type=int, default=2, help="synthesizer processes at once")
+    q.add_argument("--variants", type=int, default=3, help="clips per voice and word")
+    q.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("demo", help="pretrain a tiny model and compare probes")
+    p.add_argument(
+        "--modality",
+        choices=["image", "audio"],
+        default="image",
+        help="image: Fashion-MNIST; audio: synthesized spoken words + CTC",
+    )
+    p.add_argument("--minutes", type=float, help="pretraining budget (image 7, audio 5)")
+    p.add_argument("--out", type=Path, help="output folder (default demo_out or demo_audio)")
     p.add_argument(
         "--data",
-        default="fashion-mnist",
-        help="fashion-mnist, or a folder with train/ and test/ class-folder layouts",
+        help="image: fashion-mnist (default) or a folder with train/ and "
+        "test/; audio: synthetic-speech (default) or such a folder",
     )
     _add_overrides(p)
     return parser

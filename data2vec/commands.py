@@ -35,6 +35,14 @@ def run_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    from data2vec.finetune import run_finetune as finetune
+
+    return finetune(
+        args.task, args.checkpoint, args.train, args.valid, args.out, list(args.overrides)
+    )
+
+
 def _features(args: argparse.Namespace, data: str, skips) -> Any:
     from data2vec.engine.runtime import resolve_device
     from data2vec.evaluate.features import Features, embed_path
@@ -83,7 +91,7 @@ def evaluate_features(train, test, probe: str, k: int = 20, seed: int = 0) -> di
     if probe == "linear":
         res = linear_probe(tx, ty, vx, vy, seed=seed).to_dict()
     else:
-        res = knn_classify(tx, ty, vx, vy, k=k).to_dict()
+        res = knn_classify(tx, ty, vx, vy, k=min(k, len(tx))).to_dict()
     return {"probe": probe, **res}
 
 
@@ -100,9 +108,9 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_convert(args: argparse.Namespace) -> int | dict[str, Any]:
     from data2vec.convert.export import export_model
-    from data2vec.convert.fairseq import import_image_v2, verify_against_fixture
+    from data2vec.convert.fairseq import import_v2, verify_against_fixture
 
-    cfg, model = import_image_v2(args.src)
+    cfg, model = import_v2(args.src)
     export_model(args.dst, cfg, model)
     log.info("wrote %s", args.dst)
     if args.verify is None:
@@ -125,6 +133,7 @@ def run_bench(args: argparse.Namespace) -> int | dict[str, Any]:
         precision=args.precision,
         image_size=args.image_size,
         overrides=list(args.overrides),
+        seconds=args.seconds,
     )
     if args.json:
         return result
@@ -132,8 +141,30 @@ def run_bench(args: argparse.Namespace) -> int | dict[str, Any]:
     return 0
 
 
+def run_data(args: argparse.Namespace) -> dict[str, Any]:
+    if args.data_command == "synth-speech":
+        from data2vec.data.synth_speech import synthesize_corpus
+
+        return synthesize_corpus(
+            args.out,
+            seed=args.seed,
+            jobs=args.jobs,
+            variants=args.variants,
+            overwrite=args.overwrite,
+        )
+    raise UserError(f"unknown data command {args.data_command!r}")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     from data2vec.demo import run_demo as demo
 
-    demo(out=Path(args.out), minutes=args.minutes, data=args.data, overrides=list(args.overrides))
+    defaults = {"image": (7.0, "demo_out", "fashion-mnist"), "audio": (5.0, "demo_audio", None)}
+    minutes, out, data = defaults[args.modality]
+    demo(
+        out=Path(args.out or out),
+        minutes=args.minutes or minutes,
+        data=args.data or data,
+        overrides=list(args.overrides),
+        modality=args.modality,
+    )
     return 0

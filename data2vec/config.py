@@ -31,7 +31,7 @@ class ModelConfig:
 
     SECTION: ClassVar[str] = "model"
 
-    modality: Literal["image"] = "image"
+    modality: Literal["image", "audio"] = "image"
     algorithm: Literal["v2"] = "v2"
     embed_dim: int = 768
     depth: int = 10  # shared blocks (ViT-B/16 in data2vec 2.0: 2 prenet + 10 shared = 12)
@@ -43,6 +43,11 @@ class ModelConfig:
     activation_dropout: float = 0.0  # inside the MLP
     post_mlp_dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth of the last shared block (linear from 0)
+    layerdrop: float = 0.0  # probability of skipping a whole block in training (audio: 0.05)
+    # Padded frames/tokens never influence valid ones: zeroed before every convolution over
+    # time, excluded from target statistics and from the loss. False reproduces fairseq, where
+    # they leak into nearby valid frames (only matters for padded batches).
+    exact_padding: bool = True
 
     def __post_init__(self) -> None:
         _positive(self, "embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps")
@@ -57,6 +62,7 @@ class ModelConfig:
             "activation_dropout",
             "post_mlp_dropout",
             "drop_path",
+            "layerdrop",
         ):
             _fraction(self, name)
 
@@ -84,15 +90,45 @@ class ImageEncoderConfig:
 
 
 @dataclass
+class AudioEncoderConfig:
+    """Audio modality encoder: wav2vec 2.0 CNN, convolutional positions, ALiBi, prenet.
+
+    The CNN has the wav2vec 2.0 shape (kernels 10,3,3,3,3,2,2; strides 5,2,2,2,2,2,2: 320
+    samples per frame, 400-sample receptive field, 20 ms frames at 16 kHz); only its width is
+    configurable.
+    """
+
+    SECTION: ClassVar[str] = "encoder"
+
+    cnn_channels: int = 512
+    pos_conv_layers: int = 5
+    pos_conv_width: int = 95  # total width; each layer's kernel is max(3, width // layers) = 19
+    pos_conv_groups: int = 16
+    prenet_depth: int = 0
+    prenet_dropout: float = 0.1
+    alibi: bool = True
+    alibi_scale: float = 1.0  # initial per-head scale of the ALiBi bias (learned)
+
+    def __post_init__(self) -> None:
+        _positive(self, "cnn_channels", "pos_conv_layers", "pos_conv_width", "pos_conv_groups")
+        _non_negative(self, "prenet_depth", "alibi_scale")
+        _fraction(self, "prenet_dropout")
+
+    @property
+    def pos_conv_kernel(self) -> int:
+        return max(3, self.pos_conv_width // self.pos_conv_layers)
+
+
+@dataclass
 class MaskConfig:
     """How the student's views are masked (data2vec 2.0 §3)."""
 
     SECTION: ClassVar[str] = "mask"
 
-    kind: Literal["inverse_block", "random"] = "inverse_block"
+    kind: Literal["inverse_block", "block", "random"] = "inverse_block"
     ratio: float = 0.8
-    adjust: float = 0.07  # extra keep probability of inverse block masking
-    block: int = 3
+    adjust: float = 0.07  # extra probability compensating for overlapping blocks
+    block: int = 3  # side of the 2-D squares (images) or length of the 1-D spans (audio)
     clones: int = 16  # masked copies per sample (the teacher still runs once per sample)
     noise_std: float = 0.01  # std of the N(0, s²) values that fill masked slots in the decoder
 
@@ -217,9 +253,17 @@ class DataConfig:
     hflip: float = 0.5
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    # audio (16 kHz samples): random crop of longer utterances, skip of shorter ones
+    max_samples: int = 320_000
+    min_samples: int = 32_000
+    normalize: bool = True  # zero mean, unit variance per utterance (wav2vec 2.0 / data2vec)
 
     def __post_init__(self) -> None:
-        _positive(self, "batch_size")
+        _positive(self, "batch_size", "max_samples", "min_samples")
+        if self.min_samples > self.max_samples:
+            raise ConfigError(
+                f"data.min_samples={self.min_samples} exceeds data.max_samples={self.max_samples}"
+            )
         _non_negative(self, "num_workers")
         _fraction(self, "hflip")
         lo, hi = self.crop_scale
@@ -261,7 +305,7 @@ class TrainConfig:
             raise ConfigError(f"train.threads={self.threads} must be >= 1 or null")
 
 
-ENCODER_CONFIGS: dict[str, type] = {"image": ImageEncoderConfig}
+ENCODER_CONFIGS: dict[str, type] = {"image": ImageEncoderConfig, "audio": AudioEncoderConfig}
 
 
 @dataclass
@@ -270,7 +314,7 @@ class Config:
 
     preset: str = "image-v2-base"
     model: ModelConfig = field(default_factory=ModelConfig)
-    encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
+    encoder: ImageEncoderConfig | AudioEncoderConfig = field(default_factory=ImageEncoderConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     target: TargetConfig = field(default_factory=TargetConfig)

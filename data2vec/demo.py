@@ -1,10 +1,14 @@
-"""``data2vec demo``: pretrain a tiny ViT with data2vec 2.0 on Fashion-MNIST, then show what it
-learned.
+"""``data2vec demo``: pretrain a tiny model with data2vec 2.0, then show what it learned.
 
-Steps: pretrain for a wall-clock budget -> embed the official train and test splits with the
-pretrained encoder and with the *identical* randomly initialized encoder -> linear probe and
-kNN on both and on raw pixels -> print a table, write ``results.json``, ``loss_curve.png`` and a
-PCA picture of the test features.
+Steps (the same for every modality): pretrain for a wall-clock budget -> embed the train and
+test splits with the pretrained encoder and with the *identical* randomly initialized encoder
+-> linear probe and kNN on both and on a classical baseline -> print a table, write
+``results.json``, ``loss_curve.png`` and a PCA picture of the test features. A modality's
+:class:`Recipe` names its preset, data, baseline and any extra step (speech: a CTC fine-tune).
+
+- image: Fashion-MNIST (Debian ``dataset-fashion-mnist``), baseline raw pixels.
+- audio: spoken words synthesized with espeak-ng and flite (voice-disjoint split), baseline
+  MFCC statistics + logistic regression, plus a short CTC fine-tune reporting CER/WER.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +32,7 @@ from data2vec.engine.checkpoint import list_checkpoints
 from data2vec.engine.metrics import read_metrics
 from data2vec.engine.trainer import pretrain
 from data2vec.errors import UserError
-from data2vec.evaluate.features import Features, embed_images, load_encoder
+from data2vec.evaluate.features import Features, embed_source, load_encoder
 
 log = logging.getLogger("data2vec.demo")
 
@@ -119,15 +125,17 @@ def _plot_pca(feats: dict[str, Features], out: Path, n: int = 2000) -> Path:
 
 
 def _table(results: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'features':<28}{'linear probe':>14}{'kNN (k=20)':>12}", "-" * 54]
+    lines = [f"{'features':<32}{'linear probe':>14}{'kNN (k=20)':>12}", "-" * 58]
     for name, r in results.items():
         lines.append(
-            f"{name:<28}{100 * r['linear']['accuracy']:>13.2f}%{100 * r['knn']['accuracy']:>11.2f}%"
+            f"{name:<32}{100 * r['linear']['accuracy']:>13.2f}%{100 * r['knn']['accuracy']:>11.2f}%"
         )
     return "\n".join(lines)
 
 
-def _fit_schedule(cfg: Config, minutes: float, overrides: list[str]) -> Config:
+def _fit_schedule(
+    cfg: Config, minutes: float, overrides: list[str], seconds: float = 2.0
+) -> Config:
     """Set ``train.max_steps`` so the cosine schedule ends when the time budget does.
 
     A few timed steps on synthetic input measure this machine's step time (the data loader runs
@@ -140,45 +148,95 @@ def _fit_schedule(cfg: Config, minutes: float, overrides: list[str]) -> Config:
 
     # The fastest of a few steps after warm-up: the first steps of a process are slower than
     # the steady state (a 7-minute budget measured by the median ended 10 % early).
-    step = min(time_steps(cfg, steps=5, warmup=3, count_flops=False)["times"])
+    step = min(time_steps(cfg, steps=5, warmup=3, count_flops=False, seconds=seconds)["times"])
     steps = max(1, int(minutes * 60 / step))
     log.info("measured %.3f s/step: scheduling %d steps for %g minutes", step, steps, minutes)
     return load_config(
-        PRESET, [f"train.max_minutes={minutes}", f"train.max_steps={steps}", *overrides]
+        cfg.preset, [f"train.max_minutes={minutes}", f"train.max_steps={steps}", *overrides]
+    )
+
+
+@dataclass
+class Recipe:
+    """What differs between the demos of two modalities.
+
+    Attributes:
+        preset: the tiny preset to pretrain.
+        train, test: data specs of the two splits (labelled).
+        open_source: ``open_source(spec, skips) -> source``.
+        baseline_name: the classical baseline's row in the table.
+        baseline: ``baseline(source, cfg, skips) -> Features``.
+        clip_seconds: typical input length (audio), for fitting the schedule to the budget.
+        extra: optional final step ``extra(run_dir, out) -> dict`` (added to the results).
+        pretrain: the pretraining data when it is not ``train`` (labels are never used).
+    """
+
+    preset: str
+    train: str
+    test: str
+    open_source: Callable[..., Any]
+    baseline_name: str
+    baseline: Callable[..., Features]
+    clip_seconds: float = 2.0
+    extra: Callable[[Path, Path], dict[str, Any]] | None = None
+    pretrain: str | None = None
+
+
+def image_recipe(data: str) -> Recipe:
+    train, test = _splits(data)
+    return Recipe(
+        preset=PRESET,
+        train=train,
+        test=test,
+        open_source=open_image_source,
+        baseline_name="raw pixels",
+        baseline=lambda src, cfg, skips: raw_pixels(src, cfg.encoder.image_size, skips),
     )
 
 
 def run_demo(
-    out: Path, minutes: float, data: str = "fashion-mnist", overrides: list[str] | None = None
+    out: Path,
+    minutes: float,
+    data: str = "fashion-mnist",
+    overrides: list[str] | None = None,
+    modality: str = "image",
 ) -> dict[str, Any]:
-    """Run the whole demo; returns what ``results.json`` holds."""
+    """Run the whole demo of ``modality``; returns what ``results.json`` holds."""
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    train_spec, test_spec = _splits(data)
-    cfg = load_config(PRESET, [f"train.max_minutes={minutes}", *(overrides or [])])
-    cfg = _fit_schedule(cfg, minutes, overrides or [])
+    if modality == "audio":
+        from data2vec.demo_audio import audio_recipe
+
+        recipe = audio_recipe(data, out, minutes)
+    else:
+        recipe = image_recipe(data)
+    overrides = overrides or []
+    cfg = load_config(recipe.preset, [f"train.max_minutes={minutes}", *overrides])
+    cfg = _fit_schedule(cfg, minutes, overrides, recipe.clip_seconds)
     run_dir, random_dir = out / "pretrain", out / "random_init"
     for d in (run_dir, random_dir):
         if list_checkpoints(d):
             raise UserError(f"{d} holds an earlier demo run; remove it or choose another --out")
-    print(f"[1/4] pretraining {PRESET} with data2vec 2.0 on {train_spec} for {minutes:g} min")
-    result = pretrain(cfg, train_spec, run_dir)
-    pretrain(load_config(PRESET, ["train.max_steps=0", *(overrides or [])]), train_spec, random_dir)
+    data = recipe.pretrain or recipe.train
+    print(f"[1/4] pretraining {recipe.preset} with data2vec 2.0 on {data} for {minutes:g} min")
+    result = pretrain(cfg, data, run_dir)
+    pretrain(load_config(recipe.preset, ["train.max_steps=0", *overrides]), data, random_dir)
 
     print("[2/4] embedding the train and test splits")
     skips = SkipLog()
-    train_src, test_src = open_image_source(train_spec, skips), open_image_source(test_spec, skips)
+    train_src, test_src = (recipe.open_source(s, skips) for s in (recipe.train, recipe.test))
     feats: dict[str, tuple[Features, Features]] = {}
     for name, path in (
         ("data2vec 2.0 (pretrained)", run_dir),
-        ("random init (same ViT)", random_dir),
+        ("random init (same model)", random_dir),
     ):
         enc_cfg, encoder = load_encoder(path)
         feats[name] = tuple(
-            embed_images(encoder, enc_cfg, src, skips) for src in (train_src, test_src)
+            embed_source(encoder, enc_cfg, src, skips) for src in (train_src, test_src)
         )
-    size = cfg.encoder.image_size
-    feats["raw pixels"] = (raw_pixels(train_src, size, skips), raw_pixels(test_src, size, skips))
+    feats[recipe.baseline_name] = tuple(
+        recipe.baseline(src, cfg, skips) for src in (train_src, test_src)
+    )
 
     print("[3/4] linear probe and kNN")
     results: dict[str, dict[str, Any]] = {}
@@ -188,13 +246,15 @@ def run_demo(
             "knn": evaluate_features(tr, te, "knn", k=20),
         }
         log.info("%s: %s", name, {k: v["accuracy"] for k, v in results[name].items()})
+    extra = recipe.extra(run_dir, out) if recipe.extra is not None else {}
 
     print("[4/4] writing results")
     summary = {
-        "preset": PRESET,
+        "modality": modality,
+        "preset": recipe.preset,
         "data": {
-            "train": train_spec,
-            "test": test_spec,
+            "train": recipe.train,
+            "test": recipe.test,
             "n_train": len(train_src),
             "n_test": len(test_src),
         },
@@ -202,9 +262,10 @@ def run_demo(
             "steps": result.steps,
             "seconds": round(result.seconds, 1),
             "stopped": result.stopped,
-            "images_seen": result.steps * cfg.data.batch_size,
+            "samples_seen": result.steps * cfg.data.batch_size,
         },
         "results": results,
+        **extra,
         "total_seconds": round(time.perf_counter() - t0, 1),
         "skipped_inputs": len(skips),
     }
@@ -214,9 +275,11 @@ def run_demo(
     _plot_pca({k: v[1] for k, v in feats.items()}, out / "features_pca.png")
     print()
     print(_table(results))
+    for line in extra.get("report", []):
+        print(line)
     print()
     print(
-        f"pretraining: {result.steps} steps, {summary['pretraining']['images_seen']} images, "
+        f"pretraining: {result.steps} steps, {summary['pretraining']['samples_seen']} samples, "
         f"{result.seconds / 60:.1f} min; total {summary['total_seconds'] / 60:.1f} min"
     )
     print(f"wrote {out / 'results.json'}, {out / 'loss_curve.png'}, {out / 'features_pca.png'}")

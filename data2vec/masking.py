@@ -90,6 +90,40 @@ def inverse_block_mask(
     return ~keep
 
 
+def block_mask_1d(
+    length: int,
+    num_rows: int,
+    mask_ratio: float,
+    rng: np.random.Generator,
+    span: int = 5,
+    adjust: float = 0.05,
+) -> np.ndarray:
+    """1-D block masking of data2vec 2.0 for audio (Baevski et al. 2022, §3; fairseq
+    ``compute_block_mask_1d``).
+
+    Masks spans of ``span`` frames around random centers (about ``(ratio + adjust) * L / span``
+    of them, the extra compensating for overlaps), cut at the sequence ends, then adjusts every
+    row to exactly ``int(L * ratio)`` masked frames.
+
+    Returns:
+        ``(num_rows, length)`` bool, True = masked.
+    """
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {mask_ratio}")
+    n_mask = int(length * mask_ratio)
+    n_centers = int(length * (mask_ratio + adjust) / span)
+    masked = np.zeros((num_rows, length), dtype=bool)
+    if n_centers > 0:
+        centers = rng.integers(0, length, size=(num_rows, n_centers))
+        row_idx = np.repeat(np.arange(num_rows), n_centers)
+        lo = -(span // 2)
+        for d in range(lo, lo + span):
+            pos = (centers + d).ravel()
+            inside = (pos >= 0) & (pos < length)
+            masked[row_idx[inside], pos[inside]] = True
+    return _select_exactly(masked, n_mask, rng)
+
+
 def random_mask(
     length: int, num_rows: int, mask_ratio: float, rng: np.random.Generator
 ) -> np.ndarray:

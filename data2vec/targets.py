@@ -18,22 +18,29 @@ Norm = Literal["instance", "layer", "none"]
 EPS = 1e-5
 
 
-def instance_norm_over_time(x: Tensor) -> Tensor:
+def instance_norm_over_time(x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
     """Normalize each (sample, channel) over the time axis.
 
     ``x: (B, T, D)`` -> ``(x - mean_T) / sqrt(var_T + 1e-5)`` with the biased variance, as
-    ``F.instance_norm`` on ``(B, D, T)``. Padded positions are included, as in fairseq.
+    ``F.instance_norm`` on ``(B, D, T)``. With ``padding_mask: (B, T)`` (True = padding) the
+    statistics use the valid positions only (fairseq includes padding: pass None for that).
     """
     x = x.float()
-    mean = x.mean(dim=1, keepdim=True)
-    var = x.var(dim=1, unbiased=False, keepdim=True)
+    if padding_mask is None:
+        mean = x.mean(dim=1, keepdim=True)
+        var = x.var(dim=1, unbiased=False, keepdim=True)
+    else:
+        w = (~padding_mask).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
+        n = w.sum(dim=1, keepdim=True).clamp_min(1.0)
+        mean = (x * w).sum(dim=1, keepdim=True) / n
+        var = (((x - mean) * w) ** 2).sum(dim=1, keepdim=True) / n
     return (x - mean) * torch.rsqrt(var + EPS)
 
 
-def normalize(x: Tensor, kind: Norm) -> Tensor:
+def normalize(x: Tensor, kind: Norm, padding_mask: Tensor | None = None) -> Tensor:
     """Apply one target normalization to ``x: (B, T, D)`` (fp32 out)."""
     if kind == "instance":
-        return instance_norm_over_time(x)
+        return instance_norm_over_time(x, padding_mask)
     if kind == "layer":
         return F.layer_norm(x.float(), x.shape[-1:], eps=EPS)
     return x.float()
@@ -41,7 +48,11 @@ def normalize(x: Tensor, kind: Norm) -> Tensor:
 
 @torch.no_grad()
 def build_targets(
-    layer_results: list[Tensor], top_k: int, layer_norm: Norm, final_norm: Norm
+    layer_results: list[Tensor],
+    top_k: int,
+    layer_norm: Norm,
+    final_norm: Norm,
+    padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Average of the normalized top-K layer results, then the final normalization.
 
@@ -50,6 +61,7 @@ def build_targets(
         top_k: how many of the last layers to average.
         layer_norm: per-layer normalization.
         final_norm: normalization of the average.
+        padding_mask: ``(B, T)``, True = padding: excluded from instance-norm statistics.
 
     Returns:
         ``(B, T, D)`` float32 targets.
@@ -58,10 +70,10 @@ def build_targets(
         raise ValueError(f"top_k={top_k} but only {len(layer_results)} layers")
     total = None
     for layer in layer_results[-top_k:]:
-        y = normalize(layer, layer_norm)
+        y = normalize(layer, layer_norm, padding_mask)
         total = y if total is None else total.add_(y)
     assert total is not None
-    return normalize(total.div_(top_k), final_norm)
+    return normalize(total.div_(top_k), final_norm, padding_mask)
 
 
 def regression_loss(

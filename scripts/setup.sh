@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
 # Set up everything the demo and the tests need, idempotently:
-#   - Debian's dataset-fashion-mnist (the demo's default data), when apt-get is available;
+#   - Debian packages (demo data, speech synthesizers, test speech), when apt-get is available;
 #   - a virtual environment in .venv with the pinned CPU build of PyTorch and this package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
-FMNIST=/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-
-if [ ! -f "$FMNIST" ]; then
+# Debian packages: the image demo's data (Fashion-MNIST), the speech synthesizers that build
+# the spoken-word corpus, and real read speech (pocketsphinx test data) for the tests.
+DEBS="dataset-fashion-mnist espeak-ng flite sox pocketsphinx-testdata"
+missing=""
+for pkg in $DEBS; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
+done
+if [ -n "$missing" ]; then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""
     if [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
-    echo "setup: installing Debian package dataset-fashion-mnist"
+    echo "setup: installing Debian packages:$missing"
     export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \
-      || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null; }
+    # shellcheck disable=SC2086
+    $SUDO apt-get install -y -q $missing >/dev/null 2>&1 \
+      || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q $missing >/dev/null; }
   else
-    echo "setup: apt-get not found; install Fashion-MNIST into /usr/share/datasets/fashion-mnist" >&2
+    echo "setup: apt-get not found; please install:$missing" >&2
   fi
 fi
 

@@ -69,3 +69,35 @@ def make_image_folder(root: Path, n_per_class: int = 6, size: int = 20, classes:
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "images")
+
+
+def make_audio_folder(
+    root: Path, n_per_class: int = 6, rates: tuple[int, ...] = (16000, 22050, 8000)
+) -> Path:
+    """Class folders of short tones (class 0 low, class 1 high) at mixed sample rates/lengths."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    for c, base in enumerate((300.0, 1800.0)):
+        folder = root / f"tone{c}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            sr = rates[i % len(rates)]
+            t = np.arange(int(sr * rng.uniform(0.4, 0.9))) / sr
+            f = base * (1 + 0.3 * rng.random())
+            wave = 0.3 * np.sin(2 * np.pi * f * t) + 0.02 * rng.standard_normal(t.shape)
+            sf.write(folder / f"clip{i}.wav", wave.astype(np.float32), sr)
+    return root
+
+
+TINY_AUDIO = [
+    "model.embed_dim=32", "model.depth=2", "model.num_heads=4", "encoder.cnn_channels=16",
+    "encoder.pos_conv_groups=4", "decoder.dim=16", "decoder.groups=4", "decoder.layers=2",
+    "target.top_k=2", "mask.clones=2", "data.batch_size=4", "data.num_workers=0",
+    "data.min_samples=3200", "data.max_samples=16000", "optim.warmup_steps=2",
+    "train.progress=false", "train.tensorboard=false",
+]  # fmt: skip
+
+
+def tiny_audio_config(*overrides: str) -> Config:
+    return load_config("audio-v2-tiny", [*TINY_AUDIO, *overrides])

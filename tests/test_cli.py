@@ -227,8 +227,25 @@ def test_demo_end_to_end_on_a_folder(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert set(results["results"]) == {
         "data2vec 2.0 (pretrained)",
-        "random init (same ViT)",
+        "random init (same model)",
         "raw pixels",
     }
     for name in ("loss_curve.png", "features_pca.png"):
         assert (out / name).stat().st_size > 1000
+
+
+def test_data_synth_speech_builds_a_voice_disjoint_corpus(tmp_path, capsys):
+    import shutil
+
+    if not (shutil.which("espeak-ng") and shutil.which("flite")):
+        pytest.skip("espeak-ng/flite not installed (scripts/setup.sh installs them)")
+    out = tmp_path / "corpus"
+    code = main(["data", "synth-speech", "--out", str(out), "--variants", "1"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["train_clips"] > 0 and summary["test_clips"] > 0
+    voices = {
+        split: {p.stem.rsplit("_", 1)[0] for p in (out / split).rglob("*.wav")}
+        for split in ("train", "test")
+    }
+    assert voices["train"] and voices["test"] and not voices["train"] & voices["test"]

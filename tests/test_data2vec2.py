@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from data2vec.convert.fairseq import import_image_v2
+from data2vec.convert.fairseq import import_v2
 from data2vec.masking import MaskInfo, inverse_block_mask, make_rng
 from data2vec.models.registry import build_model
 from tests.conftest import FIXTURES, tiny_config
@@ -51,21 +51,22 @@ def test_loss_only_over_masked_positions():
     x, mask = _batch(cfg, B=2)
     info = MaskInfo.from_mask(mask)
     local, _ = model.encoder.modality.embed(x)
-    targets = model.forward_targets(x, local, None)
+    targets = model.forward_targets(x, None, local, None)
     student = model.forward_student(local, None, info)
     pred = model.decoder(model.decoder_input(student, info), info.mask)
-    base = model.forward_loss(pred, targets, student, info).loss
+    base = model.forward_loss(pred, targets, student, info.mask).loss
     visible_only = targets.clone()
     clone_rows = info.mask.view(2, cfg.mask.clones, -1)
     never_masked = ~clone_rows.any(1)  # positions no clone of the sample masks
     assert never_masked.any()
     visible_only[never_masked] += 100.0
-    torch.testing.assert_close(model.forward_loss(pred, visible_only, student, info).loss, base)
+    same = model.forward_loss(pred, visible_only, student, info.mask).loss
+    torch.testing.assert_close(same, base)
     masked_changed = targets.clone()
     masked_changed[clone_rows[:, 0]] += 1.0
-    changed = model.forward_loss(pred, masked_changed, student, info).loss
+    changed = model.forward_loss(pred, masked_changed, student, info.mask).loss
     assert float(changed.detach()) > float(base.detach()) + 0.1
-    assert model.forward_loss(pred, targets, student, info).sample_size == int(mask.sum())
+    assert model.forward_loss(pred, targets, student, info.mask).sample_size == int(mask.sum())
 
 
 def test_decoder_input__visible_in_place_noise_elsewhere():
@@ -114,7 +115,7 @@ def test_wrong_number_of_mask_rows_is_an_error():
 
 @pytest.fixture(scope="module")
 def fixture():
-    cfg, model = import_image_v2(FIXTURE.with_suffix(".pt"))
+    cfg, model = import_v2(FIXTURE.with_suffix(".pt"))
     return cfg, model.eval(), dict(np.load(FIXTURE.with_suffix(".npz")))
 
 
@@ -144,12 +145,12 @@ def test_fairseq_parity__targets_predictions_and_loss(fixture):
     noise = t(z["decoder_input"])[mask]
     with torch.no_grad():
         local, _ = model.encoder.modality.embed(x)
-        targets = model.forward_targets(x, local, None)
+        targets = model.forward_targets(x, None, local, None)
         student = model.forward_student(local, None, info)
         dec_in = model.decoder_input(student, info, noise)
         dec_out = model.decoder(dec_in)
         pred = model.decoder(dec_in, info.mask)
-        out = model.forward_loss(pred, targets, student, info)
+        out = model.forward_loss(pred, targets, student, info.mask)
     rows = torch.arange(mask.shape[0]).div(cfg.mask.clones, rounding_mode="floor")
     y = targets[rows[:, None].expand_as(mask)[mask], mask.nonzero()[:, 1]]
     torch.testing.assert_close(dec_in, t(z["decoder_input"]), atol=1e-4, rtol=1e-4)

@@ -114,3 +114,19 @@ def test_layer_norm_eps_is_configurable():
     enc = build_encoder(tiny_config("model.norm_eps=0.001"))
     norms = [m for m in enc.modules() if isinstance(m, nn.LayerNorm)]
     assert norms and all(m.eps == 0.001 for m in norms)
+
+
+def test_attention__gradient_reaches_a_learned_bias():
+    # ALiBi scales are learned through the additive mask: SDPA must pass their gradient.
+    attn = Attention(8, 2).eval()
+    x = torch.randn(2, 5, 8)
+    scale = torch.tensor([0.7, 1.3], requires_grad=True)
+    dist = torch.arange(5.0)[:, None].sub(torch.arange(5.0)[None]).abs()
+    bias = -scale[None, :, None, None] * dist
+    attn(x, attention_mask(None, bias, x.dtype)).sum().backward()
+    got = scale.grad.clone()
+    scale.grad = None
+    bias = -scale[None, :, None, None] * dist
+    naive_attention(attn, x, None, bias).sum().backward()
+    torch.testing.assert_close(got, scale.grad, atol=1e-5, rtol=1e-4)
+    assert float(got.abs().min()) > 0

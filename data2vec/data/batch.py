@@ -16,12 +16,14 @@ class PretrainBatch:
         mask: ``(B·M, T)`` bool, True = masked, sample-major.
         positions: ``(B,)`` stream positions of the samples (for debugging and exact resume).
         skipped: ``(path, reason)`` of inputs dropped from this batch.
+        padding_mask: ``source``'s padding (e.g. ``(B, S)`` for waveforms), True = padding.
     """
 
     source: Tensor
     mask: Tensor
     positions: Tensor
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    padding_mask: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.source.shape[0])

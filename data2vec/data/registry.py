@@ -3,20 +3,52 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from data2vec.config import Config
-from data2vec.data.image_pretrain import PretrainImages, collate_pretrain
-from data2vec.data.images import open_image_source
+from data2vec.data.sampling import BucketedBatchSampler, StreamBatchSampler
 from data2vec.data.skips import SkipLog
 
 
-def build_pretrain_dataset(
-    cfg: Config, spec: str | Path, skips: SkipLog
-) -> tuple[Dataset, Callable]:
-    """The pretraining dataset and its collate function for ``cfg.model.modality``."""
+@dataclass
+class PretrainData:
+    """A pretraining dataset, its collate function and its batch sampler factory.
+
+    ``make_sampler(start_batch)`` returns the endless batch sampler positioned at a batch.
+    """
+
+    dataset: Dataset
+    collate: Callable
+    make_sampler: Callable[[int], Sampler]
+    size: int
+
+
+def build_pretrain_data(cfg: Config, spec: str | Path, skips: SkipLog) -> PretrainData:
+    """The pretraining data for ``cfg.model.modality``."""
+    B, seed = cfg.data.batch_size, cfg.train.seed
     if cfg.model.modality == "image":
-        return PretrainImages(open_image_source(spec, skips), cfg), collate_pretrain
+        from data2vec.data.image_pretrain import PretrainImages, collate_pretrain
+        from data2vec.data.images import open_image_source
+
+        images = PretrainImages(open_image_source(spec, skips), cfg)
+        return PretrainData(
+            images,
+            collate_pretrain,
+            lambda start: StreamBatchSampler(len(images), B, seed, start_batch=start),
+            len(images),
+        )
+    if cfg.model.modality == "audio":
+        from data2vec.data.audio import open_audio_source
+        from data2vec.data.audio_pretrain import PretrainAudio, collate_pretrain_audio
+
+        audio = PretrainAudio(open_audio_source(spec, skips), cfg, skips)
+        return PretrainData(
+            audio,
+            collate_pretrain_audio,
+            lambda start: BucketedBatchSampler(audio.lengths, audio.indices, B, seed, start),
+            len(audio.indices),
+        )
     raise NotImplementedError(f"no pretraining data for modality {cfg.model.modality!r}")

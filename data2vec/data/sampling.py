@@ -81,3 +81,62 @@ class StreamBatchSampler(Sampler[list[tuple[int, int]]]):
         if self.num_batches is None:
             raise TypeError("an endless stream has no length")
         return max(0, self.num_batches - self.start_batch)
+
+
+class BucketedBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Length-bucketed batches of ``(sample_index, stream_position)``, forever.
+
+    Each epoch draws :func:`~data2vec.data.audio.length_buckets` from ``make_rng(seed, epoch)``
+    (similar lengths together, batch order shuffled), so batch ``k`` is still a pure function of
+    ``(seed, k)``: resuming is indexing. Positions are ``k·B + j`` and seed per-sample randomness.
+
+    Args:
+        lengths: ``(N,)`` sample lengths.
+        indices: the usable samples (others are never drawn).
+        batch_size: ``B`` (the last batch of a sorting chunk may be smaller).
+        seed, start_batch, rank, world_size: as in :class:`StreamBatchSampler`.
+    """
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        indices: np.ndarray,
+        batch_size: int,
+        seed: int,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if len(indices) == 0:
+            raise ValueError("cannot sample from an empty dataset")
+        self.lengths = np.asarray(lengths)
+        self.indices = np.asarray(indices)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.start_batch = start_batch
+        self.rank = rank
+        self.world_size = world_size
+        self._epoch = -1
+        self._batches: list[list[int]] = []
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch != self._epoch:
+            from data2vec.data.audio import length_buckets
+
+            rng = make_rng(self.seed, 0xB0C5, epoch)
+            local = length_buckets(self.lengths[self.indices], self.batch_size, rng)
+            self._batches = [[int(self.indices[i]) for i in b] for b in local]
+            self._epoch = epoch
+        return self._batches
+
+    def batch(self, k: int) -> list[tuple[int, int]]:
+        g = k * self.world_size + self.rank
+        per_epoch = len(self._epoch_batches(0)) if self._epoch < 0 else len(self._batches)
+        batch = self._epoch_batches(g // per_epoch)[g % per_epoch]
+        return [(index, g * self.batch_size + j) for j, index in enumerate(batch)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        k = self.start_batch
+        while True:
+            yield self.batch(k)
+            k += 1

@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from data2vec.config import Config
 from data2vec.data.batch import PretrainBatch
-from data2vec.data.registry import build_pretrain_dataset
-from data2vec.data.sampling import StreamBatchSampler
+from data2vec.data.registry import PretrainData, build_pretrain_data
 from data2vec.data.skips import SkipLog
 from data2vec.engine import checkpoint as ckpt
 from data2vec.engine.metrics import MetricsWriter
@@ -99,8 +98,11 @@ def train_step(
         group["lr"] = lr
     model.train()
     with autocast(device, cfg.train.precision):
+        pad = batch.padding_mask
         out = model(
-            batch.source.to(device, non_blocking=True), batch.mask.to(device, non_blocking=True)
+            batch.source.to(device, non_blocking=True),
+            batch.mask.to(device, non_blocking=True),
+            None if pad is None else pad.to(device, non_blocking=True),
         )
     loss = out.loss
     loss_value = float(loss.detach())
@@ -207,15 +209,12 @@ def _collapsed(cfg: Config, step: int, logs: dict[str, float]) -> str | None:
     return None
 
 
-def make_loader(dataset, collate, cfg: Config, start_batch: int) -> DataLoader:
-    sampler = StreamBatchSampler(
-        len(dataset), cfg.data.batch_size, cfg.train.seed, start_batch=start_batch
-    )
+def make_loader(data: PretrainData, cfg: Config, start_batch: int) -> DataLoader:
     workers = cfg.data.num_workers
     return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate,
+        data.dataset,
+        batch_sampler=data.make_sampler(start_batch),
+        collate_fn=data.collate,
         num_workers=workers,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
@@ -243,7 +242,7 @@ def pretrain(
     threads = configure_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     skips = SkipLog()
-    dataset, collate = build_pretrain_dataset(cfg, data, skips)
+    pretrain_data = build_pretrain_data(cfg, data, skips)
     cfg.save(run_dir / "config.yaml")
     skips.write(run_dir / "skipped.tsv")
     model = build_model(cfg).to(device)
@@ -255,14 +254,14 @@ def pretrain(
         "device %s, %d threads, %d samples, %.2fM parameters",
         device,
         threads,
-        len(dataset),
+        pretrain_data.size,
         sum(p.numel() for p in model.parameters()) / 1e6,
     )
     if cfg.train.max_steps == 0 or state.step >= cfg.train.max_steps:
         path = save(state, run_dir, cfg, skips)
         return TrainResult(run_dir, state.step, "max_steps", 0.0, path, len(skips))
     return _loop(
-        state, cfg, run_dir, make_loader(dataset, collate, cfg, state.batches_seen), skips, device
+        state, cfg, run_dir, make_loader(pretrain_data, cfg, state.batches_seen), skips, device
     )
 
 

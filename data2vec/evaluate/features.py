@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from data2vec.config import Config
+from data2vec.data.audio import AudioSource, normalize, open_audio_source
 from data2vec.data.images import ImageSource, open_image_source
 from data2vec.data.skips import SkipError, SkipLog
 from data2vec.data.transforms import EvalTransform
@@ -161,6 +162,82 @@ def embed_images(
     )
 
 
+@torch.no_grad()
+def embed_audio(
+    encoder: Encoder,
+    cfg: Config,
+    source: AudioSource,
+    skips: SkipLog | None = None,
+    batch_size: int = 32,
+    pool: Pool = "mean",
+    layers: int = 1,
+    device: torch.device | None = None,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> Features:
+    """Embed every clip of ``source`` (the first ``data.max_samples`` samples of each).
+
+    Clips are batched in order of length so little is padded; padded frames are left out of the
+    pooling. Unreadable clips are skipped and recorded.
+    """
+    device = device or torch.device("cpu")
+    encoder = encoder.to(device).eval()
+    order = np.argsort(source.lengths(skips), kind="stable")
+    all_labels = source.labels()
+    feats, idx = [], []
+    bar = tqdm(total=len(source), desc="embed", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
+        waves, batch_idx = [], []
+        for i in order[start : start + batch_size]:
+            try:
+                wave = source.load(int(i))[: cfg.data.max_samples]
+            except SkipError as exc:
+                if skips is not None:
+                    skips.add(source.name(int(i)), str(exc))
+                continue
+            waves.append(normalize(wave) if cfg.data.normalize else wave)
+            batch_idx.append(int(i))
+        bar.update(min(batch_size, len(order) - start))
+        if not waves:
+            continue
+        longest = max(len(w) for w in waves)
+        x = torch.zeros(len(waves), longest)
+        pad = torch.ones(len(waves), longest, dtype=torch.bool)
+        for b, w in enumerate(waves):
+            x[b, : len(w)] = torch.from_numpy(w)
+            pad[b, : len(w)] = False
+        with autocast(device, precision):
+            out = encoder(x.to(device), pad.to(device), keep_layers=layers > 1)
+        feats.append(pool_tokens(out, pool, layers).float().cpu().numpy())
+        idx += batch_idx
+    bar.close()
+    if not feats:
+        raise UserError("no readable audio to embed")
+    back = np.argsort(idx, kind="stable")  # restore the source's order
+    features = np.concatenate(feats)[back]
+    kept = np.asarray(idx)[back]
+    names = np.array([source.name(int(i)) for i in kept])
+    return Features(features, all_labels[kept].astype(np.int64), names, list(source.classes))
+
+
+def open_source(modality: str, data: str | Path, skips: SkipLog | None = None):
+    """The labelled/unlabelled data source of a modality."""
+    if modality == "image":
+        return open_image_source(data, skips)
+    if modality == "audio":
+        return open_audio_source(data, skips)
+    raise UserError(f"embedding {modality} data is not available yet")
+
+
+def embed_source(
+    encoder: Encoder, cfg: Config, source, skips: SkipLog | None = None, **kwargs
+) -> Features:
+    """Embed a source with the function of the encoder's modality."""
+    if cfg.model.modality == "audio":
+        return embed_audio(encoder, cfg, source, skips, **kwargs)
+    return embed_images(encoder, cfg, source, skips, **kwargs)
+
+
 def embed_path(
     checkpoint: str | Path,
     data: str | Path,
@@ -170,6 +247,5 @@ def embed_path(
 ) -> Features:
     """Load the encoder of ``checkpoint`` and embed the data at ``data``."""
     cfg, encoder = load_encoder(checkpoint, weights)
-    if cfg.model.modality != "image":
-        raise UserError(f"embedding {cfg.model.modality} data is not available yet")
-    return embed_images(encoder, cfg, open_image_source(data, skips), skips, **kwargs)
+    source = open_source(cfg.model.modality, data, skips)
+    return embed_source(encoder, cfg, source, skips, **kwargs)

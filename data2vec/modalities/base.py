@@ -91,7 +91,7 @@ class ModalityEncoder(nn.Module):
         padding_mask: Tensor | None = None,
         mask: MaskInfo | None = None,
     ) -> Context:
-        """Positions, masking and prenet.
+        """Positions, masking, extra tokens, attention bias and prenet.
 
         Args:
             local: ``(B, T, D)`` local features.
@@ -102,17 +102,40 @@ class ModalityEncoder(nn.Module):
         Returns:
             The input of the shared blocks, ``x: (N, E + V, D)`` (``V = T`` without a mask).
         """
-        x = self.add_positions(local)
-        if mask is not None:
-            x, padding_mask = self._keep_visible(x, padding_mask, mask)
+        x, padding_mask, positions = self.position_and_select(local, padding_mask, mask)
+        E = self.num_extra_tokens
         if self.extra_tokens is not None:
             extra = self.extra_tokens.to(x.dtype).expand(x.shape[0], -1, -1)
             x = torch.cat([extra, x], dim=1)  # (N, E + V, D)
             if padding_mask is not None:
-                padding_mask = nn.functional.pad(padding_mask, (self.num_extra_tokens, 0))
-        attn = attention_mask(padding_mask, None, x.dtype)
+                padding_mask = nn.functional.pad(padding_mask, (E, 0))
+        bias = self.attention_bias(positions, local.shape[1], x.device)
+        if bias is not None and E > 0:
+            bias = nn.functional.pad(bias, (E, 0, E, 0))  # extra tokens get no bias
+        attn = attention_mask(padding_mask, bias, x.dtype)
         x = self.context_encoder(x, attn)
         return Context(x=x, padding_mask=padding_mask, attn_mask=attn)
+
+    def position_and_select(
+        self, local: Tensor, padding_mask: Tensor | None, mask: MaskInfo | None
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Add positions and keep the visible tokens.
+
+        Returns:
+            ``x: (N, V, D)``, its padding mask, and the original positions of its tokens
+            ``(N, V)`` (None when nothing was dropped: positions are ``0..T-1``).
+        """
+        x = self.add_positions(local)
+        if mask is None:
+            return x, padding_mask, None
+        kept, kept_pad = self._keep_visible(x, padding_mask, mask)
+        return kept, kept_pad, mask.ids_keep
+
+    def attention_bias(
+        self, positions: Tensor | None, length: int, device: torch.device
+    ) -> Tensor | None:
+        """Additive attention bias ``(N | 1, H, V, V)`` for tokens at ``positions`` (None: none)."""
+        return None
 
     @staticmethod
     def _keep_visible(

@@ -10,7 +10,7 @@ One training step::
     loss    = L2(pred[mask], targets[mask]) / √D, averaged over masked tokens (+ CLS loss)
 
 ``forward`` composes named stages; the engine does backward, the optimizer step and then
-``model.teacher.update(model.encoder, step)``.
+``model.update_teacher(step)``.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data2vec.config import LossConfig, MaskConfig, TargetConfig
+from data2vec.config import Config
 from data2vec.masking import MaskInfo
 from data2vec.models.encoder import Encoder, EncoderOutput
 from data2vec.targets import build_targets, per_dim_std, regression_loss
@@ -34,7 +35,7 @@ class PretrainOutput:
     Attributes:
         loss: scalar to back-propagate: the mean over masked tokens of the summed,
             scaled regression error, plus the weighted CLS loss.
-        sample_size: number of masked tokens (the loss normalizer).
+        sample_size: number of masked tokens in the loss (the normalizer).
         logs: detached scalars to log (``target_std`` and ``pred_std`` are always present).
     """
 
@@ -57,44 +58,45 @@ class Data2Vec2(nn.Module):
     Args:
         encoder: the student encoder.
         decoder: maps ``(N, T, D)`` (masked slots filled) to predictions (see ``ConvDecoder``).
-        mask_cfg: clones and the masked-slot noise.
-        target_cfg: top-K and normalizations.
-        loss_cfg: loss kind, scale and CLS weight.
         teacher: the EMA teacher of ``encoder``.
+        cfg: the run config (``mask``, ``target``, ``loss``, ``decoder``, ``ema.scope`` and
+            ``model.exact_padding`` are read).
     """
 
     def __init__(
-        self,
-        encoder: Encoder,
-        decoder: nn.Module,
-        mask_cfg: MaskConfig,
-        target_cfg: TargetConfig,
-        loss_cfg: LossConfig,
-        teacher: EMATeacher,
-        scope: str = "all",
+        self, encoder: Encoder, decoder: nn.Module, teacher: EMATeacher, cfg: Config
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
-        self.clones = mask_cfg.clones
-        self.noise_std = mask_cfg.noise_std
-        self.target_cfg = target_cfg
-        self.loss_cfg = loss_cfg
-        self.scope = scope
+        self.clones = cfg.mask.clones
+        self.noise_std = cfg.mask.noise_std
+        self.decoder_input_dropout = cfg.decoder.input_dropout
+        self.target_cfg = cfg.target
+        self.loss_cfg = cfg.loss
+        self.scope = cfg.ema.scope
+        self.exact_padding = cfg.model.exact_padding
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see EMATeacher
-        if loss_cfg.cls_weight > 0 and encoder.num_extra_tokens == 0:
+        if cfg.loss.cls_weight > 0 and encoder.num_extra_tokens == 0:
             raise ValueError("loss.cls_weight > 0 needs an extra (CLS) token in the encoder")
 
     # ---------------------------------------------------------------- stages
 
     @torch.no_grad()
-    def forward_targets(self, source: Tensor, local: Tensor, padding_mask: Tensor | None) -> Tensor:
+    def forward_targets(
+        self,
+        source: Tensor,
+        source_padding: Tensor | None,
+        local: Tensor,
+        padding_mask: Tensor | None,
+    ) -> Tensor:
         """Teacher targets on the unmasked input, once per sample.
 
         Args:
             source: the raw batch (used when the teacher owns its local encoder).
+            source_padding: ``(B, S)`` padding of ``source``, or None.
             local: ``(B, T, D)`` student local features (used when it does not).
-            padding_mask: ``(B, T)`` bool or None.
+            padding_mask: ``(B, T)`` padding of ``local``, True = padding, or None.
 
         Returns:
             ``(B, T, D)`` float32 targets (extra tokens removed).
@@ -102,7 +104,7 @@ class Data2Vec2(nn.Module):
         teacher: Encoder = self.teacher.model  # type: ignore[assignment]
         self.teacher.follow_device(local)
         if self.scope == "all":
-            t_local, pad = teacher.modality.embed(source, padding_mask)
+            t_local, pad = teacher.modality.embed(source, source_padding)
             ctx = teacher.modality.contextualize(t_local, pad)
         elif self.scope == "context":
             ctx = teacher.modality.contextualize(local.detach(), padding_mask)
@@ -111,8 +113,13 @@ class Data2Vec2(nn.Module):
         out = teacher.forward_blocks(ctx, keep_layers=True)
         E = out.num_extra_tokens
         layers = [r[:, E:] for r in out.layer_results]
+        stats_pad = padding_mask if self.exact_padding else None
         return build_targets(
-            layers, self.target_cfg.top_k, self.target_cfg.layer_norm, self.target_cfg.final_norm
+            layers,
+            self.target_cfg.top_k,
+            self.target_cfg.layer_norm,
+            self.target_cfg.final_norm,
+            padding_mask=stats_pad,
         )
 
     def forward_student(
@@ -136,7 +143,7 @@ class Data2Vec2(nn.Module):
         Returns:
             ``(N, T, D)``.
         """
-        visible = student.tokens  # (N, V, D)
+        visible = F.dropout(student.tokens, self.decoder_input_dropout, self.training)  # (N, V, D)
         N, V, D = visible.shape
         T = mask.mask.shape[1]
         if noise is None:
@@ -148,22 +155,25 @@ class Data2Vec2(nn.Module):
         return full
 
     def forward_loss(
-        self, pred: Tensor, targets: Tensor, student: EncoderOutput, mask: MaskInfo
+        self,
+        pred: Tensor,
+        targets: Tensor,
+        student: EncoderOutput,
+        loss_mask: Tensor,
     ) -> PretrainOutput:
-        """Loss over masked positions only.
+        """Loss over the masked (non-padded) positions only.
 
         Args:
-            pred: ``(num_masked, D)`` decoder predictions, row-major over ``mask``.
+            pred: ``(num_loss, D)`` decoder predictions, row-major over ``loss_mask``.
             targets: ``(B, T, D)`` un-cloned teacher targets.
             student: the student's output (its first token is the CLS prediction).
-            mask: ``(B·M, T)`` masks.
+            loss_mask: ``(B·M, T)`` bool: masked and not padding.
         """
-        N = mask.mask.shape[0]
-        B = targets.shape[0]
-        rows, cols = mask.mask.nonzero(as_tuple=True)
+        N, B = loss_mask.shape[0], targets.shape[0]
+        rows, cols = loss_mask.nonzero(as_tuple=True)
         # Clone row n belongs to sample n // M: index targets instead of repeating them M times.
-        y = targets[rows.div(N // B, rounding_mode="floor"), cols]  # (num_masked, D)
-        sample_size = int(rows.numel())
+        y = targets[rows.div(N // B, rounding_mode="floor"), cols]  # (num_loss, D)
+        sample_size = max(int(rows.numel()), 1)
         reg = regression_loss(pred, y, self.loss_cfg.beta, self.loss_cfg.scale)
         loss = reg / sample_size
         logs = {"loss_regression": reg.detach() / sample_size}
@@ -178,7 +188,7 @@ class Data2Vec2(nn.Module):
             logs["loss_cls"] = cls.detach()
         logs["target_std"] = per_dim_std(y)
         logs["pred_std"] = per_dim_std(pred.detach())
-        logs["masked_fraction"] = torch.tensor(sample_size / mask.mask.numel())
+        logs["masked_fraction"] = torch.tensor(rows.numel() / loss_mask.numel())
         return PretrainOutput(loss=loss, sample_size=sample_size, logs=logs)
 
     # ---------------------------------------------------------------- composition
@@ -193,9 +203,9 @@ class Data2Vec2(nn.Module):
         """One pretraining forward pass.
 
         Args:
-            source: the batch (images ``(B, C, H, W)``).
+            source: the batch (images ``(B, C, H, W)``, waveforms ``(B, S)``).
             mask: ``(B·M, T)`` bool, True = masked, sample-major (row ``b·M + c``).
-            padding_mask: ``(B, S)`` bool or None.
+            padding_mask: ``(B, S)`` input padding, True = padding, or None.
             noise: optional fixed mask-token values (see :meth:`decoder_input`).
         """
         info = MaskInfo.from_mask(mask.to(source.device))
@@ -205,10 +215,17 @@ class Data2Vec2(nn.Module):
                 f"{source.shape[0] * self.clones} mask rows, got {info.mask.shape[0]}"
             )
         local, pad = self.encoder.modality.embed(source, padding_mask)
-        targets = self.forward_targets(source, local, pad)
+        targets = self.forward_targets(source, padding_mask, local, pad)
         student = self.forward_student(local, pad, info)
-        pred = self.decoder(self.decoder_input(student, info, noise), info.mask)
-        return self.forward_loss(pred, targets, student, info)
+        # Padded frames never count in the loss nor reach the decoder's valid outputs (fairseq,
+        # exact_padding=False, lets masked padding into the loss).
+        loss_mask, dec_pad = info.mask, None
+        if pad is not None and self.exact_padding:
+            dec_pad = pad.repeat_interleave(self.clones, dim=0)  # (N, T)
+            loss_mask = info.mask & ~dec_pad
+        full = self.decoder_input(student, info, noise)
+        pred = self.decoder(full, loss_mask, dec_pad)
+        return self.forward_loss(pred, targets, student, loss_mask)
 
     def update_teacher(self, step: int) -> float:
         """EMA step after ``step`` optimizer updates; returns the decay used."""

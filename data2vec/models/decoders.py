@@ -88,26 +88,36 @@ class ConvDecoder(nn.Module):
             if isinstance(m, nn.Linear):
                 m.reset_parameters()
 
-    def forward_features(self, x: Tensor) -> Tensor:
-        """Conv stack. ``x: (N, T, D)`` -> ``(N, T, dim)``."""
+    def forward_features(self, x: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Conv stack. ``x: (N, T, D)`` -> ``(N, T, dim)``.
+
+        ``padding_mask: (N, T)`` (1-D only): padded positions are zeroed before every conv, so
+        they cannot leak into valid positions.
+        """
         N, T, D = x.shape
         h = x.transpose(1, 2)  # (N, D, T)
         if self.grid is not None:
             h = h.reshape(N, D, *self.grid)  # (N, D, H, W), row-major patches
+        keep = None if padding_mask is None else (~padding_mask).unsqueeze(1).to(h.dtype)
         for layer in self.blocks:
+            if keep is not None:
+                h = h * keep
             out = layer(h)
             h = out + h if self.residual and out.shape[1] == h.shape[1] else out
         return h.reshape(N, h.shape[1], T).transpose(1, 2)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, mask: Tensor | None = None, padding_mask: Tensor | None = None
+    ) -> Tensor:
         """Decode.
 
         Args:
             x: ``(N, T, D)`` encoder output with masked slots filled.
             mask: ``(N, T)`` bool; when given, only the masked positions are projected.
+            padding_mask: ``(N, T)`` bool, True = padding (see :meth:`forward_features`).
 
         Returns:
             ``(N, T, D)``; with ``mask``, ``(num_masked, D)`` rows in row-major mask order.
         """
-        h = self.forward_features(x)
+        h = self.forward_features(x, padding_mask)
         return self.proj(h if mask is None else h[mask])

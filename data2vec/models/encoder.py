@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 
 from data2vec.masking import MaskInfo
@@ -47,11 +48,18 @@ class Encoder(nn.Module):
         norm: final norm (``nn.Identity`` for post-LN blocks, whose output is already normed).
     """
 
-    def __init__(self, modality: ModalityEncoder, blocks: nn.ModuleList, norm: nn.Module) -> None:
+    def __init__(
+        self,
+        modality: ModalityEncoder,
+        blocks: nn.ModuleList,
+        norm: nn.Module,
+        layerdrop: float = 0.0,
+    ) -> None:
         super().__init__()
         self.modality = modality
         self.blocks = blocks
         self.norm = norm
+        self.layerdrop = layerdrop
 
     @property
     def embed_dim(self) -> int:
@@ -67,7 +75,11 @@ class Encoder(nn.Module):
         out = EncoderOutput(
             x=x, padding_mask=ctx.padding_mask, num_extra_tokens=self.num_extra_tokens
         )
+        drop = self.training and self.layerdrop > 0 and not keep_layers
         for block in self.blocks:
+            # LayerDrop (Fan et al. 2019): skip a whole block for the batch during training.
+            if drop and float(torch.rand(())) < self.layerdrop:
+                continue
             x, ffn = block(x, ctx.attn_mask)
             if keep_layers:
                 out.layer_results.append(ffn)

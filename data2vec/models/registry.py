@@ -12,6 +12,7 @@ import numpy as np
 from torch import nn
 
 from data2vec.config import Config
+from data2vec.modalities.audio import AudioEncoder
 from data2vec.modalities.base import ModalityEncoder
 from data2vec.modalities.image import ImageEncoder
 from data2vec.models.data2vec2 import EXCLUDED_BY_SCOPE, Data2Vec2
@@ -19,8 +20,6 @@ from data2vec.models.encoder import Encoder
 from data2vec.nn.block import PostLNBlock
 from data2vec.nn.init import init_bert_params
 from data2vec.teacher import EMATeacher
-
-MODALITIES: dict[str, type[ModalityEncoder]] = {"image": ImageEncoder}
 
 
 def _block_factory(cfg: Config) -> Callable[[float], nn.Module]:
@@ -43,16 +42,35 @@ def _block_factory(cfg: Config) -> Callable[[float], nn.Module]:
     return make
 
 
+def build_modality(cfg: Config, make_block: Callable[[], nn.Module]) -> ModalityEncoder:
+    """The modality encoder named by ``cfg.model.modality``."""
+    m = cfg.model
+    norm = partial(nn.LayerNorm, eps=m.norm_eps)
+    if m.modality == "image":
+        return ImageEncoder(cfg.encoder, m.embed_dim, make_block, norm)  # type: ignore[arg-type]
+    if m.modality == "audio":
+        return AudioEncoder(
+            cfg.encoder,  # type: ignore[arg-type]
+            m.embed_dim,
+            m.num_heads,
+            make_block,
+            norm,
+            exact_padding=m.exact_padding,
+        )
+    raise NotImplementedError(f"model.modality={m.modality!r}")
+
+
 def build_encoder(cfg: Config) -> Encoder:
     """The student encoder, initialized as data2vec 2.0 (DESIGN §3)."""
     make_block = _block_factory(cfg)
-    norm = partial(nn.LayerNorm, eps=cfg.model.norm_eps)
-    modality_cls = MODALITIES[cfg.model.modality]
-    modality = modality_cls(cfg.encoder, cfg.model.embed_dim, lambda: make_block(0.0), norm)
+    modality = build_modality(cfg, lambda: make_block(0.0))
     rates = np.linspace(0.0, cfg.model.drop_path, cfg.model.depth)
     blocks = nn.ModuleList(make_block(float(r)) for r in rates)
-    encoder = Encoder(modality, blocks, nn.Identity())
+    encoder = Encoder(modality, blocks, nn.Identity(), layerdrop=cfg.model.layerdrop)
     encoder.apply(init_bert_params)
+    reset = getattr(modality, "reset_parameters", None)
+    if callable(reset):
+        reset()  # modality-specific parts that keep a different init
     return encoder
 
 
@@ -71,4 +89,4 @@ def build_model(cfg: Config) -> Data2Vec2:
         cfg.ema.anneal_steps,
         exclude=EXCLUDED_BY_SCOPE[cfg.ema.scope],
     )
-    return Data2Vec2(encoder, decoder, cfg.mask, cfg.target, cfg.loss, teacher, scope=cfg.ema.scope)
+    return Data2Vec2(encoder, decoder, teacher, cfg)

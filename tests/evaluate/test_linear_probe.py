@@ -14,7 +14,6 @@ from sklearn.preprocessing import StandardScaler
 
 from data2vec.evaluate.linear_probe import (
     DEFAULT_BATCH_SIZE,
-    DEFAULT_EPOCHS,
     DEFAULT_LRS,
     DEFAULT_WEIGHT_DECAYS,
     ProbeResult,
@@ -84,7 +83,7 @@ def test_reported_accuracy_is_the_chosen_setting_retrained_on_all_training_data(
     full_x, test_x = standardize(x_tr.float(), x_te.float())
     head = train_linear_heads(
         full_x, y_tr, 10, [digits_probe.lr], [digits_probe.weight_decay],
-        epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH_SIZE, seed=0,
+        epochs=digits_probe.epochs, batch_size=DEFAULT_BATCH_SIZE, seed=0,
     )  # fmt: skip
     assert head_accuracies(head, test_x, y_te)[0] == digits_probe.accuracy
 
@@ -218,3 +217,17 @@ def test_too_small_for_a_validation_split_raises() -> None:
     x, y = torch.randn(4, 2), torch.tensor([0, 0, 1, 1])
     with pytest.raises(ValueError, match="holds out no example"):
         linear_probe(x, y, x, y, val_fraction=0.1)
+
+
+def test_small_sets_get_enough_sgd_steps() -> None:
+    # 300 rows at batch 1024 is one batch per epoch: 30 epochs would be 30 steps.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 16, generator=g)
+    y = (x[:, 0] > 0).long()
+    r = linear_probe(x[:300], y[:300], x[300:], y[300:], lrs=(0.1,), weight_decays=(0.0,))
+    assert r.epochs >= 1000  # ceil(270 / 1024) = 1 batch per epoch -> 1000 epochs
+    assert r.accuracy > 0.95
+    quick = linear_probe(
+        x[:300], y[:300], x[300:], y[300:], lrs=(0.1,), weight_decays=(0.0,), min_steps=0
+    )
+    assert quick.epochs == 30
