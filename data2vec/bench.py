@@ -25,7 +25,7 @@ from data2vec.data.batch import PretrainBatch
 from data2vec.data.image_pretrain import ImageMaskGenerator
 from data2vec.engine.runtime import check_precision, configure_threads, resolve_device
 from data2vec.engine.trainer import new_state, train_step
-from data2vec.masking import make_rng
+from data2vec.masking import make_rng, random_mask
 from data2vec.models.registry import build_model
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -79,9 +79,23 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _synthetic_batch(cfg: Config, batch: int, seconds: float = 2.0) -> PretrainBatch:
+def _synthetic_batch(
+    cfg: Config, batch: int, seconds: float = 2.0, seq_len: int = 128
+) -> PretrainBatch:
     """Random input of the configured modality with masks drawn as the data loader would."""
     rng = make_rng(cfg.train.seed, 0)
+    if cfg.model.modality == "text":
+        vocab = cfg.encoder.vocab_size  # type: ignore[union-attr]
+        # ids 0-4 are the special tokens: <s> ... </s> around random ordinary tokens, no padding
+        tokens = rng.integers(5, vocab, (batch, seq_len))
+        tokens[:, 0], tokens[:, -1] = 0, 2
+        rows = [
+            random_mask(seq_len, cfg.mask.clones, cfg.mask.ratio, make_rng(cfg.train.seed, i))
+            for i in range(batch)
+        ]
+        return PretrainBatch(
+            torch.from_numpy(tokens), torch.from_numpy(np.concatenate(rows)), torch.arange(batch)
+        )
     if cfg.model.modality == "audio":
         from data2vec.data.audio_pretrain import _frames, audio_masks
 
@@ -102,7 +116,12 @@ def _synthetic_batch(cfg: Config, batch: int, seconds: float = 2.0) -> PretrainB
 
 
 def time_steps(
-    cfg: Config, steps: int, warmup: int = 1, count_flops: bool = True, seconds: float = 2.0
+    cfg: Config,
+    steps: int,
+    warmup: int = 1,
+    count_flops: bool = True,
+    seconds: float = 2.0,
+    seq_len: int = 128,
 ) -> dict[str, Any]:
     """Time ``steps`` training steps of ``cfg`` on synthetic data after ``warmup`` untimed ones.
 
@@ -115,7 +134,7 @@ def time_steps(
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg).to(device)
     state = new_state(model, cfg, device)
-    data = _synthetic_batch(cfg, cfg.data.batch_size, seconds)
+    data = _synthetic_batch(cfg, cfg.data.batch_size, seconds, seq_len)
     for _ in range(warmup):
         train_step(state, data, cfg, device)
     flops = None
@@ -143,10 +162,12 @@ def bench(
     image_size: int | None = None,
     overrides: list[str] | None = None,
     seconds: float = 2.0,
+    seq_len: int = 128,
 ) -> dict[str, Any]:
     """Time ``steps`` training steps after ``warmup`` untimed ones; return the JSON record.
 
-    ``image_size`` applies to image presets, ``seconds`` (clip length) to audio presets.
+    ``image_size`` applies to image presets, ``seconds`` (clip length) to audio presets and
+    ``seq_len`` (tokens per sequence) to text presets.
     """
     extra = [*(overrides or []), f"train.precision={precision}"]
     if batch is not None:
@@ -154,7 +175,7 @@ def bench(
     if image_size is not None:
         extra.append(f"encoder.image_size={image_size}")
     cfg = load_config(preset, extra)
-    run = time_steps(cfg, steps, warmup, seconds=seconds)
+    run = time_steps(cfg, steps, warmup, seconds=seconds, seq_len=seq_len)
     times, flops, device = run["times"], run["flops"], run["device"]
     step_time = statistics.median(times)
     peak = matmul_peak_flops(_DTYPES[precision], device)
@@ -163,7 +184,7 @@ def bench(
         "preset": cfg.preset,
         "batch": cfg.data.batch_size,
         "clones": cfg.mask.clones,
-        "input": _describe_input(cfg, seconds),
+        "input": _describe_input(cfg, seconds, seq_len),
         "precision": precision,
         "steps": steps,
         "step_time_s": step_time,
@@ -185,9 +206,11 @@ def bench(
     }
 
 
-def _describe_input(cfg: Config, seconds: float) -> str:
+def _describe_input(cfg: Config, seconds: float, seq_len: int) -> str:
     if cfg.model.modality == "audio":
         return f"{seconds:g} s at 16 kHz"
+    if cfg.model.modality == "text":
+        return f"{seq_len} tokens"
     return f"{cfg.encoder.image_size} px"  # type: ignore[union-attr]
 
 

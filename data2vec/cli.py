@@ -92,6 +92,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--image-size", type=int, help="image presets: input size in px")
     p.add_argument("--seconds", type=float, default=2.0, help="audio presets: clip length")
+    p.add_argument("--seq-len", type=int, default=128, help="text presets: tokens per sequence")
     p.add_argument("--json", action="store_true")
     _add_overrides(p)
 
@@ -108,19 +109,31 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--variants", type=int, default=3, help="clips per voice and word")
     q.add_argument("--overwrite", action="store_true")
 
+    q = data_sub.add_parser(
+        "train-tokenizer",
+        help="train a byte-level BPE tokenizer on text (.txt/.jsonl/.tsv or a folder)",
+    )
+    q.add_argument("--data", required=True, help="the corpus")
+    q.add_argument("--out", required=True, type=Path, help="folder (or .json file) to write")
+    q.add_argument("--vocab-size", type=int, default=50_000)
+    q.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair")
+
     p = sub.add_parser("demo", help="pretrain a tiny model and compare probes")
     p.add_argument(
         "--modality",
-        choices=["image", "audio"],
+        choices=["image", "audio", "text"],
         default="image",
-        help="image: Fashion-MNIST; audio: synthesized spoken words + CTC",
+        help="image: Fashion-MNIST; audio: synthesized spoken words + CTC; text: WordNet glosses",
     )
-    p.add_argument("--minutes", type=float, help="pretraining budget (image 7, audio 5)")
-    p.add_argument("--out", type=Path, help="output folder (default demo_out or demo_audio)")
+    p.add_argument("--minutes", type=float, help="pretraining budget (image 7, audio 5, text 5)")
+    p.add_argument(
+        "--out", type=Path, help="output folder (default demo_out, demo_audio or demo_text)"
+    )
     p.add_argument(
         "--data",
         help="image: fashion-mnist (default) or a folder with train/ and "
-        "test/; audio: synthetic-speech (default) or such a folder",
+        "test/; audio: synthetic-speech (default) or such a folder; text: wordnet (default) "
+        "or a folder with corpus.txt, train.tsv and test.tsv",
     )
     _add_overrides(p)
     return parser

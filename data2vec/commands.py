@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from data2vec.errors import UserError
@@ -86,8 +87,16 @@ def evaluate_features(train, test, probe: str, k: int = 20, seed: int = 0) -> di
     for name, f in (("train", train), ("test", test)):
         if (f.labels < 0).any():
             raise UserError(f"the {name} set has unlabelled samples; probes need labels")
+    test_labels = test.labels
+    if train.classes and test.classes and list(train.classes) != list(test.classes):
+        # Label ids index each set's own sorted class list: match them by class name.
+        index = {c: i for i, c in enumerate(train.classes)}
+        unknown = sorted(set(test.classes) - set(index))
+        if unknown:
+            raise UserError(f"test classes {unknown} do not occur in the training set")
+        test_labels = np.array([index[c] for c in test.classes], dtype=np.int64)[test.labels]
     tx, ty = torch.from_numpy(train.features), torch.from_numpy(train.labels)
-    vx, vy = torch.from_numpy(test.features), torch.from_numpy(test.labels)
+    vx, vy = torch.from_numpy(test.features), torch.from_numpy(test_labels)
     if probe == "linear":
         res = linear_probe(tx, ty, vx, vy, seed=seed).to_dict()
     else:
@@ -134,6 +143,7 @@ def run_bench(args: argparse.Namespace) -> int | dict[str, Any]:
         image_size=args.image_size,
         overrides=list(args.overrides),
         seconds=args.seconds,
+        seq_len=args.seq_len,
     )
     if args.json:
         return result
@@ -152,13 +162,27 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
             variants=args.variants,
             overwrite=args.overwrite,
         )
+    if args.data_command == "train-tokenizer":
+        from data2vec.data.skips import SkipLog
+        from data2vec.data.text import TextStats, iter_documents
+        from data2vec.data.tokenizer import TextTokenizer
+
+        skips, stats = SkipLog(), TextStats()
+        docs = iter_documents(args.data, skips, stats)
+        tokenizer = TextTokenizer.train(docs, args.vocab_size, args.min_frequency)
+        path = tokenizer.save(args.out)
+        return {"tokenizer": str(path), "vocab_size": tokenizer.vocab_size, **stats.as_dict()}
     raise UserError(f"unknown data command {args.data_command!r}")
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from data2vec.demo import run_demo as demo
 
-    defaults = {"image": (7.0, "demo_out", "fashion-mnist"), "audio": (5.0, "demo_audio", None)}
+    defaults = {
+        "image": (7.0, "demo_out", "fashion-mnist"),
+        "audio": (5.0, "demo_audio", None),
+        "text": (5.0, "demo_text", None),
+    }
     minutes, out, data = defaults[args.modality]
     demo(
         out=Path(args.out or out),

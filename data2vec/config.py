@@ -31,7 +31,7 @@ class ModelConfig:
 
     SECTION: ClassVar[str] = "model"
 
-    modality: Literal["image", "audio"] = "image"
+    modality: Literal["image", "audio", "text"] = "image"
     algorithm: Literal["v2"] = "v2"
     embed_dim: int = 768
     depth: int = 10  # shared blocks (ViT-B/16 in data2vec 2.0: 2 prenet + 10 shared = 12)
@@ -117,6 +117,36 @@ class AudioEncoderConfig:
     @property
     def pos_conv_kernel(self) -> int:
         return max(3, self.pos_conv_width // self.pos_conv_layers)
+
+
+@dataclass
+class TextEncoderConfig:
+    """Text modality encoder: token embedding + learned positions + LayerNorm + dropout.
+
+    Token ids follow the fairseq/RoBERTa convention of the tokenizer (``<s>`` 0, ``<pad>`` 1,
+    ``</s>`` 2, ``<unk>`` 3, ``<mask>`` 4). ``vocab_size`` is the size the BPE tokenizer is
+    trained to (a small corpus may give fewer; the trained tokenizer's size is what the model
+    uses).
+    """
+
+    SECTION: ClassVar[str] = "encoder"
+
+    vocab_size: int = 50_000
+    max_positions: int = 512
+    pad_id: int = 1
+    dropout: float = 0.1  # after the embedding LayerNorm (fairseq D2vTextConfig.dropout)
+    layernorm_embedding: bool = True
+    prenet_depth: int = 0
+    prenet_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "vocab_size", "max_positions")
+        _non_negative(self, "pad_id", "prenet_depth")
+        _fraction(self, "dropout", "prenet_dropout")
+        if self.pad_id >= self.vocab_size:
+            raise ConfigError(
+                f"encoder.pad_id={self.pad_id} must be < encoder.vocab_size={self.vocab_size}"
+            )
 
 
 @dataclass
@@ -257,9 +287,15 @@ class DataConfig:
     max_samples: int = 320_000
     min_samples: int = 32_000
     normalize: bool = True  # zero mean, unit variance per utterance (wav2vec 2.0 / data2vec)
+    # text: tokens per packed block, and an existing tokenizer (None = train a byte-level BPE
+    # tokenizer of encoder.vocab_size on the pretraining corpus)
+    block_size: int = 512
+    tokenizer: str | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "max_samples", "min_samples")
+        if self.block_size < 3:
+            raise ConfigError(f"data.block_size={self.block_size} must be >= 3 (<s> x </s>)")
         if self.min_samples > self.max_samples:
             raise ConfigError(
                 f"data.min_samples={self.min_samples} exceeds data.max_samples={self.max_samples}"
@@ -305,7 +341,11 @@ class TrainConfig:
             raise ConfigError(f"train.threads={self.threads} must be >= 1 or null")
 
 
-ENCODER_CONFIGS: dict[str, type] = {"image": ImageEncoderConfig, "audio": AudioEncoderConfig}
+ENCODER_CONFIGS: dict[str, type] = {
+    "image": ImageEncoderConfig,
+    "audio": AudioEncoderConfig,
+    "text": TextEncoderConfig,
+}
 
 
 @dataclass
@@ -314,7 +354,9 @@ class Config:
 
     preset: str = "image-v2-base"
     model: ModelConfig = field(default_factory=ModelConfig)
-    encoder: ImageEncoderConfig | AudioEncoderConfig = field(default_factory=ImageEncoderConfig)
+    encoder: ImageEncoderConfig | AudioEncoderConfig | TextEncoderConfig = field(
+        default_factory=ImageEncoderConfig
+    )
     mask: MaskConfig = field(default_factory=MaskConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
@@ -329,6 +371,12 @@ class Config:
             raise ConfigError(
                 f"target.top_k={self.target.top_k} exceeds model.depth={self.model.depth} "
                 "(only shared blocks give targets)"
+            )
+        enc = self.encoder
+        if isinstance(enc, TextEncoderConfig) and self.data.block_size > enc.max_positions:
+            raise ConfigError(
+                f"data.block_size={self.data.block_size} exceeds "
+                f"encoder.max_positions={enc.max_positions}"
             )
 
     def to_dict(self) -> dict[str, Any]:

@@ -9,6 +9,8 @@ test splits with the pretrained encoder and with the *identical* randomly initia
 - image: Fashion-MNIST (Debian ``dataset-fashion-mnist``), baseline raw pixels.
 - audio: spoken words synthesized with espeak-ng and flite (voice-disjoint split), baseline
   MFCC statistics + logistic regression, plus a short CTC fine-tune reporting CER/WER.
+- text: WordNet 3.0 glosses (Debian ``wordnet-base``), 26-way noun category of a gloss,
+  baseline TF-IDF + logistic regression.
 """
 
 from __future__ import annotations
@@ -134,7 +136,7 @@ def _table(results: dict[str, dict[str, Any]]) -> str:
 
 
 def _fit_schedule(
-    cfg: Config, minutes: float, overrides: list[str], seconds: float = 2.0
+    cfg: Config, minutes: float, overrides: list[str], seconds: float = 2.0, seq_len: int = 128
 ) -> Config:
     """Set ``train.max_steps`` so the cosine schedule ends when the time budget does.
 
@@ -148,7 +150,8 @@ def _fit_schedule(
 
     # The fastest of a few steps after warm-up: the first steps of a process are slower than
     # the steady state (a 7-minute budget measured by the median ended 10 % early).
-    step = min(time_steps(cfg, steps=5, warmup=3, count_flops=False, seconds=seconds)["times"])
+    run = time_steps(cfg, steps=5, warmup=3, count_flops=False, seconds=seconds, seq_len=seq_len)
+    step = min(run["times"])
     steps = max(1, int(minutes * 60 / step))
     log.info("measured %.3f s/step: scheduling %d steps for %g minutes", step, steps, minutes)
     return load_config(
@@ -165,8 +168,11 @@ class Recipe:
         train, test: data specs of the two splits (labelled).
         open_source: ``open_source(spec, skips) -> source``.
         baseline_name: the classical baseline's row in the table.
-        baseline: ``baseline(source, cfg, skips) -> Features``.
+        baseline: ``baseline(source, cfg, skips) -> Features``, applied to each split; or, with
+            ``fit_baseline=True``, ``baseline(train, test, cfg, skips) -> (Features, Features)``
+            (a baseline fitted on the training split, like TF-IDF).
         clip_seconds: typical input length (audio), for fitting the schedule to the budget.
+        seq_len: tokens per block (text), for the same.
         extra: optional final step ``extra(run_dir, out) -> dict`` (added to the results).
         pretrain: the pretraining data when it is not ``train`` (labels are never used).
     """
@@ -180,6 +186,8 @@ class Recipe:
     clip_seconds: float = 2.0
     extra: Callable[[Path, Path], dict[str, Any]] | None = None
     pretrain: str | None = None
+    fit_baseline: bool = False
+    seq_len: int = 128
 
 
 def image_recipe(data: str) -> Recipe:
@@ -208,11 +216,15 @@ def run_demo(
         from data2vec.demo_audio import audio_recipe
 
         recipe = audio_recipe(data, out, minutes)
+    elif modality == "text":
+        from data2vec.demo_text import text_recipe
+
+        recipe = text_recipe(data, out)
     else:
         recipe = image_recipe(data)
     overrides = overrides or []
     cfg = load_config(recipe.preset, [f"train.max_minutes={minutes}", *overrides])
-    cfg = _fit_schedule(cfg, minutes, overrides, recipe.clip_seconds)
+    cfg = _fit_schedule(cfg, minutes, overrides, recipe.clip_seconds, recipe.seq_len)
     run_dir, random_dir = out / "pretrain", out / "random_init"
     for d in (run_dir, random_dir):
         if list_checkpoints(d):
@@ -220,7 +232,10 @@ def run_demo(
     data = recipe.pretrain or recipe.train
     print(f"[1/4] pretraining {recipe.preset} with data2vec 2.0 on {data} for {minutes:g} min")
     result = pretrain(cfg, data, run_dir)
-    pretrain(load_config(recipe.preset, ["train.max_steps=0", *overrides]), data, random_dir)
+    random_overrides = ["train.max_steps=0", *overrides]
+    if (run_dir / "tokenizer.json").is_file():  # text: the identical tokenizer and vocabulary
+        random_overrides.append(f"data.tokenizer={run_dir / 'tokenizer.json'}")
+    pretrain(load_config(recipe.preset, random_overrides), data, random_dir)
 
     print("[2/4] embedding the train and test splits")
     skips = SkipLog()
@@ -234,9 +249,12 @@ def run_demo(
         feats[name] = tuple(
             embed_source(encoder, enc_cfg, src, skips) for src in (train_src, test_src)
         )
-    feats[recipe.baseline_name] = tuple(
-        recipe.baseline(src, cfg, skips) for src in (train_src, test_src)
-    )
+    if recipe.fit_baseline:
+        feats[recipe.baseline_name] = recipe.baseline(train_src, test_src, cfg, skips)
+    else:
+        feats[recipe.baseline_name] = tuple(
+            recipe.baseline(src, cfg, skips) for src in (train_src, test_src)
+        )
 
     print("[3/4] linear probe and kNN")
     results: dict[str, dict[str, Any]] = {}

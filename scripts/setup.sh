@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 # Debian packages: the image demo's data (Fashion-MNIST), the speech synthesizers that build
-# the spoken-word corpus, and real read speech (pocketsphinx test data) for the tests.
-DEBS="dataset-fashion-mnist espeak-ng flite sox pocketsphinx-testdata"
+# the spoken-word corpus, real read speech (pocketsphinx test data) for the tests, and WordNet
+# 3.0 (glosses for the text demo).
+DEBS="dataset-fashion-mnist espeak-ng flite sox pocketsphinx-testdata wordnet-base"
 missing=""
 for pkg in $DEBS; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"

@@ -21,4 +21,5 @@ def export_model(out: str | Path, cfg: Config, model: Data2Vec2) -> Path:
     teacher = {k: v.contiguous() for k, v in model.teacher.state_dict().items()}
     save_file(teacher, str(out / ckpt.TEACHER_FILE))
     cfg.save(out / ckpt.CONFIG_FILE)
+    ckpt.save_assets(model.encoder, out)
     return out

@@ -1,6 +1,6 @@
 """Import fairseq data2vec checkpoints.
 
-So far: data2vec 2.0 (``data2vec_multi``) image and audio models, student, decoder and EMA
+So far: data2vec 2.0 (``data2vec_multi``) image, audio and text models, student, decoder and EMA
 teacher. Files are read with ``torch.load(weights_only=True)``: no code from the file runs
 (fairseq checkpoints hold only dicts, lists, tensors and primitives).
 """
@@ -61,10 +61,10 @@ def import_v2(path: str | Path) -> tuple[Config, Data2Vec2]:
     if modality not in fairseq_v2.MODALITIES:
         raise UserError(f"{path}: modality {modality!r} is not supported yet")
     make_config, make_maps = fairseq_v2.MODALITIES[modality]
-    cfg = make_config(ckpt["cfg"])
+    state = dict(ckpt["model"])
+    cfg = make_config(ckpt["cfg"], state)
     enc_map, dec_map = make_maps(cfg)
     model = build_model(cfg)
-    state = dict(ckpt["model"])
     ema = state.pop("_ema", None)
     prefix = f"modality_encoders.{modality}.decoder."
     dec_keys = {k for k in state if k.startswith(prefix)}
@@ -75,7 +75,7 @@ def import_v2(path: str | Path) -> tuple[Config, Data2Vec2]:
     model.encoder.load_state_dict(_float32(enc), strict=True)
     model.decoder.load_state_dict(_float32(dec), strict=True)
     if ema is not None:
-        teacher = _fix_shapes(rename(ema, enc_map))
+        teacher = _fix_shapes(rename(ema, fairseq_v2.teacher_map(modality, enc_map)))
         check_complete(teacher, model.teacher.model.state_dict(), "EMA teacher")
         model.teacher.load_state_dict(_float32(teacher))
     return cfg, model

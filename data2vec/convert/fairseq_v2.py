@@ -1,7 +1,7 @@
 """fairseq ``data2vec_multi`` (data2vec 2.0) checkpoints: config translation and key maps.
 
 Key names on the fairseq side come from ``examples/data2vec/models/data2vec2.py`` and
-``models/modalities/{base,images,audio}.py`` at fairseq 3d262bb; the fixtures in
+``models/modalities/{base,images,audio,text}.py`` at fairseq 3d262bb; the fixtures in
 ``tests/fixtures/fairseq`` pin them.
 """
 
@@ -92,7 +92,7 @@ def _common(m: dict[str, Any], mod: dict[str, Any], modality: str) -> dict[str, 
     }  # fmt: skip
 
 
-def image_config(fs: dict[str, Any]) -> Config:
+def image_config(fs: dict[str, Any], state: dict[str, Any]) -> Config:
     m = fs["model"]
     img = m["modalities"]["image"]
     for key in ("transformer_decoder", "use_alibi_encoder"):
@@ -123,7 +123,7 @@ def _cnn_channels(spec: str) -> int:
     return dims.pop()
 
 
-def audio_config(fs: dict[str, Any]) -> Config:
+def audio_config(fs: dict[str, Any], state: dict[str, Any]) -> Config:
     m = fs["model"]
     aud = m["modalities"]["audio"]
     _flag(aud, "learned_alibi_scale_per_layer", False, "model.modalities.audio")
@@ -138,6 +138,33 @@ def audio_config(fs: dict[str, Any]) -> Config:
         "prenet_dropout": aud["prenet_dropout"], "alibi": aud["use_alibi_encoder"],
         "alibi_scale": float(aud["alibi_scale"]),
     }  # fmt: skip
+    return config_from_dict(raw)
+
+
+def text_config(fs: dict[str, Any], state: dict[str, Any]) -> Config:
+    """The vocabulary size is read off the checkpoint's token embedding (the dictionary's)."""
+    embed = state.get("modality_encoders.TEXT.local_encoder.embed_tokens.weight")
+    if embed is None:
+        raise UserError("no token embedding (local_encoder.embed_tokens) in the text checkpoint")
+    vocab_size = int(embed.shape[0])
+    m = fs["model"]
+    txt = m["modalities"]["text"]
+    for key, value in [
+        ("learned_pos", True),
+        ("no_scale_embedding", True),
+        ("no_token_positional_embeddings", False),
+        ("use_alibi_encoder", False),
+    ]:
+        _flag(txt, key, value, "model.modalities.text")
+    raw = _common(m, txt, "text")
+    raw["encoder"] = {
+        "vocab_size": vocab_size, "max_positions": txt["max_source_positions"],
+        "pad_id": 1,  # fairseq Dictionary: <s>=0 <pad>=1 </s>=2 <unk>=3
+        "dropout": txt["dropout"], "layernorm_embedding": txt["layernorm_embedding"],
+        "prenet_depth": txt["prenet_depth"], "prenet_dropout": txt["prenet_dropout"],
+    }  # fmt: skip
+    block = fs.get("task", {}).get("tokens_per_sample", txt["max_source_positions"])
+    raw["data"] = {"block_size": min(int(block), int(txt["max_source_positions"]))}
     return config_from_dict(raw)
 
 
@@ -186,6 +213,28 @@ def audio_maps(cfg: Config) -> tuple[KeyMap, KeyMap]:
     return enc, _decoder_map(m)
 
 
+def text_maps(cfg: Config) -> tuple[KeyMap, KeyMap]:
+    m = "modality_encoders.TEXT."
+    le = "modality.local_encoder."
+    enc: KeyMap = [
+        (m + "local_encoder.embed_tokens.weight", le + "embed_tokens.weight"),
+        (m + "local_encoder.embed_positions.weight", le + "embed_positions.weight"),
+        (m + "local_encoder.layernorm_embedding.weight", le + "layernorm_embedding.weight"),
+        (m + "local_encoder.layernorm_embedding.bias", le + "layernorm_embedding.bias"),
+        (m + "context_encoder.norm.weight", "modality.context_encoder.norm.weight"),
+        (m + "context_encoder.norm.bias", "modality.context_encoder.norm.bias"),
+        *blocks_map(m + "context_encoder.blocks.", "modality.context_encoder.blocks."),
+        *blocks_map("blocks.", "blocks."),
+    ]
+    return enc, _decoder_map(m)
+
+
+def teacher_map(modality: str, enc: KeyMap) -> KeyMap:
+    """fairseq's EMA keys: the student's names, except for a text teacher of the blocks only
+    (``ema_encoder_only``), whose keys are the block list's own (``0.attn.qkv.weight``)."""
+    return blocks_map("", "blocks.") if modality == "TEXT" else enc
+
+
 def _decoder_map(m: str) -> KeyMap:
     d = m + "decoder."
     return [
@@ -193,10 +242,13 @@ def _decoder_map(m: str) -> KeyMap:
         (d + "blocks.{}.0.bias", "blocks.{}.0.bias"),
         (d + "proj.weight", "proj.weight"),
         (d + "proj.bias", "proj.bias"),
+        (d + "proj.{}.weight", "proj.{}.weight"),  # a multi-layer projection (text)
+        (d + "proj.{}.bias", "proj.{}.bias"),
     ]
 
 
 MODALITIES = {
     "IMAGE": (image_config, image_maps),
     "AUDIO": (audio_config, audio_maps),
+    "TEXT": (text_config, text_maps),
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset, Sampler
 
@@ -18,16 +19,24 @@ class PretrainData:
     """A pretraining dataset, its collate function and its batch sampler factory.
 
     ``make_sampler(start_batch)`` returns the endless batch sampler positioned at a batch.
+    ``tokenizer`` (text) travels with the model into every checkpoint.
     """
 
     dataset: Dataset
     collate: Callable
     make_sampler: Callable[[int], Sampler]
     size: int
+    tokenizer: Any = None
 
 
-def build_pretrain_data(cfg: Config, spec: str | Path, skips: SkipLog) -> PretrainData:
-    """The pretraining data for ``cfg.model.modality``."""
+def build_pretrain_data(
+    cfg: Config, spec: str | Path, skips: SkipLog, work_dir: Path | None = None
+) -> PretrainData:
+    """The pretraining data for ``cfg.model.modality``.
+
+    ``work_dir`` (the run directory) keeps what is derived from the data once per run: for
+    text, the tokenizer and the tokenized corpus (which also set ``cfg.encoder.vocab_size``).
+    """
     B, seed = cfg.data.batch_size, cfg.train.seed
     if cfg.model.modality == "image":
         from data2vec.data.image_pretrain import PretrainImages, collate_pretrain
@@ -51,4 +60,10 @@ def build_pretrain_data(cfg: Config, spec: str | Path, skips: SkipLog) -> Pretra
             lambda start: BucketedBatchSampler(audio.lengths, audio.indices, B, seed, start),
             len(audio.indices),
         )
+    if cfg.model.modality == "text":
+        from data2vec.data.text_corpus import prepare_text
+
+        if work_dir is None:
+            raise ValueError("text pretraining data needs a work_dir for its tokenized corpus")
+        return prepare_text(cfg, spec, skips, work_dir)
     raise NotImplementedError(f"no pretraining data for modality {cfg.model.modality!r}")

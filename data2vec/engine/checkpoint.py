@@ -8,8 +8,10 @@ so a crash never leaves a half-written checkpoint that looks complete)::
         teacher.safetensors   EMA teacher (fp32)
         trainer_state.pt      optimizer, step, RNG states, data position, counters
         config.yaml           the resolved config
+        tokenizer.json        text models: the tokenizer the model was trained with
 
-The same directory is also a *model directory*: ``config.yaml`` + ``model.safetensors``.
+The same directory is also a *model directory*: ``config.yaml`` + ``model.safetensors``
+(+ ``tokenizer.json`` for text).
 """
 
 from __future__ import annotations
@@ -35,6 +37,31 @@ MODEL_FILE = "model.safetensors"
 TEACHER_FILE = "teacher.safetensors"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.yaml"
+
+
+def save_assets(encoder: Any, directory: Path) -> None:
+    """Write what must travel with an encoder's weights: a text encoder's tokenizer.
+
+    An encoder carries its tokenizer as the plain attribute ``tokenizer`` (set by pretraining
+    and by :func:`attach_assets`), so every writer of a model directory keeps them together.
+    """
+    tokenizer = getattr(encoder, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save(Path(directory))  # -> directory/tokenizer.json
+
+
+def attach_assets(encoder: Any, model_dir: Path, cfg: Config) -> None:
+    """Attach the assets of ``model_dir`` to ``encoder`` (text: its tokenizer, required)."""
+    if cfg.model.modality != "text":
+        return
+    from data2vec.data.tokenizer import TOKENIZER_FILE, TextTokenizer
+
+    path = Path(model_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise UserError(
+            f"{model_dir} holds a text model without its {TOKENIZER_FILE}: cannot tokenize input"
+        )
+    encoder.tokenizer = TextTokenizer.load(path)
 
 
 def rng_state() -> dict[str, Any]:
@@ -79,8 +106,12 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config: Config,
     keep: int,
+    encoder: Any = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically and keep only the newest ``keep``."""
+    """Write checkpoint ``step`` atomically and keep only the newest ``keep``.
+
+    ``encoder``: the student encoder, whose assets (a tokenizer) are saved alongside.
+    """
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -93,6 +124,7 @@ def save_checkpoint(
         save_file(_contiguous(teacher_state), str(tmp / TEACHER_FILE), metadata={"step": str(step)})
     torch.save(trainer_state, tmp / STATE_FILE)
     config.save(tmp / CONFIG_FILE)
+    save_assets(encoder, tmp)
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

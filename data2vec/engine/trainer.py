@@ -167,6 +167,7 @@ def save(state: TrainState, run_dir: Path, cfg: Config, skips: SkipLog) -> Path:
         trainer_state,
         cfg,
         cfg.train.keep_checkpoints,
+        encoder=state.model.encoder,
     )
 
 
@@ -242,10 +243,12 @@ def pretrain(
     threads = configure_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     skips = SkipLog()
-    pretrain_data = build_pretrain_data(cfg, data, skips)
+    pretrain_data = build_pretrain_data(cfg, data, skips, run_dir)
     cfg.save(run_dir / "config.yaml")
     skips.write(run_dir / "skipped.tsv")
     model = build_model(cfg).to(device)
+    # After build_model, so the EMA teacher's deep copy does not duplicate it.
+    model.encoder.tokenizer = pretrain_data.tokenizer
     state = new_state(model, cfg, device)
     if resume:
         path = restore(state, run_dir)
@@ -366,7 +369,7 @@ def _loop(
                 bar.set_postfix(
                     loss=f"{result.loss:.4f}",
                     lr=f"{result.lr:.2e}",
-                    img_s=f"{record['samples_per_s']:.1f}",
+                    samples_s=f"{record['samples_per_s']:.1f}",
                 )
                 last_log, samples = now, 0
             reason = _collapsed(cfg, state.step, result.logs)

@@ -87,6 +87,7 @@ def load_encoder(path: str | Path, weights: Weights = "student") -> tuple[Config
     if missing:  # a teacher that does not own every module shares them with the student
         student = load_file(str(model_dir / ckpt.MODEL_FILE))
         encoder.load_state_dict({k: student[f"encoder.{k}"] for k in missing}, strict=False)
+    ckpt.attach_assets(encoder, model_dir, cfg)
     return cfg, encoder.eval()
 
 
@@ -226,7 +227,11 @@ def open_source(modality: str, data: str | Path, skips: SkipLog | None = None):
         return open_image_source(data, skips)
     if modality == "audio":
         return open_audio_source(data, skips)
-    raise UserError(f"embedding {modality} data is not available yet")
+    if modality == "text":
+        from data2vec.evaluate.text import open_text_source
+
+        return open_text_source(data, skips)
+    raise UserError(f"embedding {modality} data is not available")
 
 
 def embed_source(
@@ -235,6 +240,10 @@ def embed_source(
     """Embed a source with the function of the encoder's modality."""
     if cfg.model.modality == "audio":
         return embed_audio(encoder, cfg, source, skips, **kwargs)
+    if cfg.model.modality == "text":
+        from data2vec.evaluate.text import embed_text
+
+        return embed_text(encoder, cfg, source, **kwargs)
     return embed_images(encoder, cfg, source, skips, **kwargs)
 
 

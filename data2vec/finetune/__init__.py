@@ -1,7 +1,8 @@
 """Supervised fine-tuning of pretrained encoders (DESIGN §5).
 
 The trainer, heads, CTC and metrics are modality-agnostic; each modality contributes a dataset
-module (``image.py`` today) that turns its data into :class:`SupervisedBatch` objects.
+module (``image.py``, ``audio.py``, ``text.py``) that turns its data into
+:class:`SupervisedBatch` objects.
 :func:`run_finetune` is the entry point of ``data2vec finetune``.
 """
 
@@ -31,10 +32,8 @@ CLI_TASKS: tuple[str, ...] = (
     "ctc",
     "text-classification",
 )
-AVAILABLE_TASKS: tuple[str, ...] = ("image-classification", "audio-classification", "ctc")
 
 __all__ = [
-    "AVAILABLE_TASKS",
     "CLI_TASKS",
     "CTCHead",
     "CharVocab",
@@ -85,20 +84,19 @@ def run_finetune(
         "final_metrics", "skipped_inputs", "skipped_steps", "stopped"}``.
 
     Raises:
-        UserError: unknown or not yet available task, bad override, unusable data or checkpoint.
+        UserError: unknown task, bad override, unusable data or checkpoint.
     """
     if task not in CLI_TASKS:
         raise UserError(f"unknown task {task!r}; choose one of {', '.join(CLI_TASKS)}")
-    if task not in AVAILABLE_TASKS:
-        raise UserError(
-            f"fine-tuning task {task!r} is not available yet "
-            f"(available: {', '.join(AVAILABLE_TASKS)})"
-        )
     cfg = FineTuneConfig.from_overrides(overrides)
     if task == "image-classification":
         from data2vec.finetune.image import finetune_images
 
         result = finetune_images(checkpoint, train, valid, out, cfg)
+    elif task == "text-classification":
+        from data2vec.finetune.text import finetune_text
+
+        result = finetune_text(checkpoint, train, valid, out, cfg)
     else:
         from data2vec.finetune.audio import finetune_audio
 

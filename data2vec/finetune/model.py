@@ -209,6 +209,7 @@ def save_finetuned(
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / ckpt.MODEL_FILE))
     encoder_config.save(tmp / ckpt.CONFIG_FILE)
+    ckpt.save_assets(model.encoder, tmp)
     meta = {"task": model.task, "head": model.head.spec(), **info}
     (tmp / FINETUNE_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     for f in tmp.iterdir():
@@ -276,6 +277,7 @@ def load_finetuned(path: str | Path, encoder: nn.Module | None = None) -> Finetu
     config = ckpt.load_config_file(model_dir)
     if encoder is None:
         encoder = build_encoder(config)
+        ckpt.attach_assets(encoder, model_dir, config)
     head = build_head(info["head"], encoder.embed_dim)
     model = FineTuneModel(encoder, head, info["task"])
     state = load_file(str(model_dir / ckpt.MODEL_FILE))

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from data2vec.config import AudioEncoderConfig, DecoderConfig
 from data2vec.masking import MaskInfo
 from data2vec.modalities.base import ContextEncoder, ModalityEncoder
-from data2vec.models.decoders import ChannelLayerNorm, ConvDecoder
+from data2vec.models.decoders import ChannelLayerNorm, ConvDecoder, build_conv_decoder
 
 # wav2vec 2.0 feature encoder: (kernel, stride) per layer; 5*2^6 = 320 samples per frame.
 CNN_LAYERS: tuple[tuple[int, int], ...] = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
@@ -215,14 +215,4 @@ class AudioEncoder(ModalityEncoder):
         return int(frame_lengths(torch.tensor([num_samples]))[0])
 
     def make_decoder(self, cfg: DecoderConfig) -> ConvDecoder:
-        return ConvDecoder(
-            self.embed_dim,
-            cfg.dim,
-            cfg.layers,
-            cfg.kernel,
-            cfg.groups,
-            grid=None,
-            residual=cfg.residual,
-            projection_layers=cfg.projection_layers,
-            projection_ratio=cfg.projection_ratio,
-        )
+        return build_conv_decoder(self.embed_dim, cfg)

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from data2vec.config import DecoderConfig, ImageEncoderConfig
 from data2vec.modalities.base import ContextEncoder, ModalityEncoder
-from data2vec.models.decoders import ConvDecoder
+from data2vec.models.decoders import ConvDecoder, build_conv_decoder
 from data2vec.nn.positions import sincos_2d
 
 
@@ -76,14 +76,4 @@ class ImageEncoder(ModalityEncoder):
         return self.grid[0] * self.grid[1]
 
     def make_decoder(self, cfg: DecoderConfig) -> ConvDecoder:
-        return ConvDecoder(
-            self.embed_dim,
-            cfg.dim,
-            cfg.layers,
-            cfg.kernel,
-            cfg.groups,
-            grid=self.grid,
-            residual=cfg.residual,
-            projection_layers=cfg.projection_layers,
-            projection_ratio=cfg.projection_ratio,
-        )
+        return build_conv_decoder(self.embed_dim, cfg, grid=self.grid)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data2vec.config import DecoderConfig
+
 
 class ChannelLayerNorm(nn.Module):
     """LayerNorm over dim 1 of ``(N, C, *spatial)`` without affine parameters (eps 1e-5)."""
@@ -121,3 +123,20 @@ class ConvDecoder(nn.Module):
         """
         h = self.forward_features(x, padding_mask)
         return self.proj(h if mask is None else h[mask])
+
+
+def build_conv_decoder(
+    in_dim: int, cfg: DecoderConfig, grid: tuple[int, int] | None = None
+) -> ConvDecoder:
+    """The decoder a :class:`DecoderConfig` describes, 2-D on ``grid`` or 1-D without it."""
+    return ConvDecoder(
+        in_dim,
+        cfg.dim,
+        cfg.layers,
+        cfg.kernel,
+        cfg.groups,
+        grid=grid,
+        residual=cfg.residual,
+        projection_layers=cfg.projection_layers,
+        projection_ratio=cfg.projection_ratio,
+    )

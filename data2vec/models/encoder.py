@@ -7,6 +7,7 @@ It is the same code for every modality; only ``self.modality`` differs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,11 +43,16 @@ class EncoderOutput:
 class Encoder(nn.Module):
     """``modality -> blocks -> norm``.
 
+    A text encoder also carries the tokenizer it was trained with in ``tokenizer`` (a plain
+    attribute, not a module: it is saved beside the weights as ``tokenizer.json``).
+
     Args:
         modality: the modality encoder (local encoder, positions, extra tokens, prenet).
         blocks: the shared blocks; each maps ``(x, attn_mask)`` to ``(x, ffn_out)``.
         norm: final norm (``nn.Identity`` for post-LN blocks, whose output is already normed).
     """
+
+    tokenizer: Any = None
 
     def __init__(
         self,
@@ -60,14 +66,9 @@ class Encoder(nn.Module):
         self.blocks = blocks
         self.norm = norm
         self.layerdrop = layerdrop
-
-    @property
-    def embed_dim(self) -> int:
-        return self.modality.embed_dim
-
-    @property
-    def num_extra_tokens(self) -> int:
-        return self.modality.num_extra_tokens
+        # Plain attributes, so a teacher that owns only the blocks (modality=None) keeps them.
+        self.embed_dim: int = modality.embed_dim
+        self.num_extra_tokens: int = modality.num_extra_tokens
 
     def forward_blocks(self, ctx: Context, keep_layers: bool = False) -> EncoderOutput:
         """Run the shared blocks on a prepared context ``ctx.x: (N, T, D)``."""

@@ -15,6 +15,7 @@ from data2vec.config import Config
 from data2vec.modalities.audio import AudioEncoder
 from data2vec.modalities.base import ModalityEncoder
 from data2vec.modalities.image import ImageEncoder
+from data2vec.modalities.text import TextEncoder
 from data2vec.models.data2vec2 import EXCLUDED_BY_SCOPE, Data2Vec2
 from data2vec.models.encoder import Encoder
 from data2vec.nn.block import PostLNBlock
@@ -57,6 +58,8 @@ def build_modality(cfg: Config, make_block: Callable[[], nn.Module]) -> Modality
             norm,
             exact_padding=m.exact_padding,
         )
+    if m.modality == "text":
+        return TextEncoder(cfg.encoder, m.embed_dim, make_block, norm)  # type: ignore[arg-type]
     raise NotImplementedError(f"model.modality={m.modality!r}")
 
 

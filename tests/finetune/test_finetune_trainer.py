@@ -183,12 +183,6 @@ def test_image_classification__same_seed_same_run_whatever_the_workers(
     assert runs[0]["best_metrics"] == runs[1]["best_metrics"]
 
 
-@pytest.mark.parametrize("task", ["text-classification"])
-def test_run_finetune__other_tasks_are_not_available_yet(task: str, tmp_path) -> None:
-    with pytest.raises(UserError, match="not available yet"):
-        ft.run_finetune(task, tmp_path, tmp_path, tmp_path, tmp_path / "out", [])
-
-
 def test_run_finetune__unknown_task(tmp_path) -> None:
     with pytest.raises(UserError, match="unknown task"):
         ft.run_finetune("segmentation", tmp_path, tmp_path, tmp_path, tmp_path / "out", [])
