@@ -31,13 +31,23 @@ def _sentence(rng, topic: list[str], n: int) -> str:
     return " ".join(rng.choice(topic + FILLER) for _ in range(n))
 
 
+def text_corpus(root, n_docs: int = 300):
+    """A .txt corpus of topical documents of 4-40 words."""
+    rng = np.random.default_rng(0)
+    docs = [
+        _sentence(rng, [ANIMALS, COLOURS][i % 2], int(rng.integers(4, 40))) for i in range(n_docs)
+    ]
+    path = root / "corpus.txt"
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="module")
 def text_data(tmp_path_factory):
     """A corpus of topical documents and a labelled, trivially separable split."""
     root = tmp_path_factory.mktemp("text")
-    rng = np.random.default_rng(0)
-    docs = [_sentence(rng, [ANIMALS, COLOURS][i % 2], int(rng.integers(4, 40))) for i in range(300)]
-    (root / "corpus.txt").write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    text_corpus(root)
+    rng = np.random.default_rng(1)
     for name, n in (("train", 120), ("test", 60)):
         lines = ["text\tlabel"]
         for i in range(n):

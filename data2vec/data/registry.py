@@ -18,13 +18,14 @@ from data2vec.data.skips import SkipLog
 class PretrainData:
     """A pretraining dataset, its collate function and its batch sampler factory.
 
-    ``make_sampler(start_batch)`` returns the endless batch sampler positioned at a batch.
+    ``make_sampler(start_batch, rank, world_size)`` returns the endless batch sampler of a rank
+    positioned at a batch.
     ``tokenizer`` (text) travels with the model into every checkpoint.
     """
 
     dataset: Dataset
     collate: Callable
-    make_sampler: Callable[[int], Sampler]
+    make_sampler: Callable[..., Sampler]
     size: int
     tokenizer: Any = None
 
@@ -46,7 +47,9 @@ def build_pretrain_data(
         return PretrainData(
             images,
             collate_pretrain,
-            lambda start: StreamBatchSampler(len(images), B, seed, start_batch=start),
+            lambda start, rank=0, world=1: StreamBatchSampler(
+                len(images), B, seed, start_batch=start, rank=rank, world_size=world
+            ),
             len(images),
         )
     if cfg.model.modality == "audio":
@@ -57,7 +60,9 @@ def build_pretrain_data(
         return PretrainData(
             audio,
             collate_pretrain_audio,
-            lambda start: BucketedBatchSampler(audio.lengths, audio.indices, B, seed, start),
+            lambda start, rank=0, world=1: BucketedBatchSampler(
+                audio.lengths, audio.indices, B, seed, start, rank=rank, world_size=world
+            ),
             len(audio.indices),
         )
     if cfg.model.modality == "text":

@@ -118,7 +118,9 @@ def prepare_text(cfg: Config, spec: str | Path, skips: SkipLog, work_dir: Path) 
     return PretrainData(
         dataset,
         partial(collate_pretrain_text, block_size=T, pad_id=tokenizer.pad_id),
-        lambda start: StreamBatchSampler(len(blocks), B, cfg.train.seed, start_batch=start),
+        lambda start, rank=0, world=1: StreamBatchSampler(
+            len(blocks), B, cfg.train.seed, start_batch=start, rank=rank, world_size=world
+        ),
         len(blocks),
         tokenizer=tokenizer,
     )

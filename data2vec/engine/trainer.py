@@ -27,6 +27,8 @@ from data2vec.data.batch import PretrainBatch
 from data2vec.data.registry import PretrainData, build_pretrain_data
 from data2vec.data.skips import SkipLog
 from data2vec.engine import checkpoint as ckpt
+from data2vec.engine import distributed
+from data2vec.engine.distributed import DistInfo
 from data2vec.engine.metrics import MetricsWriter
 from data2vec.engine.optim import build_optimizer
 from data2vec.engine.runtime import (
@@ -57,6 +59,13 @@ class TrainState:
     nonfinite_in_a_row: int = 0
     # fp16 only: dynamic loss scaling (bf16 and fp32 have fp32's exponent range and need none).
     scaler: torch.amp.GradScaler | None = None
+    # What runs the forward pass: the model, or its DistributedDataParallel wrapper.
+    forward_module: torch.nn.Module | None = None
+    dist: DistInfo = field(default_factory=DistInfo)
+
+    @property
+    def runner(self) -> torch.nn.Module:
+        return self.forward_module if self.forward_module is not None else self.model
 
 
 @dataclass
@@ -99,7 +108,7 @@ def train_step(
     model.train()
     with autocast(device, cfg.train.precision):
         pad = batch.padding_mask
-        out = model(
+        out = state.runner(
             batch.source.to(device, non_blocking=True),
             batch.mask.to(device, non_blocking=True),
             None if pad is None else pad.to(device, non_blocking=True),
@@ -107,7 +116,8 @@ def train_step(
     loss = out.loss
     loss_value = float(loss.detach())
     logs = {k: float(v) for k, v in out.logs.items()}
-    if not math.isfinite(loss_value):
+    # Every rank must skip together, or the others would wait in DDP's gradient all-reduce.
+    if distributed.any_rank(not math.isfinite(loss_value), device):
         return _skip_step(state, loss_value, lr, logs)
     scaler = state.scaler
     if scaler is not None:
@@ -210,11 +220,14 @@ def _collapsed(cfg: Config, step: int, logs: dict[str, float]) -> str | None:
     return None
 
 
-def make_loader(data: PretrainData, cfg: Config, start_batch: int) -> DataLoader:
+def make_loader(
+    data: PretrainData, cfg: Config, start_batch: int, info: DistInfo | None = None
+) -> DataLoader:
+    info = info or DistInfo()
     workers = cfg.data.num_workers
     return DataLoader(
         data.dataset,
-        batch_sampler=data.make_sampler(start_batch),
+        batch_sampler=data.make_sampler(start_batch, info.rank, info.world_size),
         collate_fn=data.collate,
         num_workers=workers,
         persistent_workers=workers > 0,
@@ -231,6 +244,8 @@ def pretrain(
     """Pretrain ``cfg`` on ``data``, writing everything into ``out_dir``.
 
     ``cfg.train.max_steps == 0`` writes the freshly initialized model (the random-init baseline).
+    Under ``torchrun`` every rank trains on its own slice of each global batch (the batch size
+    is per rank); rank 0 writes the run directory.
     """
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -240,32 +255,61 @@ def pretrain(
         )
     device = resolve_device(cfg.train.device)
     check_precision(device, cfg.train.precision)
+    info = distributed.init_distributed(device)
+    device = distributed.local_device(device, info)
+    try:
+        return _pretrain(cfg, data, run_dir, resume, device, info)
+    finally:
+        distributed.shutdown()
+
+
+def _pretrain(
+    cfg: Config, data: str | Path, run_dir: Path, resume: bool, device: torch.device, info: DistInfo
+) -> TrainResult:
     threads = configure_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     skips = SkipLog()
+    # Rank 0 derives what the data needs once (text: tokenizer, token store); the others wait
+    # and then read it.
+    if not info.is_main:
+        distributed.barrier()
     pretrain_data = build_pretrain_data(cfg, data, skips, run_dir)
-    cfg.save(run_dir / "config.yaml")
-    skips.write(run_dir / "skipped.tsv")
+    if info.is_main:
+        cfg.save(run_dir / "config.yaml")
+        skips.write(run_dir / "skipped.tsv")
+        distributed.barrier()
     model = build_model(cfg).to(device)
     # After build_model, so the EMA teacher's deep copy does not duplicate it.
     model.encoder.tokenizer = pretrain_data.tokenizer
     state = new_state(model, cfg, device)
+    state.dist = info
     if resume:
         path = restore(state, run_dir)
         log.info("resumed from %s at step %d", path or "(no checkpoint)", state.step)
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        state.forward_module = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            # LayerDrop leaves whole blocks without gradient in some steps.
+            find_unused_parameters=cfg.model.layerdrop > 0,
+        )
+        # Dropout and mask-token noise differ per rank (the model itself starts identical).
+        torch.manual_seed(cfg.train.seed + 1000 * (info.rank + 1) + state.step)
     log.info(
-        "device %s, %d threads, %d samples, %.2fM parameters",
+        "device %s, %d threads, %d samples, %.2fM parameters%s",
         device,
         threads,
         pretrain_data.size,
         sum(p.numel() for p in model.parameters()) / 1e6,
+        f", rank {info.rank} of {info.world_size}" if info.enabled else "",
     )
     if cfg.train.max_steps == 0 or state.step >= cfg.train.max_steps:
-        path = save(state, run_dir, cfg, skips)
+        path = save(state, run_dir, cfg, skips) if info.is_main else None
         return TrainResult(run_dir, state.step, "max_steps", 0.0, path, len(skips))
-    return _loop(
-        state, cfg, run_dir, make_loader(pretrain_data, cfg, state.batches_seen), skips, device
-    )
+    loader = make_loader(pretrain_data, cfg, state.batches_seen, info)
+    return _loop(state, cfg, run_dir, loader, skips, device)
 
 
 @contextlib.contextmanager
@@ -328,11 +372,12 @@ def _loop(
     The last good state is checkpointed on every exit except collapse and non-finite stops,
     where the previous checkpoint is the last good one and is left untouched.
     """
-    writer = MetricsWriter(run_dir, cfg.train.tensorboard)
+    main = state.dist.is_main
+    writer = MetricsWriter(run_dir, cfg.train.tensorboard) if main else None
     bar = tqdm(
         total=cfg.train.max_steps,
         initial=state.step,
-        disable=not cfg.train.progress,
+        disable=not cfg.train.progress or not main,
         desc="pretrain",
         dynamic_ncols=True,
     )
@@ -343,7 +388,8 @@ def _loop(
     with contextlib.ExitStack() as stack:
         requests = stack.enter_context(_stop_requests())
         stack.callback(bar.close)
-        stack.callback(writer.close)
+        if writer is not None:
+            stack.callback(writer.close)
         for batch in loader:
             state.batches_seen += 1
             skips.extend(batch.skipped)
@@ -364,7 +410,8 @@ def _loop(
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 now = time.perf_counter()
                 record = _record(state, result, samples, now - last_log, now - start, skips)
-                writer.log(state.step, record)
+                if writer is not None:
+                    writer.log(state.step, record)
                 history.append({"step": state.step, **record})
                 bar.set_postfix(
                     loss=f"{result.loss:.4f}",
@@ -373,28 +420,35 @@ def _loop(
                 )
                 last_log, samples = now, 0
             reason = _collapsed(cfg, state.step, result.logs)
-            if reason:
+            # One agreed decision per step: a rank that stopped alone would hang the others.
+            collapse, over_budget, interrupted = distributed.agree(
+                [reason is not None, time.perf_counter() - start > budget, requests["stop"]],
+                device,
+            )
+            if collapse:
                 log.error(
                     "representation collapse at step %d: %s; stopping (last checkpoint kept)",
                     state.step,
-                    reason,
+                    reason or "on another rank",
                 )
                 stopped = "collapse"
                 break
-            if state.step % cfg.train.checkpoint_every == 0:
+            if state.step % cfg.train.checkpoint_every == 0 and main:
                 last_ckpt = save(state, run_dir, cfg, skips)
             if state.step >= cfg.train.max_steps:
                 break
-            if time.perf_counter() - start > budget:
+            if over_budget:
                 stopped = "time_budget"
                 break
-            if requests["stop"]:
+            if interrupted:
                 stopped = "interrupted"
                 break
     saved_now = last_ckpt is not None and last_ckpt.name == f"step_{state.step:08d}"
-    if stopped not in ("collapse", "nonfinite") and not saved_now:
+    if stopped not in ("collapse", "nonfinite") and not saved_now and main:
         last_ckpt = save(state, run_dir, cfg, skips)
-    skips.write(run_dir / "skipped.tsv")
+    distributed.barrier()  # no rank leaves (and tears the group down) before rank 0 has saved
+    if main:
+        skips.write(run_dir / "skipped.tsv")
     if len(skips):
         log.warning(
             "%d inputs were skipped (%s); see %s",

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data2vec.config import Config
+from data2vec.engine import distributed
 from data2vec.masking import MaskInfo
 from data2vec.models.encoder import Encoder, EncoderOutput
 from data2vec.targets import build_targets, per_dim_std, regression_loss
@@ -173,10 +174,15 @@ class Data2Vec2(nn.Module):
         rows, cols = loss_mask.nonzero(as_tuple=True)
         # Clone row n belongs to sample n // M: index targets instead of repeating them M times.
         y = targets[rows.div(N // B, rounding_mode="floor"), cols]  # (num_loss, D)
-        sample_size = max(int(rows.numel()), 1)
+        local_size = max(int(rows.numel()), 1)
+        # The loss is a mean over the masked tokens of *all* workers: DDP averages gradients
+        # over W ranks, so each rank scales its sum by W / (global count).
+        world = distributed.world_size()
+        count = torch.tensor(float(rows.numel()), device=pred.device)
+        sample_size = local_size if world == 1 else max(int(distributed.global_sum(count)), 1)
         reg = regression_loss(pred, y, self.loss_cfg.beta, self.loss_cfg.scale)
-        loss = reg / sample_size
-        logs = {"loss_regression": reg.detach() / sample_size}
+        loss = reg / sample_size * world
+        logs = {"loss_regression": reg.detach() / local_size}
         if self.loss_cfg.cls_weight > 0:
             cls_target = targets.mean(dim=1).repeat_interleave(N // B, dim=0)  # (N, D)
             cls_pred = student.x[:, self.encoder.num_extra_tokens - 1]
@@ -184,7 +190,7 @@ class Data2Vec2(nn.Module):
             # fairseq weights the CLS term by cls_loss * sample_size before the trainer divides
             # by sample_size: net effect cls_weight * (sum over the N rows).
             cls = self.loss_cfg.cls_weight * cls
-            loss = loss + cls
+            loss = loss + cls * world  # a sum over the rows of all workers
             logs["loss_cls"] = cls.detach()
         logs["target_std"] = per_dim_std(y)
         logs["pred_std"] = per_dim_std(pred.detach())
