@@ -331,10 +331,13 @@ class TrainConfig:
     min_target_std: float = 0.1
     min_pred_std: float = 0.01
     collapse_after: int | None = None
+    # Steps with a non-finite loss or gradient are skipped and counted; this many in a row stop
+    # the run (the last checkpoint, written before them, is kept).
+    max_nonfinite: int = 20
 
     def __post_init__(self) -> None:
         _non_negative(self, "max_steps", "min_target_std", "min_pred_std")
-        _positive(self, "log_every", "checkpoint_every", "keep_checkpoints")
+        _positive(self, "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"train.max_minutes={self.max_minutes} must be > 0 or null")
         if self.threads is not None and self.threads < 1:

@@ -127,6 +127,32 @@ def test_collapse_guard_stops_without_saving_the_collapsed_state(tmp_path, image
     assert record["target_std"] < 100 and record["pred_std"] > 0
 
 
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, image_folder, monkeypatch):
+    """From the 4th forward pass on the loss is NaN: 3 good steps, then 3 skipped ones, stop."""
+    from data2vec.models.data2vec2 import Data2Vec2
+
+    original = Data2Vec2.forward_loss
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Data2Vec2, "forward_loss", poisoned)
+    run = tmp_path / "run"
+    cfg = tiny_config("train.max_steps=20", "train.checkpoint_every=1", "train.max_nonfinite=3")
+    result = pretrain(cfg, image_folder, run)
+    assert result.stopped == "nonfinite" and result.steps == 3
+    assert calls["n"] == 6  # 3 good + 3 skipped, then the stop
+    assert ckpt.list_checkpoints(run)[-1].name == "step_00000003"
+    model_state, _, trainer_state = ckpt.load_trainer_checkpoint(ckpt.list_checkpoints(run)[-1])
+    assert all(torch.isfinite(v).all() for v in model_state.values())
+    assert trainer_state["skipped_steps"] == 0  # saved before the bad steps
+
+
 def test_bad_files_are_skipped_and_reported(tmp_path):
     data = make_image_folder(tmp_path / "data")
     (data / "class0" / "broken.png").write_bytes(b"\x89PNG not really")

@@ -9,6 +9,7 @@ import pytest
 from data2vec.bench import bench
 from data2vec.cli import main
 from data2vec.config import load_config
+from data2vec.data.text_pretrain import TokenStore
 from data2vec.data.tokenizer import TextTokenizer
 from data2vec.engine.trainer import pretrain
 from data2vec.evaluate.features import embed_path
@@ -169,3 +170,24 @@ def test_cli_bad_text_inputs_give_clear_errors(tmp_path, capsys):
          "--out", str(tmp_path / "run2"), *TINY_TEXT]
     )  # fmt: skip
     assert code == 2
+
+
+def test_pretrain__broken_text_is_counted_and_reported_never_fatal(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_bytes(b"good one two\n\n\xff\xfe broken bytes\n\n   \n\nlast doc\n")
+    (corpus / "b.jsonl").write_text(
+        '{"text": "json doc"}\n{bad json\n{"text": ""}\n{"nope": 1}\n', encoding="utf-8"
+    )
+    (corpus / "empty.txt").write_bytes(b"")
+    run = tmp_path / "run"
+    result = pretrain(load_config("text-v2-tiny", [*TINY_TEXT, "train.max_steps=2"]), corpus, run)
+    assert result.steps == 2
+    skipped = (run / "skipped.tsv").read_text(encoding="utf-8")
+    assert "b.jsonl:2" in skipped and "b.jsonl:4" in skipped
+    store = TokenStore.open(run / "tokens")
+    # every good document kept (the one with bad bytes too, with U+FFFD), nothing else
+    assert store is not None and store.num_documents == 4
+    tok = TextTokenizer.load(run / "tokenizer.json")
+    docs = {tok.decode(store.document(i).tolist()) for i in range(store.num_documents)}
+    assert docs == {"good one two", "\ufffd\ufffd broken bytes", "last doc", "json doc"}

@@ -44,8 +44,6 @@ from data2vec.models.registry import build_model
 
 log = logging.getLogger(__name__)
 
-MAX_NONFINITE_IN_A_ROW = 20
-
 
 @dataclass
 class TrainState:
@@ -397,7 +395,7 @@ def _loop(
                 continue
             result = train_step(state, batch, cfg, device)
             samples += len(batch)
-            if state.nonfinite_in_a_row >= MAX_NONFINITE_IN_A_ROW:
+            if state.nonfinite_in_a_row >= cfg.train.max_nonfinite:
                 log.error(
                     "%d non-finite steps in a row; stopping (last checkpoint kept)",
                     state.nonfinite_in_a_row,
