@@ -77,8 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_feature_args(p)
 
     p = sub.add_parser("convert", help="convert weights between formats")
-    p.add_argument("--from", dest="src_format", choices=["fairseq"], required=True)
-    p.add_argument("--to", dest="dst_format", choices=["ours"], required=True)
+    p.add_argument("--from", dest="src_format", choices=["fairseq", "hf", "ours"], required=True)
+    p.add_argument("--to", dest="dst_format", choices=["ours", "hf"], required=True)
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     p.add_argument("--verify", type=Path, help="fixture .npz with input and reference outputs")

@@ -116,7 +116,27 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_convert(args: argparse.Namespace) -> int | dict[str, Any]:
-    from data2vec.convert.export import export_model
+    from data2vec.convert.export import export_encoder, export_model
+
+    route = (args.src_format, args.dst_format)
+    if route == ("ours", "hf"):
+        from data2vec.convert.hf import export_hf
+
+        export_hf(args.src, args.dst)
+        log.info("wrote %s", args.dst)
+        return 0
+    if route == ("hf", "ours"):
+        from data2vec.convert.hf import import_hf
+
+        cfg, encoder = import_hf(args.src)
+        export_encoder(args.dst, cfg, encoder)
+        log.info("wrote %s", args.dst)
+        return 0
+    if route != ("fairseq", "ours"):
+        raise UserError(
+            f"--from {args.src_format} --to {args.dst_format} is not a conversion; supported: "
+            "fairseq -> ours, hf -> ours, ours -> hf (convert fairseq -> ours first)"
+        )
     from data2vec.convert.fairseq import import_v2, verify_against_fixture
 
     cfg, model = import_v2(args.src)

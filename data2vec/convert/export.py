@@ -1,4 +1,5 @@
-"""Our model directory: ``config.yaml``, ``model.safetensors`` and ``teacher.safetensors``."""
+"""Our model directory: ``config.yaml``, ``model.safetensors`` and ``teacher.safetensors``
+(+ ``tokenizer.json`` for text)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from safetensors.torch import save_file
 from data2vec.config import Config
 from data2vec.engine import checkpoint as ckpt
 from data2vec.models.data2vec2 import Data2Vec2
+from data2vec.models.encoder import Encoder
 
 
 def export_model(out: str | Path, cfg: Config, model: Data2Vec2) -> Path:
@@ -22,4 +24,15 @@ def export_model(out: str | Path, cfg: Config, model: Data2Vec2) -> Path:
     save_file(teacher, str(out / ckpt.TEACHER_FILE))
     cfg.save(out / ckpt.CONFIG_FILE)
     ckpt.save_assets(model.encoder, out)
+    return out
+
+
+def export_encoder(out: str | Path, cfg: Config, encoder: Encoder) -> Path:
+    """Write a model directory holding an encoder only (e.g. imported from Hugging Face)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {f"encoder.{k}": v.contiguous() for k, v in encoder.state_dict().items()}
+    save_file(state, str(out / ckpt.MODEL_FILE))
+    cfg.save(out / ckpt.CONFIG_FILE)
+    ckpt.save_assets(encoder, out)
     return out

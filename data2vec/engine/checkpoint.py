@@ -58,9 +58,10 @@ def attach_assets(encoder: Any, model_dir: Path, cfg: Config) -> None:
 
     path = Path(model_dir) / TOKENIZER_FILE
     if not path.is_file():
-        raise UserError(
-            f"{model_dir} holds a text model without its {TOKENIZER_FILE}: cannot tokenize input"
-        )
+        # Weights imported from elsewhere may come without one: usable on token ids, and
+        # embedding text then fails with a message naming the missing tokenizer.
+        log.warning("%s holds a text model without its %s", model_dir, TOKENIZER_FILE)
+        return
     encoder.tokenizer = TextTokenizer.load(path)
 
 
