@@ -137,9 +137,9 @@ def run_convert(args: argparse.Namespace) -> int | dict[str, Any]:
             f"--from {args.src_format} --to {args.dst_format} is not a conversion; supported: "
             "fairseq -> ours, hf -> ours, ours -> hf (convert fairseq -> ours first)"
         )
-    from data2vec.convert.fairseq import import_v2, verify_against_fixture
+    from data2vec.convert.fairseq import import_fairseq, verify_against_fixture
 
-    cfg, model = import_v2(args.src)
+    cfg, model = import_fairseq(args.src)
     export_model(args.dst, cfg, model)
     log.info("wrote %s", args.dst)
     if args.verify is None:

@@ -32,7 +32,7 @@ class ModelConfig:
     SECTION: ClassVar[str] = "model"
 
     modality: Literal["image", "audio", "text"] = "image"
-    algorithm: Literal["v2"] = "v2"
+    algorithm: Literal["v1", "v2"] = "v2"
     embed_dim: int = 768
     depth: int = 10  # shared blocks (ViT-B/16 in data2vec 2.0: 2 prenet + 10 shared = 12)
     num_heads: int = 12
@@ -108,6 +108,9 @@ class AudioEncoderConfig:
     prenet_dropout: float = 0.1
     alibi: bool = True
     alibi_scale: float = 1.0  # initial per-head scale of the ALiBi bias (learned)
+    # data2vec 1.0 / wav2vec 2.0: padded frames are zeroed before the positional convolution
+    # (2.0 leaves them; with model.exact_padding they never reach valid frames either way)
+    zero_padding: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "cnn_channels", "pos_conv_layers", "pos_conv_width", "pos_conv_groups")
@@ -155,7 +158,9 @@ class MaskConfig:
 
     SECTION: ClassVar[str] = "mask"
 
-    kind: Literal["inverse_block", "block", "random"] = "inverse_block"
+    # inverse_block (2.0 images), block (2.0 speech), random (2.0 text), span (1.0 speech:
+    # ``ratio`` is the span start probability, ``block`` the span length)
+    kind: Literal["inverse_block", "block", "random", "span"] = "inverse_block"
     ratio: float = 0.8
     adjust: float = 0.07  # extra probability compensating for overlapping blocks
     block: int = 3  # side of the 2-D squares (images) or length of the 1-D spans (audio)
@@ -374,6 +379,10 @@ class Config:
             raise ConfigError(
                 f"target.top_k={self.target.top_k} exceeds model.depth={self.model.depth} "
                 "(only shared blocks give targets)"
+            )
+        if self.model.algorithm == "v1" and self.mask.clones != 1:
+            raise ConfigError(
+                f"mask.clones={self.mask.clones}: data2vec 1.0 masks each sample once (clones=1)"
             )
         enc = self.encoder
         if isinstance(enc, TextEncoderConfig) and self.data.block_size > enc.max_positions:

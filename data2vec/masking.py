@@ -124,6 +124,39 @@ def block_mask_1d(
     return _select_exactly(masked, n_mask, rng)
 
 
+def span_mask(
+    length: int,
+    num_rows: int,
+    start_prob: float,
+    rng: np.random.Generator,
+    span: int = 10,
+    min_spans: int = 1,
+) -> np.ndarray:
+    """wav2vec 2.0 / data2vec 1.0 span masking (fairseq ``compute_mask_indices``, "static").
+
+    Each row draws ``int(start_prob * L / span + u)`` (u ~ U[0, 1), at least ``min_spans``)
+    distinct start frames and masks ``span`` frames from each; spans may overlap, so about
+    ``1 - exp(-start_prob)`` of the frames end up masked (~48 % for 0.65).
+
+    Returns:
+        ``(num_rows, length)`` bool, True = masked.
+    """
+    masked = np.zeros((num_rows, length), dtype=bool)
+    if length <= 1:
+        return masked
+    for r in range(num_rows):
+        n = max(min_spans, int(start_prob * length / span + rng.random()))
+        width = span
+        if length - width <= n:  # very short input: fewer start positions than spans
+            width = max(length - n - 1, 1)
+        starts = rng.choice(
+            max(length - width, 1), size=min(n, max(length - width, 1)), replace=False
+        )
+        for s in starts:
+            masked[r, s : s + span] = True
+    return masked
+
+
 def random_mask(
     length: int, num_rows: int, mask_ratio: float, rng: np.random.Generator
 ) -> np.ndarray:

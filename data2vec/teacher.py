@@ -39,6 +39,8 @@ class EMATeacher:
         student: the module to average (e.g. the student :class:`~data2vec.models.encoder.Encoder`).
         decay, end_decay, anneal_steps: the decay schedule.
         exclude: dotted names of submodules the teacher does not own (left ``None`` in the copy).
+        copied: name prefixes of parameters copied from the student at every update instead of
+            averaged (data2vec 1.0 speech: the positional convolution, fairseq ``skip_keys``).
     """
 
     def __init__(
@@ -48,11 +50,13 @@ class EMATeacher:
         end_decay: float,
         anneal_steps: int,
         exclude: Iterable[str] = (),
+        copied: Iterable[str] = (),
     ) -> None:
         self.decay = decay
         self.end_decay = end_decay
         self.anneal_steps = anneal_steps
         self.exclude = tuple(exclude)
+        self.copied = tuple(copied)
         # deepcopy with a memo that maps excluded submodules to None copies everything else once.
         memo: dict[int, object] = {id(student.get_submodule(n)): None for n in self.exclude}
         self.model: nn.Module = copy.deepcopy(student, memo)
@@ -79,7 +83,7 @@ class EMATeacher:
         averaged_t, averaged_s, copied = [], [], []
         for name, t in self.model.named_parameters():
             s = src[name]
-            if s.requires_grad:
+            if s.requires_grad and not name.startswith(self.copied):
                 averaged_t.append(t)
                 averaged_s.append(s.detach().float())
             else:

@@ -1,8 +1,9 @@
 """Import fairseq data2vec checkpoints.
 
-So far: data2vec 2.0 (``data2vec_multi``) image, audio and text models, student, decoder and EMA
-teacher. Files are read with ``torch.load(weights_only=True)``: no code from the file runs
-(fairseq checkpoints hold only dicts, lists, tensors and primitives).
+data2vec 2.0 (``data2vec_multi``) image, audio and text models and data2vec 1.0 speech models
+(``data2vec_audio``): student, decoder or head, and EMA teacher. Files are read with
+``torch.load(weights_only=True)``: no code from the file runs (fairseq checkpoints hold only
+dicts, lists, tensors and primitives).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import torch
 from torch import Tensor
 
 from data2vec.config import Config
-from data2vec.convert import fairseq_v2
+from data2vec.convert import fairseq_v1, fairseq_v2
 from data2vec.convert.keymap import check_complete, rename
 from data2vec.errors import UserError
+from data2vec.models.data2vec1 import Data2Vec1
 from data2vec.models.data2vec2 import Data2Vec2
 from data2vec.models.registry import build_model
 
@@ -51,9 +53,47 @@ def _fix_shapes(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return state
 
 
-def import_v2(path: str | Path) -> tuple[Config, Data2Vec2]:
-    """Load a fairseq data2vec 2.0 checkpoint into a :class:`Data2Vec2` (student + teacher)."""
+def import_fairseq(path: str | Path) -> tuple[Config, Data2Vec2 | Data2Vec1]:
+    """Load a fairseq data2vec checkpoint (2.0 any modality, 1.0 speech) with its teacher."""
     ckpt = load_checkpoint(path)
+    name = ckpt["cfg"].get("model", {}).get("_name")
+    if name == "data2vec_multi":
+        return import_v2(path, ckpt)
+    if name == "data2vec_audio":
+        return import_v1_audio(ckpt)
+    raise UserError(f"{path}: model {name!r} is not supported (data2vec_multi, data2vec_audio are)")
+
+
+def import_v1_audio(ckpt: dict[str, Any]) -> tuple[Config, Data2Vec1]:
+    """A fairseq data2vec 1.0 speech checkpoint as a :class:`Data2Vec1`."""
+    state = dict(ckpt["model"])
+    ema = state.pop("_ema", None)
+    cfg = fairseq_v1.audio_config(ckpt["cfg"], state)
+    model = build_model(cfg)
+    assert isinstance(model, Data2Vec1)
+    enc_map, head_map = fairseq_v1.audio_maps(cfg)
+    state = fairseq_v1.fuse_qkv(state)
+    head_keys = {"mask_emb", "final_proj.weight", "final_proj.bias"}
+    # Our speech encoder has an ALiBi scale even with ALiBi off; fairseq 1.0 has none.
+    alibi = {"modality.alibi_scale": model.encoder.state_dict()["modality.alibi_scale"]}
+    enc = rename({k: v for k, v in state.items() if k not in head_keys}, enc_map) | alibi
+    head = rename({k: state[k] for k in head_keys if k in state}, head_map)
+    check_complete(enc, model.encoder.state_dict(), "student encoder")
+    check_complete(head, model.decoder.state_dict(), "mask embedding and head")
+    model.encoder.load_state_dict(_float32(enc), strict=True)
+    model.decoder.load_state_dict(_float32(head), strict=True)
+    if ema is not None:
+        # The teacher is fairseq's TransformerEncoder: the student's keys without "encoder.".
+        teacher = rename(fairseq_v1.fuse_qkv({f"encoder.{k}": v for k, v in ema.items()}), enc_map)
+        teacher |= alibi
+        check_complete(teacher, model.teacher.model.state_dict(), "EMA teacher")
+        model.teacher.load_state_dict(_float32(teacher))
+    return cfg, model
+
+
+def import_v2(path: str | Path, ckpt: dict[str, Any] | None = None) -> tuple[Config, Data2Vec2]:
+    """Load a fairseq data2vec 2.0 checkpoint into a :class:`Data2Vec2` (student + teacher)."""
+    ckpt = ckpt if ckpt is not None else load_checkpoint(path)
     model_cfg = ckpt["cfg"].get("model", {})
     if model_cfg.get("_name") != "data2vec_multi":
         raise UserError(f"{path}: not a data2vec 2.0 (data2vec_multi) checkpoint")
@@ -81,7 +121,9 @@ def import_v2(path: str | Path) -> tuple[Config, Data2Vec2]:
     return cfg, model
 
 
-def verify_against_fixture(model: Data2Vec2, fixture: str | Path, tolerance: float = 1e-4) -> dict:
+def verify_against_fixture(
+    model: Data2Vec2 | Data2Vec1, fixture: str | Path, tolerance: float = 1e-4
+) -> dict:
     """Compare our model with the reference outputs of a fairseq fixture (``.npz``).
 
     Checks the student's final features and per-block FFN outputs on the stored input and, when
@@ -108,6 +150,10 @@ def verify_against_fixture(model: Data2Vec2, fixture: str | Path, tolerance: flo
             noise = torch.from_numpy(z["decoder_input"])[mask]
             loss = float(model(x, mask, pad, noise=noise).loss)
             ref_loss = float(z["total_loss"]) / float(z["sample_size"])
+            diffs["loss_relative"] = abs(loss - ref_loss) / abs(ref_loss)
+        elif "mask" in z.files and isinstance(model, Data2Vec1):  # 1.0: no noise to inject
+            loss = float(model(x, torch.from_numpy(z["mask"]), pad).loss)
+            ref_loss = float(z["loss"]) / float(z["sample_size"])
             diffs["loss_relative"] = abs(loss - ref_loss) / abs(ref_loss)
     worst = max(v for k, v in diffs.items() if k != "loss_relative")
     ok = worst <= tolerance and diffs.get("loss_relative", 0.0) <= 1e-5  # losses are sums: relative

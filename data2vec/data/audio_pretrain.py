@@ -18,7 +18,7 @@ from data2vec.data.audio import AudioSource, normalize, random_crop
 from data2vec.data.batch import PretrainBatch
 from data2vec.data.skips import SkipError, SkipLog
 from data2vec.errors import ConfigError
-from data2vec.masking import block_mask_1d, make_rng, random_mask
+from data2vec.masking import block_mask_1d, make_rng, random_mask, span_mask
 from data2vec.modalities.audio import frame_lengths
 
 
@@ -32,7 +32,11 @@ def audio_masks(m: MaskConfig, frames: int, rng: np.random.Generator) -> np.ndar
         return block_mask_1d(frames, m.clones, m.ratio, rng, span=m.block, adjust=m.adjust)
     if m.kind == "random":
         return random_mask(frames, m.clones, m.ratio, rng)
-    raise ConfigError(f"mask.kind={m.kind!r} is not available for audio; allowed: block, random")
+    if m.kind == "span":
+        return span_mask(frames, m.clones, m.ratio, rng, span=m.block)
+    raise ConfigError(
+        f"mask.kind={m.kind!r} is not available for audio; allowed: block, random, span"
+    )
 
 
 class PretrainAudio(Dataset):

@@ -151,6 +151,7 @@ class AudioEncoder(ModalityEncoder):
             embed_dim, cfg.pos_conv_layers, cfg.pos_conv_kernel, cfg.pos_conv_groups, exact_padding
         )
         self.alibi = cfg.alibi
+        self.zero_padding = cfg.zero_padding
         self.register_buffer("slopes", torch.tensor(alibi_slopes(num_heads)), persistent=False)
         self.alibi_scale = nn.Parameter(torch.full((num_heads,), cfg.alibi_scale))
         blocks = nn.ModuleList(make_block() for _ in range(cfg.prenet_depth))
@@ -182,6 +183,8 @@ class AudioEncoder(ModalityEncoder):
         As in fairseq, masked frames are zeroed before the positional convolution, so the
         positional features of visible frames depend only on visible content.
         """
+        if self.zero_padding and padding_mask is not None:
+            local = local.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         if mask is None:
             return local + self.pos_conv(local, padding_mask), padding_mask, None
         B, N = local.shape[0], mask.mask.shape[0]

@@ -16,6 +16,7 @@ from data2vec.modalities.audio import AudioEncoder
 from data2vec.modalities.base import ModalityEncoder
 from data2vec.modalities.image import ImageEncoder
 from data2vec.modalities.text import TextEncoder
+from data2vec.models.data2vec1 import Data2Vec1
 from data2vec.models.data2vec2 import EXCLUDED_BY_SCOPE, Data2Vec2
 from data2vec.models.encoder import Encoder
 from data2vec.nn.block import PostLNBlock
@@ -77,10 +78,20 @@ def build_encoder(cfg: Config) -> Encoder:
     return encoder
 
 
-def build_model(cfg: Config) -> Data2Vec2:
-    """The pretraining model (student encoder + decoder + EMA teacher) for ``cfg``."""
-    if cfg.model.algorithm != "v2":
-        raise NotImplementedError(f"model.algorithm={cfg.model.algorithm!r} is not available yet")
+def build_model(cfg: Config) -> Data2Vec2 | Data2Vec1:
+    """The pretraining model (student encoder + decoder/head + EMA teacher) for ``cfg``."""
+    if cfg.model.algorithm == "v1":
+        encoder = build_encoder(cfg)
+        teacher = EMATeacher(
+            encoder,
+            cfg.ema.decay,
+            cfg.ema.end_decay,
+            cfg.ema.anneal_steps,
+            exclude=EXCLUDED_BY_SCOPE[cfg.ema.scope],
+            # fairseq ema_layers_only: the positional convolution is copied, not averaged
+            copied=("modality.pos_conv",),
+        )
+        return Data2Vec1(encoder, teacher, cfg)
     encoder = build_encoder(cfg)
     decoder = encoder.modality.make_decoder(cfg.decoder)
     decoder.apply(init_bert_params)

@@ -1,0 +1,125 @@
+"""The data2vec 1.0 objective (Baevski et al. 2022, "data2vec: A General Framework for
+Self-supervised Learning in Speech, Vision and Language"), speech so far.
+
+One training step::
+
+    local   = student.embed(source)                          (B, T, D)
+    targets = teacher(local) -> top-K FFN outputs, instance-normed, averaged   (B, T, D)
+    x       = student.contextualize(local with masked frames := mask_emb) -> blocks  (B, T, D)
+    pred    = final_proj(x[mask])                              (num_masked, D)
+    loss    = L2(pred, targets[mask]) / sqrt(D), averaged over masked frames
+
+Unlike 2.0, the student is the whole encoder run on the *full* masked sequence (no token
+dropping, no clones, no decoder): a learned mask embedding replaces masked frames before the
+positional convolution. The teacher owns everything but the CNN and copies (does not average)
+the positional convolution (fairseq ``ema_transformer_only`` / ``ema_layers_only``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from data2vec.config import Config
+from data2vec.engine import distributed
+from data2vec.models.data2vec2 import PretrainOutput
+from data2vec.models.encoder import Encoder
+from data2vec.targets import build_targets, per_dim_std, regression_loss
+from data2vec.teacher import EMATeacher
+
+
+class MaskAndHead(nn.Module):
+    """The student's parts outside the encoder: the learned mask embedding and the regression
+    head (saved where 2.0 keeps its decoder)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.mask_emb = nn.Parameter(torch.rand(dim))  # fairseq: FloatTensor(D).uniform_()
+        self.final_proj = nn.Linear(dim, dim)
+
+
+class Data2Vec1(nn.Module):
+    """Student encoder + mask embedding + regression head, with an EMA teacher beside them.
+
+    Args:
+        encoder: the student encoder (speech: CNN, positional convolution, post-LN blocks).
+        teacher: the EMA teacher of ``encoder``.
+        cfg: the run config (``target``, ``loss``, ``model.exact_padding`` are read).
+    """
+
+    def __init__(self, encoder: Encoder, teacher: EMATeacher, cfg: Config) -> None:
+        super().__init__()
+        if cfg.model.modality != "audio":
+            raise NotImplementedError(
+                f"data2vec 1.0 is available for audio so far, not model.modality="
+                f"{cfg.model.modality!r}"
+            )
+        self.encoder = encoder
+        self.decoder = MaskAndHead(encoder.embed_dim)
+        self.target_cfg = cfg.target
+        self.loss_cfg = cfg.loss
+        self.exact_padding = cfg.model.exact_padding
+        object.__setattr__(self, "teacher", teacher)  # not a submodule: see EMATeacher
+
+    # ---------------------------------------------------------------- stages
+
+    @torch.no_grad()
+    def forward_targets(self, local: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """Teacher targets from the unmasked local features: ``(B, T, D)`` float32."""
+        teacher: Encoder = self.teacher.model  # type: ignore[assignment]
+        self.teacher.follow_device(local)
+        ctx = teacher.modality.contextualize(local.detach(), padding_mask)
+        out = teacher.forward_blocks(ctx, keep_layers=True)
+        return build_targets(
+            out.layer_results,
+            self.target_cfg.top_k,
+            self.target_cfg.layer_norm,
+            self.target_cfg.final_norm,
+            padding_mask=padding_mask if self.exact_padding else None,
+        )
+
+    def forward_student(self, local: Tensor, padding_mask: Tensor | None, mask: Tensor) -> Tensor:
+        """The full student on the masked sequence: ``(B, T, D)`` -> ``(B, T, D)``."""
+        masked = torch.where(mask.unsqueeze(-1), self.decoder.mask_emb.to(local.dtype), local)
+        ctx = self.encoder.modality.contextualize(masked, padding_mask)
+        return self.encoder.forward_blocks(ctx).x
+
+    def forward(
+        self,
+        source: Tensor,
+        mask: Tensor,
+        padding_mask: Tensor | None = None,
+        noise: Tensor | None = None,
+    ) -> PretrainOutput:
+        """One pretraining forward pass.
+
+        Args:
+            source: waveforms ``(B, S)``.
+            mask: ``(B, T)`` bool frame mask, True = masked.
+            padding_mask: ``(B, S)`` input padding, True = padding, or None.
+            noise: unused (the 2.0 objective's mask-token values; kept for one signature).
+        """
+        local, pad = self.encoder.modality.embed(source, padding_mask)
+        mask = mask.to(local.device)
+        if mask.shape != local.shape[:2]:
+            raise ValueError(f"expected a {tuple(local.shape[:2])} mask, got {tuple(mask.shape)}")
+        targets = self.forward_targets(local, pad)
+        x = self.forward_student(local, pad, mask)
+        loss_mask = mask if pad is None else mask & ~pad
+        pred = self.decoder.final_proj(x[loss_mask])
+        y = targets[loss_mask]
+        world = distributed.world_size()
+        local_size = max(int(loss_mask.sum()), 1)
+        count = loss_mask.sum().to(torch.float32)
+        sample_size = local_size if world == 1 else max(int(distributed.global_sum(count)), 1)
+        reg = regression_loss(pred, y, self.loss_cfg.beta, self.loss_cfg.scale)
+        logs = {
+            "loss_regression": reg.detach() / local_size,
+            "target_std": per_dim_std(y),
+            "pred_std": per_dim_std(pred.detach()),
+            "masked_fraction": loss_mask.float().mean().detach(),
+        }
+        return PretrainOutput(loss=reg / sample_size * world, sample_size=sample_size, logs=logs)
+
+    def update_teacher(self, step: int) -> float:
+        return self.teacher.update(self.encoder, step)

@@ -1,0 +1,97 @@
+"""data2vec 1.0 (speech): fairseq parity, span masking, the loss's support, the teacher's
+copied positional convolution, and a short training run through the engine."""
+
+import numpy as np
+import torch
+
+from data2vec.config import load_config
+from data2vec.convert.fairseq import import_fairseq, verify_against_fixture
+from data2vec.engine.trainer import pretrain
+from data2vec.masking import make_rng, span_mask
+from data2vec.models.data2vec1 import Data2Vec1
+from data2vec.models.registry import build_model
+from data2vec.targets import regression_loss
+from tests.conftest import TINY_AUDIO, make_audio_folder
+
+FIXTURE = "tests/fixtures/fairseq/v1_audio_tiny"
+TINY_V1 = [o for o in TINY_AUDIO if not o.startswith("mask.")] + ["mask.clones=1"]
+
+
+def test_parity__fairseq_v1_audio_fixture():
+    cfg, model = import_fairseq(f"{FIXTURE}.pt")
+    assert isinstance(model, Data2Vec1) and cfg.model.algorithm == "v1"
+    report = verify_against_fixture(model, f"{FIXTURE}.npz")
+    assert report["ok"], report
+    assert report["diffs"]["loss_relative"] < 1e-5
+    z = np.load(f"{FIXTURE}.npz")
+    x, pad = torch.from_numpy(z["input"]), torch.from_numpy(z["padding_mask"])
+    mask = torch.from_numpy(z["mask"])
+    with torch.no_grad():
+        local, fpad = model.encoder.modality.embed(x, pad)
+        assert torch.equal(fpad, torch.from_numpy(z["features_padding_mask"]))
+        torch.testing.assert_close(local, torch.from_numpy(z["local_features"]), atol=1e-5, rtol=0)
+        targets = model.forward_targets(local, fpad)
+        pred = model.decoder.final_proj(model.forward_student(local, fpad, mask)[mask])
+    torch.testing.assert_close(targets[mask], torch.from_numpy(z["targets"]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(pred, torch.from_numpy(z["pred"]), atol=1e-4, rtol=0)
+
+
+def test_span_mask__statistics_and_determinism():
+    a = span_mask(2000, 50, 0.65, make_rng(1), span=10)
+    assert abs(a.mean() - (1 - np.exp(-0.65))) < 0.02  # overlapping spans of 10
+    assert np.array_equal(a, span_mask(2000, 50, 0.65, make_rng(1), span=10))
+    assert not np.array_equal(a, span_mask(2000, 50, 0.65, make_rng(2), span=10))
+    for row in a[:10]:  # masked runs are whole spans (>= 10) except where cut at the end
+        edges = np.flatnonzero(np.diff(np.r_[0, row.astype(int), 0]))
+        runs = edges[1::2] - edges[0::2]
+        ends = edges[1::2]
+        assert all(r >= 10 or e == len(row) for r, e in zip(runs, ends))
+    short = span_mask(12, 4, 0.65, make_rng(3), span=10)
+    assert short.any(axis=1).all()  # at least one span per row, even on short inputs
+
+
+def test_loss__only_masked_valid_frames_count():
+    cfg = load_config("audio-v1-tiny", [*TINY_V1, "model.exact_padding=true"])
+    model = build_model(cfg).eval()
+    wave = torch.randn(2, 8000)
+    pad = torch.zeros(2, 8000, dtype=torch.bool)
+    pad[1, 5000:] = True
+    with torch.no_grad():
+        local, fpad = model.encoder.modality.embed(wave, pad)
+        T = local.shape[1]
+        mask = torch.from_numpy(span_mask(T, 2, 0.65, make_rng(0), span=5))
+        mask[1, -3:] = True  # masked padding must not count
+        out = model(wave, mask, pad)
+        targets = model.forward_targets(local, fpad)
+        x = model.forward_student(local, fpad, mask)
+    keep = mask & ~fpad
+    pred = model.decoder.final_proj(x[keep])
+    expected = regression_loss(pred, targets[keep], 0.0, None) / keep.sum()
+    torch.testing.assert_close(out.loss, expected)
+    assert out.sample_size == int(keep.sum()) < int(mask.sum())
+
+
+def test_teacher__copies_the_positional_convolution_and_averages_the_rest():
+    model = build_model(load_config("audio-v1-tiny", TINY_V1))
+    keys = model.teacher.state_dict().keys()
+    assert not any(k.startswith("modality.local_encoder") for k in keys)  # CNN stays shared
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    model.update_teacher(1)
+    t = dict(model.teacher.model.named_parameters())
+    s = dict(model.encoder.named_parameters())
+    conv = "modality.pos_conv.layers.0.weight"
+    assert torch.equal(t[conv], s[conv])
+    assert not torch.allclose(t["blocks.0.attn.qkv.weight"], s["blocks.0.attn.qkv.weight"])
+
+
+def test_short_v1_run__loss_falls(tmp_path):
+    data = make_audio_folder(tmp_path / "audio", n_per_class=6)
+    cfg = load_config("audio-v1-tiny", [*TINY_V1, "train.max_steps=25", "optim.lr=3e-3"])
+    result = pretrain(cfg, data, tmp_path / "run")
+    assert result.steps == 25
+    import json
+
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
