@@ -137,6 +137,9 @@ class TextEncoderConfig:
     vocab_size: int = 50_000
     max_positions: int = 512
     pad_id: int = 1
+    mask_id: int = 4  # <mask>: what data2vec 1.0 puts at masked positions (set from the tokenizer)
+    # data2vec 1.0 (fairseq TransformerEncoder) zeroes the embeddings of padding tokens
+    zero_padding: bool = False
     dropout: float = 0.1  # after the embedding LayerNorm (fairseq D2vTextConfig.dropout)
     layernorm_embedding: bool = True
     prenet_depth: int = 0

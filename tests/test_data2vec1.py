@@ -30,8 +30,8 @@ def test_parity__fairseq_v1_audio_fixture():
         local, fpad = model.encoder.modality.embed(x, pad)
         assert torch.equal(fpad, torch.from_numpy(z["features_padding_mask"]))
         torch.testing.assert_close(local, torch.from_numpy(z["local_features"]), atol=1e-5, rtol=0)
-        targets = model.forward_targets(local, fpad)
-        pred = model.decoder.final_proj(model.forward_student(local, fpad, mask)[mask])
+        targets = model.forward_targets(x, pad, local, fpad)
+        pred = model.decoder.final_proj(model.forward_student(x, local, fpad, mask)[mask])
     torch.testing.assert_close(targets[mask], torch.from_numpy(z["targets"]), atol=1e-4, rtol=0)
     torch.testing.assert_close(pred, torch.from_numpy(z["pred"]), atol=1e-4, rtol=0)
 
@@ -62,8 +62,8 @@ def test_loss__only_masked_valid_frames_count():
         mask = torch.from_numpy(span_mask(T, 2, 0.65, make_rng(0), span=5))
         mask[1, -3:] = True  # masked padding must not count
         out = model(wave, mask, pad)
-        targets = model.forward_targets(local, fpad)
-        x = model.forward_student(local, fpad, mask)
+        targets = model.forward_targets(wave, pad, local, fpad)
+        x = model.forward_student(wave, local, fpad, mask)
     keep = mask & ~fpad
     pred = model.decoder.final_proj(x[keep])
     expected = regression_loss(pred, targets[keep], 0.0, None) / keep.sum()
@@ -95,3 +95,63 @@ def test_short_v1_run__loss_falls(tmp_path):
 
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+TEXT_FIXTURE = "tests/fixtures/fairseq/v1_text_tiny"
+
+
+def test_parity__fairseq_v1_text_fixture():
+    cfg, model = import_fairseq(f"{TEXT_FIXTURE}.pt")
+    assert cfg.model.modality == "text" and cfg.model.algorithm == "v1"
+    assert cfg.loss.beta == 4.0 and cfg.target.layer_norm == "layer"
+    report = verify_against_fixture(model, f"{TEXT_FIXTURE}.npz")
+    assert report["ok"], report
+    assert report["diffs"]["loss_relative"] < 1e-5
+    z = np.load(f"{TEXT_FIXTURE}.npz")
+    tokens, mask = torch.from_numpy(z["input"]), torch.from_numpy(z["mask"])
+    # the student's input is the fixture's masked input: <mask> (the last id) where masked
+    assert torch.equal(
+        tokens.masked_fill(mask, cfg.encoder.mask_id), torch.from_numpy(z["masked_input"])
+    )
+    with torch.no_grad():
+        local, pad = model.encoder.modality.embed(tokens)
+        emb = torch.from_numpy(z["embedding_output"])
+        torch.testing.assert_close(local, emb, atol=1e-5, rtol=0)
+        targets = model.forward_targets(tokens, None, local, pad)
+        pred = model.decoder.final_proj(model.forward_student(tokens, local, pad, mask)[mask])
+    torch.testing.assert_close(targets[mask], torch.from_numpy(z["targets"]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(pred, torch.from_numpy(z["pred"]), atol=1e-4, rtol=0)
+
+
+def test_text_teacher__copies_the_embeddings_and_averages_the_blocks():
+    from tests.test_text_modality import TINY_TEXT
+
+    cfg = load_config("text-v1-base", [*TINY_TEXT, "mask.clones=1"])
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(1.0)
+    model.update_teacher(1)
+    t = dict(model.teacher.model.named_parameters())
+    s = dict(model.encoder.named_parameters())
+    emb = "modality.local_encoder.embed_tokens.weight"
+    assert torch.equal(t[emb], s[emb])
+    assert not torch.allclose(t["blocks.0.attn.qkv.weight"], s["blocks.0.attn.qkv.weight"])
+
+
+def test_short_v1_text_run__loss_falls_and_masks_are_spans(tmp_path):
+    from tests.test_text_pipeline import TINY_TEXT, text_corpus
+
+    corpus = text_corpus(tmp_path)
+    cfg = load_config("text-v1-tiny", [*TINY_TEXT, "mask.clones=1", "train.max_steps=30",
+                                        "optim.lr=3e-3"])  # fmt: skip
+    result = pretrain(cfg, corpus, tmp_path / "run")
+    assert result.steps == 30
+    import json
+
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    losses = [r["loss"] for r in records]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    # span starts with probability 0.35 over spans of 4: ~1 - exp(-0.35) = 30 % of real tokens
+    fractions = [r["masked_fraction"] for r in records]
+    assert 0.15 < np.mean(fractions) < 0.4

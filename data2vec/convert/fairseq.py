@@ -54,14 +54,45 @@ def _fix_shapes(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def import_fairseq(path: str | Path) -> tuple[Config, Data2Vec2 | Data2Vec1]:
-    """Load a fairseq data2vec checkpoint (2.0 any modality, 1.0 speech) with its teacher."""
+    """Load a fairseq data2vec checkpoint (2.0 any modality, 1.0 speech and text) with its
+    teacher."""
     ckpt = load_checkpoint(path)
     name = ckpt["cfg"].get("model", {}).get("_name")
     if name == "data2vec_multi":
         return import_v2(path, ckpt)
     if name == "data2vec_audio":
         return import_v1_audio(ckpt)
-    raise UserError(f"{path}: model {name!r} is not supported (data2vec_multi, data2vec_audio are)")
+    if name == "data2vec_text":
+        return import_v1_text(ckpt)
+    raise UserError(
+        f"{path}: model {name!r} is not supported (data2vec_multi, data2vec_audio and "
+        "data2vec_text are)"
+    )
+
+
+def import_v1_text(ckpt: dict[str, Any]) -> tuple[Config, Data2Vec1]:
+    """A fairseq data2vec 1.0 text checkpoint as a :class:`Data2Vec1`."""
+    state = dict(ckpt["model"])
+    ema = state.pop("encoder._ema", None)
+    cfg = fairseq_v1.text_config(ckpt["cfg"], state)
+    model = build_model(cfg)
+    assert isinstance(model, Data2Vec1)
+    enc_map, head_map = fairseq_v1.text_maps(cfg)
+    state = fairseq_v1.fuse_qkv(state)
+    head_keys = {k for k in state if k.startswith("encoder.regression_head.")}
+    enc = rename({k: v for k, v in state.items() if k not in head_keys}, enc_map)
+    head = rename({k: state[k] for k in head_keys}, head_map)
+    check_complete(enc, model.encoder.state_dict(), "student encoder")
+    check_complete(head, model.decoder.state_dict(), "regression head")
+    model.encoder.load_state_dict(_float32(enc), strict=True)
+    model.decoder.load_state_dict(_float32(head), strict=True)
+    if ema is not None:
+        # The teacher is the whole sentence encoder: the student's keys without the prefix.
+        prefixed = {f"encoder.sentence_encoder.{k}": v for k, v in ema.items()}
+        teacher = rename(fairseq_v1.fuse_qkv(prefixed), enc_map)
+        check_complete(teacher, model.teacher.model.state_dict(), "EMA teacher")
+        model.teacher.load_state_dict(_float32(teacher))
+    return cfg, model
 
 
 def import_v1_audio(ckpt: dict[str, Any]) -> tuple[Config, Data2Vec1]:
@@ -152,7 +183,8 @@ def verify_against_fixture(
             ref_loss = float(z["total_loss"]) / float(z["sample_size"])
             diffs["loss_relative"] = abs(loss - ref_loss) / abs(ref_loss)
         elif "mask" in z.files and isinstance(model, Data2Vec1):  # 1.0: no noise to inject
-            loss = float(model(x, torch.from_numpy(z["mask"]), pad).loss)
+            mask = torch.from_numpy(z["mask"])
+            loss = float(model(x, mask, pad).loss)
             ref_loss = float(z["loss"]) / float(z["sample_size"])
             diffs["loss_relative"] = abs(loss - ref_loss) / abs(ref_loss)
     worst = max(v for k, v in diffs.items() if k != "loss_relative")

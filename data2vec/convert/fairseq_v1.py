@@ -1,8 +1,10 @@
-"""fairseq ``data2vec_audio`` (data2vec 1.0 speech) checkpoints: config translation, key maps.
+"""fairseq data2vec 1.0 checkpoints (``data2vec_audio``, ``data2vec_text``): config translation
+and key maps.
 
-Key names come from fairseq's ``examples/data2vec/models/data2vec_audio.py`` and
-``models/wav2vec/wav2vec2.py`` (``TransformerEncoder``, ``TransformerSentenceEncoderLayer``);
-the ``v1_audio_tiny`` fixture in ``tests/fixtures/fairseq`` pins them. fairseq keeps separate
+Key names come from fairseq's ``examples/data2vec/models/data2vec_{audio,text}.py``,
+``models/wav2vec/wav2vec2.py`` (``TransformerEncoder``, ``TransformerSentenceEncoderLayer``) and
+``models/transformer`` (``TransformerEncoder``, ``TransformerEncoderLayer``); the
+``v1_{audio,text}_tiny`` fixtures in ``tests/fixtures/fairseq`` pin them. fairseq keeps separate
 q/k/v projections; ours are fused (``qkv`` = [q; k; v]).
 """
 
@@ -85,6 +87,20 @@ def fuse_qkv(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def _layer_map(layer: str) -> KeyMap:
+    """A fairseq post-LN encoder layer (q/k/v fused) onto our block."""
+    pairs = [
+        ("self_attn.qkv", "attn.qkv"), ("self_attn.out_proj", "attn.proj"),
+        ("self_attn_layer_norm", "norm1"), ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2"),
+        ("final_layer_norm", "norm2"),
+    ]  # fmt: skip
+    return [
+        (f"{layer}{src}.{kind}", f"blocks.{{}}.{dst}.{kind}")
+        for src, dst in pairs
+        for kind in ("weight", "bias")
+    ]
+
+
 def audio_maps(cfg: Config) -> tuple[KeyMap, KeyMap]:
     """(encoder map, head map) from fairseq student keys (qkv fused) to ours."""
     le = "modality.local_encoder."
@@ -101,22 +117,80 @@ def audio_maps(cfg: Config) -> tuple[KeyMap, KeyMap]:
         ("encoder.pos_conv.{}.0.bias", "modality.pos_conv.layers.{}.bias"),
         ("encoder.layer_norm.weight", "modality.context_encoder.norm.weight"),
         ("encoder.layer_norm.bias", "modality.context_encoder.norm.bias"),
-        (layer + "self_attn.qkv.weight", "blocks.{}.attn.qkv.weight"),
-        (layer + "self_attn.qkv.bias", "blocks.{}.attn.qkv.bias"),
-        (layer + "self_attn.out_proj.weight", "blocks.{}.attn.proj.weight"),
-        (layer + "self_attn.out_proj.bias", "blocks.{}.attn.proj.bias"),
-        (layer + "self_attn_layer_norm.weight", "blocks.{}.norm1.weight"),
-        (layer + "self_attn_layer_norm.bias", "blocks.{}.norm1.bias"),
-        (layer + "fc1.weight", "blocks.{}.mlp.fc1.weight"),
-        (layer + "fc1.bias", "blocks.{}.mlp.fc1.bias"),
-        (layer + "fc2.weight", "blocks.{}.mlp.fc2.weight"),
-        (layer + "fc2.bias", "blocks.{}.mlp.fc2.bias"),
-        (layer + "final_layer_norm.weight", "blocks.{}.norm2.weight"),
-        (layer + "final_layer_norm.bias", "blocks.{}.norm2.bias"),
+        *_layer_map(layer),
     ]
     head: KeyMap = [
         ("mask_emb", "mask_emb"),
         ("final_proj.weight", "final_proj.weight"),
         ("final_proj.bias", "final_proj.bias"),
+    ]
+    return enc, head
+
+
+def text_config(fs: dict[str, Any], state: dict[str, Any]) -> Config:
+    m, t = fs["model"], fs["model"]["transformer"]
+    enc = t["encoder"]
+    for key, value in [("normalize_before", False), ("learned_pos", True)]:
+        _flag(enc, key, value, "model.transformer.encoder")
+    for key, value in [("no_scale_embedding", True), ("layernorm_embedding", True),
+                       ("activation_fn", "gelu")]:  # fmt: skip
+        _flag(t, key, value, "model.transformer")
+    if m.get("head_layers", 2) != 2:
+        raise UserError("only the 2-layer regression head of data2vec 1.0 text is supported")
+    vocab = int(state["encoder.sentence_encoder.embed_tokens.weight"].shape[0])
+    dim = enc["embed_dim"]
+    target_norm = "layer" if m["layer_norm_target_layer"] else (
+        "instance" if m["instance_norm_target_layer"] else "none")  # fmt: skip
+    scale = m["loss_scale"]
+    task = fs.get("task", {})
+    raw = {
+        "preset": "fairseq-text-v1",
+        "model": {
+            "modality": "text", "algorithm": "v1", "embed_dim": dim, "depth": enc["layers"],
+            "num_heads": enc["attention_heads"], "mlp_ratio": enc["ffn_embed_dim"] / dim,
+            "norm_eps": 1e-5, "encoder_dropout": t["dropout"], "post_mlp_dropout": t["dropout"],
+            "attention_dropout": t["attention_dropout"],
+            "activation_dropout": t["activation_dropout"], "layerdrop": enc["layerdrop"],
+            "exact_padding": False,
+        },
+        "encoder": {
+            "vocab_size": vocab, "max_positions": t["max_source_positions"], "pad_id": 1,
+            # fairseq masked_lm adds <mask> after the dictionary's symbols: the last id
+            "mask_id": vocab - 1, "dropout": t["dropout"], "layernorm_embedding": True,
+            "zero_padding": True,
+        },
+        "mask": {"kind": "span", "ratio": task.get("mask_prob", 0.35),
+                 "block": max(1, task.get("mask_multiple_length", 4)), "clones": 1,
+                 "adjust": 0.0},
+        "target": {"top_k": m["average_top_k_layers"], "layer_norm": target_norm,
+                   "final_norm": "none"},
+        # loss_scale <= 0 means 1/sqrt(D) in fairseq 1.0 text
+        "loss": {"beta": float(m["loss_beta"]),
+                 "scale": None if scale is None or scale <= 0 else float(scale),
+                 "cls_weight": 0.0},
+        "ema": {"decay": m["ema_decay"], "end_decay": m["ema_end_decay"],
+                "anneal_steps": m["ema_anneal_end_step"], "scope": "all"},
+        "data": {"block_size": min(int(task.get("tokens_per_sample", 512)),
+                                   int(t["max_source_positions"]))},
+    }  # fmt: skip
+    return config_from_dict(raw)
+
+
+def text_maps(cfg: Config) -> tuple[KeyMap, KeyMap]:
+    """(encoder map, head map) from fairseq student keys (qkv fused) to ours."""
+    se = "encoder.sentence_encoder."
+    le = "modality.local_encoder."
+    layer = se + "layers.{}."
+    enc: KeyMap = [
+        (se + "version", None),  # fairseq's format marker, not a weight
+        (se + "embed_tokens.weight", le + "embed_tokens.weight"),
+        (se + "embed_positions.weight", le + "embed_positions.weight"),
+        (se + "layernorm_embedding.weight", le + "layernorm_embedding.weight"),
+        (se + "layernorm_embedding.bias", le + "layernorm_embedding.bias"),
+        *_layer_map(layer),
+    ]
+    head: KeyMap = [
+        ("encoder.regression_head.{}.weight", "final_proj.{}.weight"),
+        ("encoder.regression_head.{}.bias", "final_proj.{}.bias"),
     ]
     return enc, head

@@ -69,21 +69,23 @@ def resolve_tokenizer(cfg: Config, spec: str | Path, work_dir: Path) -> TextToke
 def prepare_text(cfg: Config, spec: str | Path, skips: SkipLog, work_dir: Path) -> PretrainData:
     """Tokenizer, token store and packed blocks for pretraining on the text at ``spec``.
 
-    Sets ``cfg.encoder.vocab_size`` and ``cfg.encoder.pad_id`` from the tokenizer.
+    Sets ``cfg.encoder.vocab_size``, ``pad_id`` and ``mask_id`` from the tokenizer.
 
     Raises:
         ConfigError: a mask kind other than ``random``.
         DataError: no text in the corpus.
     """
-    if cfg.mask.kind != "random":
+    if cfg.mask.kind not in ("random", "span"):
         raise ConfigError(
-            f"mask.kind={cfg.mask.kind!r} is not available for text; allowed values: ['random']"
+            f"mask.kind={cfg.mask.kind!r} is not available for text; allowed values: "
+            "['random', 'span']"
         )
     work_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = resolve_tokenizer(cfg, spec, work_dir)
     enc = cfg.encoder
     assert isinstance(enc, TextEncoderConfig)
     enc.vocab_size, enc.pad_id = tokenizer.vocab_size, tokenizer.pad_id
+    enc.mask_id = tokenizer.mask_id
     signature = corpus_signature(spec, work_dir / TOKENIZER_FILE)
     store = TokenStore.open(work_dir / STORE_DIR, signature)
     if store is None:
@@ -113,6 +115,8 @@ def prepare_text(cfg: Config, spec: str | Path, skips: SkipLog, work_dir: Path) 
         tokenizer.bos_id,
         tokenizer.eos_id,
         tokenizer.pad_id,
+        mask_kind=cfg.mask.kind,
+        span=cfg.mask.block,
     )
     B = cfg.data.batch_size
     return PretrainData(

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from data2vec.data.batch import PretrainBatch
 from data2vec.data.tokenizer import TextTokenizer
 from data2vec.errors import ConfigError
-from data2vec.masking import make_rng, random_mask
+from data2vec.masking import make_rng, random_mask, span_mask
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +268,10 @@ class PretrainText(Dataset):
         clones: masks per sample (``M``).
         seed: run seed; sample masks come from ``make_rng(seed, position)``.
         bos_id, eos_id, pad_id: special token ids.
+        mask_kind: ``random`` (data2vec 2.0: exact count over the padded block) or ``span``
+            (data2vec 1.0: spans of ``span`` tokens started with probability ``mask_ratio``,
+            over the block's real tokens only).
+        span: span length for ``span`` masking.
     """
 
     def __init__(
@@ -281,6 +285,8 @@ class PretrainText(Dataset):
         bos_id: int,
         eos_id: int,
         pad_id: int,
+        mask_kind: str = "random",
+        span: int = 4,
     ) -> None:
         if not 0.0 <= mask_ratio < 1.0:
             raise ConfigError(f"mask_ratio={mask_ratio} must be in [0, 1)")
@@ -289,6 +295,7 @@ class PretrainText(Dataset):
         self.store, self.blocks, self.block_size = store, blocks, block_size
         self.mask_ratio, self.clones, self.seed = mask_ratio, clones, seed
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
+        self.mask_kind, self.span = mask_kind, span
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -296,9 +303,14 @@ class PretrainText(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple:
         index, position = key
         tokens = block_tokens(self.store, self.blocks, index, self.bos_id, self.eos_id)
-        masks = random_mask(
-            self.block_size, self.clones, self.mask_ratio, make_rng(self.seed, position)
-        )
+        rng = make_rng(self.seed, position)
+        if self.mask_kind == "span":
+            masks = np.zeros((self.clones, self.block_size), dtype=bool)
+            masks[:, : len(tokens)] = span_mask(
+                len(tokens), self.clones, self.mask_ratio, rng, span=self.span
+            )
+        else:
+            masks = random_mask(self.block_size, self.clones, self.mask_ratio, rng)
         return ("ok", tokens, masks, position)
 
 

@@ -98,6 +98,7 @@ class TextEncoder(ModalityEncoder):
         self.extra_tokens = None
         self.pos_embed = None
         self.pad_id = cfg.pad_id
+        self.zero_padding = cfg.zero_padding
         self.local_encoder = TokenEmbedding(
             cfg.vocab_size,
             embed_dim,
@@ -122,7 +123,10 @@ class TextEncoder(ModalityEncoder):
         pad = source.eq(self.pad_id)
         if padding_mask is not None:
             pad = pad | padding_mask
-        return self.local_encoder(source), (pad if bool(pad.any()) else None)
+        local = self.local_encoder(source)
+        if self.zero_padding:
+            local = local.masked_fill(pad.unsqueeze(-1), 0.0)
+        return local, (pad if bool(pad.any()) else None)
 
     def num_tokens(self, length: int = 512) -> int:
         return length

@@ -1,18 +1,20 @@
 """The data2vec 1.0 objective (Baevski et al. 2022, "data2vec: A General Framework for
-Self-supervised Learning in Speech, Vision and Language"), speech so far.
+Self-supervised Learning in Speech, Vision and Language"), speech and text so far.
 
 One training step::
 
-    local   = student.embed(source)                          (B, T, D)
-    targets = teacher(local) -> top-K FFN outputs, instance-normed, averaged   (B, T, D)
-    x       = student.contextualize(local with masked frames := mask_emb) -> blocks  (B, T, D)
-    pred    = final_proj(x[mask])                              (num_masked, D)
-    loss    = L2(pred, targets[mask]) / sqrt(D), averaged over masked frames
+    targets = teacher(unmasked input) -> top-K FFN outputs, per-layer norm, average  (B, T, D)
+    x       = student(masked input) -> blocks                         (B, T, D)
+    pred    = final_proj(x[mask])                                     (num_masked, D)
+    loss    = regression(pred, targets[mask]), averaged over masked tokens
 
 Unlike 2.0, the student is the whole encoder run on the *full* masked sequence (no token
-dropping, no clones, no decoder): a learned mask embedding replaces masked frames before the
-positional convolution. The teacher owns everything but the CNN and copies (does not average)
-the positional convolution (fairseq ``ema_transformer_only`` / ``ema_layers_only``).
+dropping, no clones, no decoder). Speech: a learned mask embedding replaces masked frames before
+the positional convolution; the teacher owns everything but the CNN and copies (does not
+average) the positional convolution (fairseq ``ema_transformer_only``/``ema_layers_only``);
+L2 / sqrt(D); a linear head. Text: masked tokens become ``<mask>``; the teacher owns the whole
+encoder but copies the embeddings (fairseq ``ema_transformer_layers_only``); smooth L1 with
+beta 4; a 2-layer head.
 """
 
 from __future__ import annotations
@@ -29,13 +31,18 @@ from data2vec.teacher import EMATeacher
 
 
 class MaskAndHead(nn.Module):
-    """The student's parts outside the encoder: the learned mask embedding and the regression
+    """The student's parts outside the encoder: the speech mask embedding and the regression
     head (saved where 2.0 keeps its decoder)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, modality: str) -> None:
         super().__init__()
-        self.mask_emb = nn.Parameter(torch.rand(dim))  # fairseq: FloatTensor(D).uniform_()
-        self.final_proj = nn.Linear(dim, dim)
+        if modality == "audio":
+            self.mask_emb = nn.Parameter(torch.rand(dim))  # fairseq: FloatTensor(D).uniform_()
+            self.final_proj: nn.Module = nn.Linear(dim, dim)
+        else:  # text: fairseq head_layers=2, Linear(D, 2D) -> GELU -> Linear(2D, D)
+            self.final_proj = nn.Sequential(
+                nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
+            )
 
 
 class Data2Vec1(nn.Module):
@@ -49,13 +56,16 @@ class Data2Vec1(nn.Module):
 
     def __init__(self, encoder: Encoder, teacher: EMATeacher, cfg: Config) -> None:
         super().__init__()
-        if cfg.model.modality != "audio":
+        if cfg.model.modality not in ("audio", "text"):
             raise NotImplementedError(
-                f"data2vec 1.0 is available for audio so far, not model.modality="
+                f"data2vec 1.0 is available for audio and text so far, not model.modality="
                 f"{cfg.model.modality!r}"
             )
+        self.modality = cfg.model.modality
+        self.mask_id = getattr(cfg.encoder, "mask_id", None)
+        self.scope = cfg.ema.scope
         self.encoder = encoder
-        self.decoder = MaskAndHead(encoder.embed_dim)
+        self.decoder = MaskAndHead(encoder.embed_dim, cfg.model.modality)
         self.target_cfg = cfg.target
         self.loss_cfg = cfg.loss
         self.exact_padding = cfg.model.exact_padding
@@ -64,11 +74,25 @@ class Data2Vec1(nn.Module):
     # ---------------------------------------------------------------- stages
 
     @torch.no_grad()
-    def forward_targets(self, local: Tensor, padding_mask: Tensor | None) -> Tensor:
-        """Teacher targets from the unmasked local features: ``(B, T, D)`` float32."""
+    def forward_targets(
+        self,
+        source: Tensor,
+        source_padding: Tensor | None,
+        local: Tensor,
+        padding_mask: Tensor | None,
+    ) -> Tensor:
+        """Teacher targets on the unmasked input: ``(B, T, D)`` float32.
+
+        A teacher that owns its embeddings (text) reads ``source``; one that shares the
+        student's local encoder (speech) reads the student's ``local`` features.
+        """
         teacher: Encoder = self.teacher.model  # type: ignore[assignment]
         self.teacher.follow_device(local)
-        ctx = teacher.modality.contextualize(local.detach(), padding_mask)
+        if self.scope == "all":
+            t_local, pad = teacher.modality.embed(source, source_padding)
+            ctx = teacher.modality.contextualize(t_local, pad)
+        else:
+            ctx = teacher.modality.contextualize(local.detach(), padding_mask)
         out = teacher.forward_blocks(ctx, keep_layers=True)
         return build_targets(
             out.layer_results,
@@ -78,10 +102,19 @@ class Data2Vec1(nn.Module):
             padding_mask=padding_mask if self.exact_padding else None,
         )
 
-    def forward_student(self, local: Tensor, padding_mask: Tensor | None, mask: Tensor) -> Tensor:
-        """The full student on the masked sequence: ``(B, T, D)`` -> ``(B, T, D)``."""
-        masked = torch.where(mask.unsqueeze(-1), self.decoder.mask_emb.to(local.dtype), local)
-        ctx = self.encoder.modality.contextualize(masked, padding_mask)
+    def forward_student(
+        self, source: Tensor, local: Tensor, padding_mask: Tensor | None, mask: Tensor
+    ) -> Tensor:
+        """The full student on the masked input: ``(B, T, D)``.
+
+        Speech replaces masked local features by the mask embedding; text re-embeds the tokens
+        with ``<mask>`` at masked positions.
+        """
+        if self.modality == "text":
+            local, _ = self.encoder.modality.embed(source.masked_fill(mask, self.mask_id))
+        else:
+            local = torch.where(mask.unsqueeze(-1), self.decoder.mask_emb.to(local.dtype), local)
+        ctx = self.encoder.modality.contextualize(local, padding_mask)
         return self.encoder.forward_blocks(ctx).x
 
     def forward(
@@ -94,8 +127,8 @@ class Data2Vec1(nn.Module):
         """One pretraining forward pass.
 
         Args:
-            source: waveforms ``(B, S)``.
-            mask: ``(B, T)`` bool frame mask, True = masked.
+            source: waveforms ``(B, S)`` or token ids ``(B, T)``.
+            mask: ``(B, T)`` bool frame/token mask, True = masked.
             padding_mask: ``(B, S)`` input padding, True = padding, or None.
             noise: unused (the 2.0 objective's mask-token values; kept for one signature).
         """
@@ -103,8 +136,8 @@ class Data2Vec1(nn.Module):
         mask = mask.to(local.device)
         if mask.shape != local.shape[:2]:
             raise ValueError(f"expected a {tuple(local.shape[:2])} mask, got {tuple(mask.shape)}")
-        targets = self.forward_targets(local, pad)
-        x = self.forward_student(local, pad, mask)
+        targets = self.forward_targets(source, padding_mask, local, pad)
+        x = self.forward_student(source, local, pad, mask)
         loss_mask = mask if pad is None else mask & ~pad
         pred = self.decoder.final_proj(x[loss_mask])
         y = targets[loss_mask]

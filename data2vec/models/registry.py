@@ -88,8 +88,9 @@ def build_model(cfg: Config) -> Data2Vec2 | Data2Vec1:
             cfg.ema.end_decay,
             cfg.ema.anneal_steps,
             exclude=EXCLUDED_BY_SCOPE[cfg.ema.scope],
-            # fairseq ema_layers_only: the positional convolution is copied, not averaged
-            copied=("modality.pos_conv",),
+            # fairseq copies these instead of averaging them: speech ema_layers_only (the
+            # positional convolution), text ema_transformer_layers_only (the embeddings)
+            copied=("modality.pos_conv", "modality.local_encoder"),
         )
         return Data2Vec1(encoder, teacher, cfg)
     encoder = build_encoder(cfg)
