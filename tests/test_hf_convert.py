@@ -89,3 +89,54 @@ def test_save_model_then_load_model_round_trip(tmp_path):
     tokens, _ = _tokens()
     with torch.no_grad():
         assert torch.equal(loaded(tokens).x, encoder(tokens).x)
+
+
+def _waves() -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(3)
+    wave = torch.randn(2, 6000)
+    keep = torch.ones(2, 6000, dtype=torch.long)
+    keep[1, 4500:] = 0
+    return wave * keep, keep
+
+
+def test_audio_import_from_hf__same_outputs_on_a_padded_batch(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.Data2VecAudioConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        conv_dim=(16,) * 7, num_conv_pos_embeddings=3, conv_pos_kernel_size=5,
+        num_conv_pos_embedding_groups=4, hidden_dropout=0.0, attention_dropout=0.0,
+        activation_dropout=0.0, feat_proj_dropout=0.0, layerdrop=0.0,
+    )  # fmt: skip
+    hf = transformers.Data2VecAudioModel(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["convert", "--from", "hf", "--to", "ours", str(tmp_path / "hf"),
+                 str(tmp_path / "ours")]) == 0  # fmt: skip
+    cfg, encoder = load_encoder(tmp_path / "ours")
+    assert cfg.model.algorithm == "v1" and not cfg.encoder.alibi
+    wave, keep = _waves()
+    with torch.no_grad():
+        ref = hf(wave, attention_mask=keep).last_hidden_state
+        out = encoder(wave, keep == 0)
+    valid = ~out.padding_mask
+    torch.testing.assert_close(out.x[valid], ref[valid], atol=1e-4, rtol=1e-4)
+
+
+def test_audio_export_to_hf__automodel_gives_our_outputs(tmp_path):
+    overrides = [
+        "model.embed_dim=32", "model.depth=2", "model.num_heads=4", "encoder.cnn_channels=16",
+        "encoder.pos_conv_groups=4", "model.exact_padding=false", "target.top_k=2",
+    ]  # fmt: skip
+    cfg = load_config("audio-v1-tiny", overrides)
+    torch.manual_seed(1)
+    encoder = build_encoder(cfg).eval()
+    export_encoder(tmp_path / "ours", cfg, encoder)
+    assert main(["convert", "--from", "ours", "--to", "hf", str(tmp_path / "ours"),
+                 str(tmp_path / "hf")]) == 0  # fmt: skip
+    hf = transformers.AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(hf).__name__ == "Data2VecAudioModel"
+    wave, keep = _waves()
+    with torch.no_grad():
+        ref = encoder(wave, keep == 0)
+        out = hf(wave, attention_mask=keep).last_hidden_state
+    valid = ~ref.padding_mask
+    torch.testing.assert_close(out[valid], ref.x[valid], atol=1e-4, rtol=1e-4)

@@ -1,16 +1,16 @@
-"""Hugging Face ``transformers`` interop for text encoders: ours <-> ``Data2VecTextModel``.
+"""Hugging Face ``transformers`` interop: ours <-> ``Data2VecTextModel`` / ``Data2VecAudioModel``.
 
-A data2vec 2.0 text encoder (post-LN blocks, token + learned positions with the fairseq/RoBERTa
-offset, embedding LayerNorm) is exactly a ``Data2VecTextModel`` (a RoBERTa) with one token type.
-Key names on the Hugging Face side are those of ``transformers``'
-``models/data2vec/modeling_data2vec_text.py``. Fused ``qkv`` weights are split into
-query/key/value on export and joined on import.
+A text encoder (post-LN blocks, token + learned positions with the fairseq/RoBERTa offset,
+embedding LayerNorm) is exactly a ``Data2VecTextModel`` (a RoBERTa) with one token type. A speech
+encoder without ALiBi (data2vec 1.0: wav2vec 2.0 CNN, multi-layer positional convolution, post-LN
+blocks, padded frames zeroed once) is exactly a ``Data2VecAudioModel``. Key names on the Hugging
+Face side are those of ``transformers``' ``models/data2vec/modeling_data2vec_{text,audio}.py``.
+Fused ``qkv`` weights are split into query/key/value on export and joined on import.
 
-Not expressible, and refused with the reason: speech v2 encoders (ALiBi attention bias and a
-multi-layer positional convolution; ``Data2VecAudioModel`` has neither) and image v2 encoders
-(post-LN ViT with fixed sin-cos positions and a CLS token; ``Data2VecVisionModel`` is a pre-LN
-BEiT with relative position bias). ``transformers`` is an optional dependency (``pip install
-data2vec[hf]``).
+Not expressible, and refused with the reason: speech v2 encoders with ALiBi (an attention bias
+``Data2VecAudioModel`` does not have) and image v2 encoders (post-LN ViT with fixed sin-cos
+positions and a CLS token; ``Data2VecVisionModel`` is a pre-LN BEiT with relative position
+bias). ``transformers`` is an optional dependency (``pip install data2vec[hf]``).
 """
 
 from __future__ import annotations
@@ -32,9 +32,8 @@ from data2vec.models.registry import build_encoder
 log = logging.getLogger(__name__)
 
 _NOT_EXPRESSIBLE = {
-    "audio": "data2vec 2.0 speech encoders use an ALiBi attention bias and a 5-layer grouped "
-    "positional convolution; transformers' Data2VecAudioModel has neither, so the export would "
-    "compute something else",
+    "audio": "this speech encoder uses an ALiBi attention bias (data2vec 2.0), which "
+    "transformers' Data2VecAudioModel does not have, so the export would compute something else",
     "image": "data2vec 2.0 image encoders are post-LN ViTs with fixed sin-cos positions and a CLS "
     "token; transformers' Data2VecVisionModel is a pre-LN BEiT with relative position bias",
 }
@@ -129,11 +128,14 @@ def to_hf_state(encoder: Encoder, depth: int) -> dict[str, Tensor]:
 
 
 def export_hf(model_dir: str | Path, out: str | Path) -> Path:
-    """Write our text model at ``model_dir`` as a Hugging Face ``Data2VecTextModel`` folder."""
+    """Write our model at ``model_dir`` as a Hugging Face ``Data2VecTextModel`` or
+    ``Data2VecAudioModel`` folder."""
     from data2vec.evaluate.features import load_encoder
 
     transformers = _transformers()
     cfg, encoder = load_encoder(model_dir)
+    if cfg.model.modality == "audio" and not getattr(cfg.encoder, "alibi", True):
+        return _export_audio(transformers, model_dir, cfg, encoder, Path(out))
     config = transformers.Data2VecTextConfig(**hf_config(cfg))
     model = transformers.Data2VecTextModel(config, add_pooling_layer=False)
     state = to_hf_state(encoder, cfg.model.depth)
@@ -152,17 +154,46 @@ def export_hf(model_dir: str | Path, out: str | Path) -> Path:
     return out
 
 
+def _export_audio(transformers, model_dir, cfg: Config, encoder: Encoder, out: Path) -> Path:
+    from safetensors.torch import load_file
+
+    from data2vec.convert import hf_audio
+    from data2vec.engine import checkpoint as ckpt
+
+    config = transformers.Data2VecAudioConfig(**hf_audio.audio_hf_config(cfg))
+    model = transformers.Data2VecAudioModel(config)
+    weights = load_file(str(ckpt.resolve_model_dir(model_dir) / ckpt.MODEL_FILE))
+    # data2vec 1.0's learned mask vector is Hugging Face's masked_spec_embed
+    mask_emb = weights.get("decoder.mask_emb", model.masked_spec_embed.detach().clone())
+    ours = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    state = hf_audio.audio_to_hf(ours, cfg.model.depth, mask_emb)
+    check_complete(state, model.state_dict(), "Hugging Face Data2VecAudioModel")
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(out)
+    return out
+
+
 def import_hf(path: str | Path) -> tuple[Config, Encoder]:
-    """A Hugging Face ``Data2VecTextModel`` folder as our text encoder."""
+    """A Hugging Face ``Data2VecTextModel``/``Data2VecAudioModel`` folder as our encoder."""
     transformers = _transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
         model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read a Hugging Face model from {path}: {exc}") from exc
+    if config.model_type == "data2vec-audio":
+        from data2vec.convert import hf_audio
+
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        cfg, ours = hf_audio.audio_from_hf(config, state)
+        encoder = build_encoder(cfg)
+        check_complete(ours, encoder.state_dict(), "data2vec speech encoder")
+        encoder.load_state_dict(ours, strict=True)
+        return cfg, encoder.eval()
     if config.model_type != "data2vec-text":
         raise UserError(
-            f"{path} is a {config.model_type!r} model; importing supports data2vec-text only"
+            f"{path} is a {config.model_type!r} model; importing supports data2vec-text and "
+            "data2vec-audio"
         )
     if config.hidden_act != "gelu" or config.type_vocab_size != 1:
         raise UserError("only data2vec-text models with GELU and one token type are supported")
