@@ -169,12 +169,23 @@ class MaskConfig:
     block: int = 3  # side of the 2-D squares (images) or length of the 1-D spans (audio)
     clones: int = 16  # masked copies per sample (the teacher still runs once per sample)
     noise_std: float = 0.01  # std of the N(0, s²) values that fill masked slots in the decoder
+    # data2vec 1.0 text, BERT style (fairseq random_token_prob / leave_unmasked_prob): of the
+    # selected tokens these shares get a random token or stay unchanged instead of <mask>; the
+    # loss counts only the <mask> positions. The released span recipe uses 0 / 0.
+    random_token: float = 0.0
+    leave_unmasked: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0:
             raise ConfigError(f"mask.ratio={self.ratio} must be in (0, 1)")
         _positive(self, "block", "clones")
         _non_negative(self, "adjust", "noise_std")
+        _fraction(self, "random_token", "leave_unmasked")
+        if self.random_token + self.leave_unmasked >= 1.0:
+            raise ConfigError(
+                f"mask.random_token={self.random_token} + mask.leave_unmasked="
+                f"{self.leave_unmasked} must leave a share for <mask> (sum < 1)"
+            )
 
 
 @dataclass

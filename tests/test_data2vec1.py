@@ -118,7 +118,8 @@ def test_parity__fairseq_v1_text_fixture():
         emb = torch.from_numpy(z["embedding_output"])
         torch.testing.assert_close(local, emb, atol=1e-5, rtol=0)
         targets = model.forward_targets(tokens, None, local, pad)
-        pred = model.decoder.final_proj(model.forward_student(tokens, local, pad, mask)[mask])
+        corrupted = tokens.masked_fill(mask, cfg.encoder.mask_id)
+        pred = model.decoder.final_proj(model.forward_student(corrupted, local, pad, mask)[mask])
     torch.testing.assert_close(targets[mask], torch.from_numpy(z["targets"]), atol=1e-4, rtol=0)
     torch.testing.assert_close(pred, torch.from_numpy(z["pred"]), atol=1e-4, rtol=0)
 
@@ -155,3 +156,35 @@ def test_short_v1_text_run__loss_falls_and_masks_are_spans(tmp_path):
     # span starts with probability 0.35 over spans of 4: ~1 - exp(-0.35) = 30 % of real tokens
     fractions = [r["masked_fraction"] for r in records]
     assert 0.15 < np.mean(fractions) < 0.4
+
+
+def test_bert_corruption__80_10_10_and_the_loss_counts_only_mask_tokens():
+    from tests.test_text_modality import TINY_TEXT
+
+    bert = ["mask.kind=span", "mask.block=1", "mask.ratio=0.15", "mask.random_token=0.1",
+            "mask.leave_unmasked=0.1", "mask.clones=1"]  # fmt: skip
+    model = build_model(load_config("text-v1-base", [*TINY_TEXT, *bert])).eval()
+    torch.manual_seed(0)
+    tokens = torch.randint(5, 50, (64, 16))
+    selected = torch.rand(64, 16) < 0.5
+    out, loss_at = model.text_corruption(tokens, selected)
+    n = int(selected.sum())
+    is_mask = out.eq(model.mask_id)
+    assert torch.equal(loss_at, selected & is_mask)  # the loss positions are the <mask> ones
+    assert abs(int(is_mask.sum()) / n - 0.8) < 0.05
+    changed = selected & ~is_mask & out.ne(tokens)
+    assert 0.05 < int(changed.sum()) / n < 0.15  # ~10 % random (a few coincide with the original)
+    assert bool((out[changed] >= 5).all()) and bool((out[changed] < 50).all())
+    assert torch.equal(out[~selected], tokens[~selected])  # unselected tokens untouched
+    with torch.no_grad():
+        result = model(tokens, selected)
+    assert 0.7 * n < result.sample_size < 0.9 * n
+
+
+def test_bert_settings_are_validated():
+    import pytest
+
+    from data2vec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="random_token"):
+        load_config("text-v1-base", ["mask.random_token=0.6", "mask.leave_unmasked=0.5"])

@@ -63,6 +63,9 @@ class Data2Vec1(nn.Module):
             )
         self.modality = cfg.model.modality
         self.mask_id = getattr(cfg.encoder, "mask_id", None)
+        self.vocab_size = getattr(cfg.encoder, "vocab_size", None)
+        self.random_token = cfg.mask.random_token
+        self.leave_unmasked = cfg.mask.leave_unmasked
         self.scope = cfg.ema.scope
         self.encoder = encoder
         self.decoder = MaskAndHead(encoder.embed_dim, cfg.model.modality)
@@ -102,16 +105,36 @@ class Data2Vec1(nn.Module):
             padding_mask=padding_mask if self.exact_padding else None,
         )
 
+    def text_corruption(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """BERT-style corruption of the selected tokens (Devlin et al. 2019; fairseq
+        ``MaskTokensDataset``): ``<mask>``, except ``random_token`` of them get a random
+        ordinary token and ``leave_unmasked`` stay as they are.
+
+        Returns:
+            The student's tokens and the ``<mask>`` positions (where the loss is computed).
+        """
+        if self.random_token == 0 and self.leave_unmasked == 0:
+            return tokens.masked_fill(mask, self.mask_id), mask
+        u = torch.rand(mask.shape, device=mask.device)
+        keep = mask & (u < self.leave_unmasked)
+        rand = mask & (u >= self.leave_unmasked) & (u < self.leave_unmasked + self.random_token)
+        masked = mask & ~keep & ~rand
+        # ids 0-4 are the special tokens: random replacements are ordinary tokens
+        random_ids = torch.randint_like(tokens, 5, self.vocab_size)
+        out = torch.where(rand, random_ids, tokens).masked_fill(masked, self.mask_id)
+        return out, masked
+
     def forward_student(
         self, source: Tensor, local: Tensor, padding_mask: Tensor | None, mask: Tensor
     ) -> Tensor:
         """The full student on the masked input: ``(B, T, D)``.
 
         Speech replaces masked local features by the mask embedding; text re-embeds the tokens
-        with ``<mask>`` at masked positions.
+        with ``<mask>`` at masked positions (``source`` already corrupted, see
+        :meth:`text_corruption`).
         """
         if self.modality == "text":
-            local, _ = self.encoder.modality.embed(source.masked_fill(mask, self.mask_id))
+            local, _ = self.encoder.modality.embed(source)
         else:
             local = torch.where(mask.unsqueeze(-1), self.decoder.mask_emb.to(local.dtype), local)
         ctx = self.encoder.modality.contextualize(local, padding_mask)
@@ -137,7 +160,10 @@ class Data2Vec1(nn.Module):
         if mask.shape != local.shape[:2]:
             raise ValueError(f"expected a {tuple(local.shape[:2])} mask, got {tuple(mask.shape)}")
         targets = self.forward_targets(source, padding_mask, local, pad)
-        x = self.forward_student(source, local, pad, mask)
+        student_input = source
+        if self.modality == "text":
+            student_input, mask = self.text_corruption(source, mask)
+        x = self.forward_student(student_input, local, pad, mask)
         loss_mask = mask if pad is None else mask & ~pad
         pred = self.decoder.final_proj(x[loss_mask])
         y = targets[loss_mask]
