@@ -82,17 +82,29 @@ def import_v1_text(ckpt: dict[str, Any]) -> tuple[Config, Data2Vec1]:
     head_keys = {k for k in state if k.startswith("encoder.regression_head.")}
     enc = rename({k: v for k, v in state.items() if k not in head_keys}, enc_map)
     head = rename({k: state[k] for k in head_keys}, head_map)
-    check_complete(enc, model.encoder.state_dict(), "student encoder")
-    check_complete(head, model.decoder.state_dict(), "regression head")
-    model.encoder.load_state_dict(_float32(enc), strict=True)
-    model.decoder.load_state_dict(_float32(head), strict=True)
+    teacher = None
     if ema is not None:
         # The teacher is the whole sentence encoder: the student's keys without the prefix.
         prefixed = {f"encoder.sentence_encoder.{k}": v for k, v in ema.items()}
         teacher = rename(fairseq_v1.fuse_qkv(prefixed), enc_map)
+    _load_v1(model, enc, head, teacher)
+    return cfg, model
+
+
+def _load_v1(
+    model: Data2Vec1,
+    enc: dict[str, Tensor],
+    head: dict[str, Tensor],
+    teacher: dict[str, Tensor] | None,
+) -> None:
+    """Load converted 1.0 weights, refusing missing or unused keys."""
+    check_complete(enc, model.encoder.state_dict(), "student encoder")
+    check_complete(head, model.decoder.state_dict(), "mask embedding and regression head")
+    model.encoder.load_state_dict(_float32(enc), strict=True)
+    model.decoder.load_state_dict(_float32(head), strict=True)
+    if teacher is not None:
         check_complete(teacher, model.teacher.model.state_dict(), "EMA teacher")
         model.teacher.load_state_dict(_float32(teacher))
-    return cfg, model
 
 
 def import_v1_audio(ckpt: dict[str, Any]) -> tuple[Config, Data2Vec1]:
@@ -109,16 +121,12 @@ def import_v1_audio(ckpt: dict[str, Any]) -> tuple[Config, Data2Vec1]:
     alibi = {"modality.alibi_scale": model.encoder.state_dict()["modality.alibi_scale"]}
     enc = rename({k: v for k, v in state.items() if k not in head_keys}, enc_map) | alibi
     head = rename({k: state[k] for k in head_keys if k in state}, head_map)
-    check_complete(enc, model.encoder.state_dict(), "student encoder")
-    check_complete(head, model.decoder.state_dict(), "mask embedding and head")
-    model.encoder.load_state_dict(_float32(enc), strict=True)
-    model.decoder.load_state_dict(_float32(head), strict=True)
+    teacher = None
     if ema is not None:
         # The teacher is fairseq's TransformerEncoder: the student's keys without "encoder.".
         teacher = rename(fairseq_v1.fuse_qkv({f"encoder.{k}": v for k, v in ema.items()}), enc_map)
         teacher |= alibi
-        check_complete(teacher, model.teacher.model.state_dict(), "EMA teacher")
-        model.teacher.load_state_dict(_float32(teacher))
+    _load_v1(model, enc, head, teacher)
     return cfg, model
 
 

@@ -78,30 +78,27 @@ def build_encoder(cfg: Config) -> Encoder:
     return encoder
 
 
-def build_model(cfg: Config) -> Data2Vec2 | Data2Vec1:
-    """The pretraining model (student encoder + decoder/head + EMA teacher) for ``cfg``."""
-    if cfg.model.algorithm == "v1":
-        encoder = build_encoder(cfg)
-        teacher = EMATeacher(
-            encoder,
-            cfg.ema.decay,
-            cfg.ema.end_decay,
-            cfg.ema.anneal_steps,
-            exclude=EXCLUDED_BY_SCOPE[cfg.ema.scope],
-            # fairseq copies these instead of averaging them: speech ema_layers_only (the
-            # positional convolution), text ema_transformer_layers_only (the embeddings)
-            copied=("modality.pos_conv", "modality.local_encoder"),
-        )
-        return Data2Vec1(encoder, teacher, cfg)
-    encoder = build_encoder(cfg)
-    decoder = encoder.modality.make_decoder(cfg.decoder)
-    decoder.apply(init_bert_params)
-    decoder.reset_parameters()  # the projection keeps PyTorch's default init (fairseq)
-    teacher = EMATeacher(
+def build_teacher(cfg: Config, encoder: Encoder, copied: tuple[str, ...] = ()) -> EMATeacher:
+    """The EMA teacher of ``encoder`` with the decay schedule and scope of ``cfg.ema``."""
+    return EMATeacher(
         encoder,
         cfg.ema.decay,
         cfg.ema.end_decay,
         cfg.ema.anneal_steps,
         exclude=EXCLUDED_BY_SCOPE[cfg.ema.scope],
+        copied=copied,
     )
-    return Data2Vec2(encoder, decoder, teacher, cfg)
+
+
+def build_model(cfg: Config) -> Data2Vec2 | Data2Vec1:
+    """The pretraining model (student encoder + decoder/head + EMA teacher) for ``cfg``."""
+    encoder = build_encoder(cfg)
+    if cfg.model.algorithm == "v1":
+        # fairseq copies these instead of averaging them: speech ema_layers_only (the
+        # positional convolution), text ema_transformer_layers_only (the embeddings)
+        teacher = build_teacher(cfg, encoder, ("modality.pos_conv", "modality.local_encoder"))
+        return Data2Vec1(encoder, teacher, cfg)
+    decoder = encoder.modality.make_decoder(cfg.decoder)
+    decoder.apply(init_bert_params)
+    decoder.reset_parameters()  # the projection keeps PyTorch's default init (fairseq)
+    return Data2Vec2(encoder, decoder, build_teacher(cfg, encoder), cfg)
