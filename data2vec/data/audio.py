@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from data2vec.data.files import class_folder_files
 from data2vec.data.images import _manifest_labels
 from data2vec.data.resample import TARGET_SAMPLE_RATE, resample, resampled_length
 from data2vec.data.skips import SkipError, SkipLog
@@ -229,35 +230,6 @@ class _FileListSource(AudioSource):
         return load_audio_file(self.paths[i], self.min_samples)
 
 
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _walk_audio(folder: Path, skips: SkipLog | None) -> list[Path]:
-    """All audio files under ``folder``, recursively, sorted by relative path.
-
-    Symlinked folders are followed, but each real folder is visited once (no symlink loops).
-    """
-    found: list[Path] = []
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        for fname in sorted(filenames):
-            if _is_hidden(fname):
-                continue
-            path = Path(dirpath) / fname
-            if path.suffix.lower() in AUDIO_EXTENSIONS:
-                found.append(path)
-            elif skips is not None:
-                skips.add(path, "not an audio file extension")
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
-
-
 class AudioFolder(_FileListSource):
     """``root/<class>/**/<clip>`` (labels = sorted class-folder names) or a flat folder.
 
@@ -277,31 +249,9 @@ class AudioFolder(_FileListSource):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataNotFoundError(f"audio folder not found or not a directory: {self.root}")
-        entries = sorted(e for e in self.root.iterdir() if not _is_hidden(e.name))
-        class_dirs = [e for e in entries if e.is_dir()]
-        paths: list[Path] = []
-        labels: list[int] = []
-        classes: list[str] = []
-        if class_dirs:
-            classes = [d.name for d in class_dirs]
-            for e in entries:
-                if not e.is_dir() and skips is not None:
-                    skips.add(e, "not inside a class folder")
-            for index, folder in enumerate(class_dirs):
-                files = _walk_audio(folder, skips)
-                if not files:
-                    log.warning("class folder %s has no audio files", folder)
-                paths += files
-                labels += [index] * len(files)
-        else:
-            paths = _walk_audio(self.root, skips)
-            labels = [-1] * len(paths)
-        if not paths:
-            exts = " ".join(sorted(AUDIO_EXTENSIONS))
-            raise DataError(
-                f"no audio files found in {self.root} (expected files with extensions {exts}, "
-                "either directly in the folder or in one sub-folder per class)"
-            )
+        paths, labels, classes = class_folder_files(
+            self.root, AUDIO_EXTENSIONS, "audio", "audio files", skips
+        )
         super().__init__(paths, np.array(labels), classes, None, min_samples)
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gzip
 import logging
-import os
 import re
 import warnings
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data2vec.data.files import class_folder_files
 from data2vec.data.idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx
 from data2vec.data.skips import SkipError, SkipLog
 from data2vec.errors import DataError, DataNotFoundError
@@ -192,36 +192,6 @@ class _FileListSource(ImageSource):
         return load_image_file(self.paths[i], self.min_size, self.max_pixels)
 
 
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
-
-
-def _walk_images(folder: Path, skips: SkipLog | None) -> list[Path]:
-    """All image files under ``folder``, recursively, sorted by relative path.
-
-    Symlinked folders are followed (common for ImageNet copies) but each real folder is visited
-    once, so a symlink loop cannot hang the scan.
-    """
-    found: list[Path] = []
-    seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-        for fname in sorted(filenames):
-            if _is_hidden(fname):
-                continue
-            path = Path(dirpath) / fname
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                found.append(path)
-            elif skips is not None:
-                skips.add(path, "not an image file extension")
-    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
-
-
 class ImageFolder(_FileListSource):
     """``root/<class>/**/<image>`` (labels = sorted class-folder names) or a flat folder.
 
@@ -242,31 +212,9 @@ class ImageFolder(_FileListSource):
         self.root = Path(root)
         if not self.root.is_dir():
             raise DataNotFoundError(f"image folder not found or not a directory: {self.root}")
-        entries = sorted(e for e in self.root.iterdir() if not _is_hidden(e.name))
-        class_dirs = [e for e in entries if e.is_dir()]
-        paths: list[Path] = []
-        labels: list[int] = []
-        if class_dirs:
-            classes = [d.name for d in class_dirs]
-            for e in entries:
-                if not e.is_dir() and skips is not None:
-                    skips.add(e, "not inside a class folder")
-            for index, folder in enumerate(class_dirs):
-                files = _walk_images(folder, skips)
-                if not files:
-                    log.warning("class folder %s has no images", folder)
-                paths += files
-                labels += [index] * len(files)
-        else:
-            classes = []
-            paths = _walk_images(self.root, skips)
-            labels = [-1] * len(paths)
-        if not paths:
-            exts = " ".join(sorted(IMAGE_EXTENSIONS))
-            raise DataError(
-                f"no images found in {self.root} (expected files with extensions {exts}, "
-                "either directly in the folder or in one sub-folder per class)"
-            )
+        paths, labels, classes = class_folder_files(
+            self.root, IMAGE_EXTENSIONS, "image", "images", skips
+        )
         super().__init__(paths, np.array(labels), classes, min_size, max_pixels)
 
 

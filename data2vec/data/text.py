@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from data2vec.data.files import walk_files
 from data2vec.data.skips import SkipLog
 from data2vec.errors import DataError, DataNotFoundError
 
@@ -157,13 +158,7 @@ def text_files(spec: Path, suffixes: tuple[str, ...]) -> list[Path]:
     if not spec.exists():
         raise DataNotFoundError(f"text data not found: {spec}")
     if spec.is_dir():
-        files = sorted(
-            p
-            for p in spec.rglob("*")
-            if p.suffix.lower() in suffixes
-            and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(spec).parts)
-        )
+        files = walk_files(spec, suffixes, "text", None)
         if not files:
             raise DataError(f"{spec}: no text files found (looked for {allowed}, recursively)")
         return files

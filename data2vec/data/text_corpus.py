@@ -96,7 +96,7 @@ def prepare_text(cfg: Config, spec: str | Path, skips: SkipLog, work_dir: Path) 
         log.info("corpus: %s", stats.as_dict())
     if store.num_tokens == 0:
         raise DataError(f"no text to pretrain on in {spec}")
-    B, T = cfg.data.block_size, cfg.data.block_size
+    T = cfg.data.block_size
     blocks = pack_blocks(store.doc_lengths, T)
     log.info(
         "%d documents, %d tokens -> %d blocks of %d tokens",
