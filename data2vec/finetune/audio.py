@@ -19,12 +19,11 @@ from data2vec.config import Config
 from data2vec.data.audio import AudioSource, normalize, open_audio_source, random_crop
 from data2vec.data.sampling import BucketedBatchSampler
 from data2vec.data.skips import SkipError, SkipLog
-from data2vec.errors import DataError, UserError
-from data2vec.evaluate.features import load_encoder
+from data2vec.errors import DataError
 from data2vec.finetune.ctc import CharVocab
 from data2vec.finetune.heads import ClassificationHead, CTCHead
 from data2vec.finetune.image import label_space
-from data2vec.finetune.model import FineTuneModel, SupervisedBatch
+from data2vec.finetune.model import FineTuneModel, SupervisedBatch, load_pretrained
 from data2vec.finetune.trainer import FineTuneConfig, FineTuneResult, finetune
 from data2vec.masking import make_rng
 
@@ -149,12 +148,7 @@ def finetune_audio(
     cfg: FineTuneConfig,
 ) -> FineTuneResult:
     """Fine-tune the speech encoder of ``checkpoint`` for ``audio-classification`` or ``ctc``."""
-    encoder_config, encoder = load_encoder(checkpoint)
-    if encoder_config.model.modality != "audio":
-        raise UserError(
-            f"{checkpoint} holds a {encoder_config.model.modality} encoder; {task} needs a "
-            "speech encoder"
-        )
+    encoder_config, encoder = load_pretrained(checkpoint, "audio", task, "a speech encoder")
     skips = SkipLog()
     train = open_audio_source(train_path, skips)
     valid = open_audio_source(valid_path, skips)

@@ -21,10 +21,9 @@ from data2vec.data.images import ImageSource, open_image_source
 from data2vec.data.sampling import StreamBatchSampler
 from data2vec.data.skips import SkipError, SkipLog
 from data2vec.data.transforms import EvalTransform, TrainTransform
-from data2vec.errors import DataError, UserError
-from data2vec.evaluate.features import load_encoder
+from data2vec.errors import DataError
 from data2vec.finetune.heads import ClassificationHead
-from data2vec.finetune.model import FineTuneModel, SupervisedBatch
+from data2vec.finetune.model import FineTuneModel, SupervisedBatch, load_pretrained
 from data2vec.finetune.trainer import FineTuneConfig, FineTuneResult, finetune
 from data2vec.masking import make_rng
 
@@ -153,12 +152,9 @@ def finetune_images(
         out: the run directory (see :func:`~data2vec.finetune.trainer.finetune`).
         cfg: fine-tuning settings.
     """
-    encoder_config, encoder = load_encoder(checkpoint)
-    if encoder_config.model.modality != "image":
-        raise UserError(
-            f"{checkpoint} holds a {encoder_config.model.modality} encoder; "
-            "image-classification needs an image encoder"
-        )
+    encoder_config, encoder = load_pretrained(
+        checkpoint, "image", "image-classification", "an image encoder"
+    )
     skips = SkipLog()
     train = open_image_source(train_path, skips)
     valid = open_image_source(valid_path, skips)

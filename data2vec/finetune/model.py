@@ -182,6 +182,23 @@ def layer_decay_groups(
     return [groups[k] for k in sorted(groups)]
 
 
+def load_pretrained(
+    checkpoint: str | Path, modality: str, task: str, needs: str
+) -> tuple[Config, nn.Module]:
+    """The pretrained encoder of ``checkpoint``, refused unless it is of ``modality``.
+
+    ``needs`` completes the message, e.g. "an image encoder".
+    """
+    from data2vec.evaluate.features import load_encoder
+
+    encoder_config, encoder = load_encoder(checkpoint)
+    if encoder_config.model.modality != modality:
+        raise UserError(
+            f"{checkpoint} holds a {encoder_config.model.modality} encoder; {task} needs {needs}"
+        )
+    return encoder_config, encoder
+
+
 # --------------------------------------------------------------------------------------------
 # the fine-tuned model directory: config.yaml + model.safetensors + finetune.json
 

@@ -18,11 +18,10 @@ from torch.utils.data import DataLoader, Dataset
 from data2vec.data.sampling import BucketedBatchSampler
 from data2vec.data.skips import SkipLog
 from data2vec.data.text import read_labelled_text
-from data2vec.errors import DataError, UserError
-from data2vec.evaluate.features import load_encoder
+from data2vec.errors import DataError
 from data2vec.evaluate.text import pad_tokens, require_tokenizer, tokenize_texts
 from data2vec.finetune.heads import ClassificationHead
-from data2vec.finetune.model import FineTuneModel, SupervisedBatch
+from data2vec.finetune.model import FineTuneModel, SupervisedBatch, load_pretrained
 from data2vec.finetune.trainer import FineTuneConfig, FineTuneResult, finetune
 
 log = logging.getLogger(__name__)
@@ -76,12 +75,9 @@ def finetune_text(
     cfg: FineTuneConfig,
 ) -> FineTuneResult:
     """Fine-tune the text encoder of ``checkpoint`` for sequence classification."""
-    encoder_config, encoder = load_encoder(checkpoint)
-    if encoder_config.model.modality != "text":
-        raise UserError(
-            f"{checkpoint} holds a {encoder_config.model.modality} encoder; "
-            "text-classification needs a text encoder"
-        )
+    encoder_config, encoder = load_pretrained(
+        checkpoint, "text", "text-classification", "a text encoder"
+    )
     tokenizer = require_tokenizer(encoder)
     skips = SkipLog()
     train_texts, train_labels = read_labelled_text(train_path, skips)
