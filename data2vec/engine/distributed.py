@@ -86,6 +86,13 @@ def global_sum(value: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def global_count(n: int, device: torch.device) -> int:
+    """``n`` summed over all ranks, at least 1 (a loss normalizer); ``max(n, 1)`` alone."""
+    if not active():
+        return max(n, 1)
+    return max(int(global_sum(torch.tensor(float(n), device=device))), 1)
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` is true on at least one rank (every rank gets the same answer)."""
     if not active():

@@ -168,9 +168,9 @@ class Data2Vec1(nn.Module):
         pred = self.decoder.final_proj(x[loss_mask])
         y = targets[loss_mask]
         world = distributed.world_size()
-        local_size = max(int(loss_mask.sum()), 1)
-        count = loss_mask.sum().to(torch.float32)
-        sample_size = local_size if world == 1 else max(int(distributed.global_sum(count)), 1)
+        n_masked = int(loss_mask.sum())
+        local_size = max(n_masked, 1)
+        sample_size = distributed.global_count(n_masked, pred.device)
         reg = regression_loss(pred, y, self.loss_cfg.beta, self.loss_cfg.scale)
         logs = {
             "loss_regression": reg.detach() / local_size,

@@ -178,8 +178,7 @@ class Data2Vec2(nn.Module):
         # The loss is a mean over the masked tokens of *all* workers: DDP averages gradients
         # over W ranks, so each rank scales its sum by W / (global count).
         world = distributed.world_size()
-        count = torch.tensor(float(rows.numel()), device=pred.device)
-        sample_size = local_size if world == 1 else max(int(distributed.global_sum(count)), 1)
+        sample_size = distributed.global_count(int(rows.numel()), pred.device)
         reg = regression_loss(pred, y, self.loss_cfg.beta, self.loss_cfg.scale)
         loss = reg / sample_size * world
         logs = {"loss_regression": reg.detach() / local_size}
