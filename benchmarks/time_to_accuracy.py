@@ -7,6 +7,9 @@ train/test splits) and report accuracy against pretraining seconds. Prints and w
 (``OUT/time_to_accuracy.json``) and a plot (``OUT/time_to_accuracy.png``).
 
 python benchmarks/time_to_accuracy.py --modality audio --minutes 5 --out tta_audio
+
+Images probe on fixed random subsets of Fashion-MNIST (``--probe-train``/``--probe-test``
+images; the demo's probe uses the full splits) so that probing many checkpoints stays cheap.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from data2vec.commands import evaluate_features
 from data2vec.config import load_config
@@ -25,7 +30,37 @@ from data2vec.engine.trainer import pretrain
 from data2vec.evaluate.features import embed_source, load_encoder
 
 
+class SourceSubset:
+    """A fixed subset of a labelled source (the part of the interface embedding uses)."""
+
+    def __init__(self, source, count: int, seed: int = 0) -> None:
+        self.source = source
+        n = len(source)
+        rng = np.random.default_rng(seed)
+        self.index = np.sort(rng.permutation(n)[: min(count, n)])
+        self.classes = source.classes
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def name(self, i: int) -> str:
+        return self.source.name(int(self.index[i]))
+
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.source.labels())[self.index]
+
+    def label(self, i: int) -> int:
+        return self.source.label(int(self.index[i]))
+
+    def load(self, i: int):
+        return self.source.load(int(self.index[i]))
+
+
 def _recipe(modality: str, out: Path, minutes: float):
+    if modality == "image":
+        from data2vec.demo import image_recipe
+
+        return image_recipe("fashion-mnist")
     if modality == "audio":
         from data2vec.demo_audio import audio_recipe
 
@@ -81,14 +116,19 @@ def _plot(result: dict[str, Any], out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--modality", choices=["audio", "text"], default="audio")
+    p.add_argument("--modality", choices=["image", "audio", "text"], default="audio")
     p.add_argument("--minutes", type=float, default=5.0)
     p.add_argument("--checkpoints", type=int, default=8, help="probe points per run")
     p.add_argument("--out", type=Path, default=Path("time_to_accuracy"))
+    p.add_argument("--probe-train", type=int, default=10000, help="images: probe train subset")
+    p.add_argument("--probe-test", type=int, default=5000, help="images: probe test subset")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     recipe = _recipe(args.modality, args.out, args.minutes)
     sources = [recipe.open_source(s) for s in (recipe.train, recipe.test)]
+    if args.modality == "image":
+        sources = [SourceSubset(sources[0], args.probe_train, seed=0),
+                   SourceSubset(sources[1], args.probe_test, seed=1)]  # fmt: skip
     data = recipe.pretrain or recipe.train
     runs: dict[str, list[dict[str, float]]] = {}
     for algo in ("v1", "v2"):

@@ -44,13 +44,23 @@ class ModelConfig:
     post_mlp_dropout: float = 0.0
     drop_path: float = 0.0  # stochastic depth of the last shared block (linear from 0)
     layerdrop: float = 0.0  # probability of skipping a whole block in training (audio: 0.05)
+    # post_ln: the data2vec 2.0 block (and 1.0 speech/text); layer_scale: the pre-LN BEiT block
+    # of data2vec 1.0 vision (layer scale, q/v biases without k bias), see nn/beit.py
+    block: Literal["post_ln", "layer_scale"] = "post_ln"
+    layer_scale: float = 0.1  # initial gamma of layer_scale blocks (BEiT base 0.1, large 1e-5)
+    # layer_scale blocks: a LayerNorm after the last block (False: the raw last-block output,
+    # as a Hugging Face Data2VecVisionModel with use_mean_pooling returns it)
+    final_norm: bool = True
     # Padded frames/tokens never influence valid ones: zeroed before every convolution over
     # time, excluded from target statistics and from the loss. False reproduces fairseq, where
     # they leak into nearby valid frames (only matters for padded batches).
     exact_padding: bool = True
+    # Recompute each shared block of the student in backward instead of keeping its
+    # activations (data2vec 2.0): less memory for ~1/3 more block compute; same gradients.
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
-        _positive(self, "embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps")
+        _positive(self, "embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps", "layer_scale")
         if self.embed_dim % self.num_heads:
             raise ConfigError(
                 f"model.embed_dim={self.embed_dim} must be divisible by "
@@ -78,10 +88,18 @@ class ImageEncoderConfig:
     in_chans: int = 3
     prenet_depth: int = 2
     num_extra_tokens: int = 1  # the CLS token
+    # sincos: fixed 2-D sin-cos added to the patches (2.0); relative: a learned relative
+    # position bias shared by all blocks, no absolute positions (1.0 / BEiT)
+    positions: Literal["sincos", "relative"] = "sincos"
 
     def __post_init__(self) -> None:
         _positive(self, "image_size", "patch_size", "in_chans")
         _non_negative(self, "prenet_depth", "num_extra_tokens")
+        if self.positions == "relative" and self.num_extra_tokens != 1:
+            raise ConfigError(
+                "encoder.positions=relative needs encoder.num_extra_tokens=1 (the bias table "
+                f"has entries for one CLS token), got {self.num_extra_tokens}"
+            )
         if self.image_size % self.patch_size:
             raise ConfigError(
                 f"encoder.image_size={self.image_size} must be a multiple of "
@@ -162,13 +180,15 @@ class MaskConfig:
     SECTION: ClassVar[str] = "mask"
 
     # inverse_block (2.0 images), block (2.0 speech), random (2.0 text), span (1.0 speech:
-    # ``ratio`` is the span start probability, ``block`` the span length)
-    kind: Literal["inverse_block", "block", "random", "span"] = "inverse_block"
+    # ``ratio`` is the span start probability, ``block`` the span length), beit (1.0 images:
+    # rectangles of at least ``min_block`` patches until ``ratio`` of the patches are masked)
+    kind: Literal["inverse_block", "block", "random", "span", "beit"] = "inverse_block"
     ratio: float = 0.8
     adjust: float = 0.07  # extra probability compensating for overlapping blocks
     block: int = 3  # side of the 2-D squares (images) or length of the 1-D spans (audio)
     clones: int = 16  # masked copies per sample (the teacher still runs once per sample)
     noise_std: float = 0.01  # std of the N(0, s²) values that fill masked slots in the decoder
+    min_block: int = 16  # beit: smallest rectangle in patches (BEiT min_num_patches)
     # data2vec 1.0 text, BERT style (fairseq random_token_prob / leave_unmasked_prob): of the
     # selected tokens these shares get a random token or stay unchanged instead of <mask>; the
     # loss counts only the <mask> positions. The released span recipe uses 0 / 0.
@@ -178,7 +198,7 @@ class MaskConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.ratio < 1.0:
             raise ConfigError(f"mask.ratio={self.ratio} must be in (0, 1)")
-        _positive(self, "block", "clones")
+        _positive(self, "block", "clones", "min_block")
         _non_negative(self, "adjust", "noise_std")
         _fraction(self, "random_token", "leave_unmasked")
         if self.random_token + self.leave_unmasked >= 1.0:
@@ -225,6 +245,9 @@ class TargetConfig:
     top_k: int = 10
     layer_norm: Literal["instance", "layer", "none"] = "instance"
     final_norm: Literal["layer", "instance", "none"] = "layer"
+    # ffn: each block's FFN output before the last residual (2.0; 1.0 speech and text);
+    # block: the end-of-block output (1.0 vision)
+    source: Literal["ffn", "block"] = "ffn"
 
     def __post_init__(self) -> None:
         _positive(self, "top_k")
@@ -238,6 +261,9 @@ class LossConfig:
 
     beta: float = 0.0  # 0 = L2; > 0 = smooth L1 with this beta
     scale: float | None = None  # None = 1/sqrt(D)
+    # sum: summed over the D dims, times ``scale``; mean: averaged over them (1.0 vision,
+    # smooth-L1 with the default mean reduction; ``scale`` is then ignored)
+    reduction: Literal["sum", "mean"] = "sum"
     cls_weight: float = 0.01  # image CLS loss (0 turns it off)
 
     def __post_init__(self) -> None:
@@ -345,6 +371,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     tensorboard: bool = True
     progress: bool = True
+    # torch.compile the student's shared blocks and decoder (opt-in: compiling takes minutes
+    # and needs a C++ compiler on CPU; see data2vec/compile.py)
+    compile: bool = False
     # Collapse guard (fairseq min_target_var / min_pred_var): stop when the per-dimension std of
     # targets or predictions falls below these after ``collapse_after`` steps (None = warm-up).
     min_target_std: float = 0.1
@@ -353,10 +382,21 @@ class TrainConfig:
     # Steps with a non-finite loss or gradient are skipped and counted; this many in a row stop
     # the run (the last checkpoint, written before them, is kept).
     max_nonfinite: int = 20
+    # Gradient accumulation: micro-batches of data.batch_size per optimizer step (fairseq
+    # update_freq); the loss is normalized by the masked-token count of all of them.
+    accum_steps: int = 1
+    # How torchrun ranks share the model: ddp replicates it; fsdp shards parameters, gradients
+    # and optimizer state (FSDP2 ``fully_shard``) for models that do not fit one device.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self) -> None:
         _non_negative(self, "max_steps", "min_target_std", "min_pred_std")
         _positive(self, "log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite")
+        if self.accum_steps < 1:
+            raise ConfigError(
+                f"train.accum_steps={self.accum_steps} must be an integer >= 1 "
+                "(1 = no gradient accumulation)"
+            )
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ConfigError(f"train.max_minutes={self.max_minutes} must be > 0 or null")
         if self.threads is not None and self.threads < 1:

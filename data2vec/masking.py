@@ -171,6 +171,70 @@ def random_mask(
     return ~keep
 
 
+def beit_block_mask(
+    height: int,
+    width: int,
+    num_rows: int,
+    mask_ratio: float,
+    rng: np.random.Generator,
+    min_block: int = 16,
+    min_aspect: float = 0.3,
+    attempts: int = 10,
+) -> np.ndarray:
+    """BEiT block-wise masking (Bao et al. 2022, Algorithm 1), as data2vec 1.0 vision uses it.
+
+    Each row masks rectangles until ``round(ratio · h·w)`` patches are masked: a rectangle's
+    area is uniform in ``[min_block, still missing]``, its aspect ratio log-uniform in
+    ``[min_aspect, 1/min_aspect]``, its position uniform. A rectangle is accepted only if it
+    masks at least one new patch and no more than are still missing, so a row never exceeds
+    the target; after ``attempts`` rejected draws in a row the row stops short (rare: only when
+    the few missing patches cannot be covered by any admissible rectangle).
+
+    Returns:
+        ``(num_rows, h·w)`` bool, True = masked; the masked count may differ between rows.
+    """
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f"mask ratio must be in (0, 1), got {mask_ratio}")
+    target = round(mask_ratio * height * width)
+    log_aspect = (np.log(min_aspect), -np.log(min_aspect))
+    out = np.zeros((num_rows, height, width), dtype=bool)
+    for grid in out:
+        count = 0
+        while count < target:
+            added = _place_rectangle(grid, target - count, min_block, log_aspect, rng, attempts)
+            if added == 0:
+                break
+            count += added
+    return out.reshape(num_rows, height * width)
+
+
+def _place_rectangle(
+    grid: np.ndarray,
+    budget: int,
+    min_block: int,
+    log_aspect: tuple[float, float],
+    rng: np.random.Generator,
+    attempts: int,
+) -> int:
+    """Mask one admissible rectangle of ``grid`` (in place); return the patches newly masked."""
+    height, width = grid.shape
+    for _ in range(attempts):
+        area = rng.uniform(min(min_block, budget), budget)
+        aspect = float(np.exp(rng.uniform(*log_aspect)))
+        h = round(float(np.sqrt(area * aspect)))
+        w = round(float(np.sqrt(area / aspect)))
+        if not (0 < h < height and 0 < w < width):
+            continue
+        top = int(rng.integers(0, height - h + 1))
+        left = int(rng.integers(0, width - w + 1))
+        window = grid[top : top + h, left : left + w]
+        new = int(h * w - window.sum())
+        if 0 < new <= budget:
+            window[...] = True
+            return new
+    return 0
+
+
 @dataclass(frozen=True)
 class MaskInfo:
     """A batch of masks in the two forms the model needs.

@@ -90,7 +90,7 @@ def test_overrides_are_typed():
         (
             "mask.kind=blocky",
             "mask.kind='blocky' is not allowed; allowed values: "
-            "['inverse_block', 'block', 'random', 'span']",
+            "['inverse_block', 'block', 'random', 'span', 'beit']",
         ),
         ("target.layer_norm=batch", "allowed values: ['instance', 'layer', 'none']"),
         ("optim.lr=-1", "optim.lr=-1"),

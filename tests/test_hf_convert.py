@@ -140,3 +140,68 @@ def test_audio_export_to_hf__automodel_gives_our_outputs(tmp_path):
         out = hf(wave, attention_mask=keep).last_hidden_state
     valid = ~ref.padding_mask
     torch.testing.assert_close(out[valid], ref.x[valid], atol=1e-4, rtol=1e-4)
+
+
+TINY_VISION = ["model.embed_dim=32", "model.depth=2", "model.num_heads=4",
+               "encoder.image_size=16", "encoder.patch_size=4", "target.top_k=2"]  # fmt: skip
+
+
+def _randomized(module: torch.nn.Module) -> torch.nn.Module:
+    """Give every zero/one-initialized tensor (biases, gammas, bias table) random values."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return module
+
+
+def test_vision_export_to_hf__automodel_gives_our_outputs(tmp_path):
+    cfg = load_config("image-v1-tiny", TINY_VISION)
+    torch.manual_seed(4)
+    encoder = _randomized(build_encoder(cfg)).eval()
+    export_encoder(tmp_path / "ours", cfg, encoder)
+    code = main(["convert", "--from", "ours", "--to", "hf", str(tmp_path / "ours"),
+                 str(tmp_path / "hf")])  # fmt: skip
+    assert code == 0
+    hf = transformers.AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(hf).__name__ == "Data2VecVisionModel"
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = encoder(images).x
+        out = hf(pixel_values=images).last_hidden_state
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    saved = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert saved["use_shared_relative_position_bias"] and not saved["use_mean_pooling"]
+
+
+@pytest.mark.parametrize("mean_pooling", [False, True])
+def test_vision_import_from_hf__same_outputs(tmp_path, mean_pooling):
+    torch.manual_seed(5)
+    config = transformers.Data2VecVisionConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        image_size=16, patch_size=4, use_shared_relative_position_bias=True,
+        use_mean_pooling=mean_pooling, layer_norm_eps=1e-6, hidden_dropout_prob=0.0,
+    )  # fmt: skip
+    hf = _randomized(transformers.Data2VecVisionModel(config)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    code = main(["convert", "--from", "hf", "--to", "ours", str(tmp_path / "hf"),
+                 str(tmp_path / "ours")])  # fmt: skip
+    assert code == 0
+    cfg, encoder = load_encoder(tmp_path / "ours")
+    assert cfg.model.final_norm is not mean_pooling
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = hf(pixel_values=images).last_hidden_state
+        ours = encoder(images).x
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_vision_import__refuses_per_layer_position_tables(tmp_path, capsys):
+    config = transformers.Data2VecVisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+        image_size=16, patch_size=4, use_relative_position_bias=True,
+    )  # fmt: skip
+    transformers.Data2VecVisionModel(config).save_pretrained(tmp_path / "hf")
+    code = main(["convert", "--from", "hf", "--to", "ours", str(tmp_path / "hf"),
+                 str(tmp_path / "ours")])  # fmt: skip
+    assert code == 2
+    assert "per layer" in capsys.readouterr().err

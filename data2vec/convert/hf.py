@@ -1,16 +1,18 @@
-"""Hugging Face ``transformers`` interop: ours <-> ``Data2VecTextModel`` / ``Data2VecAudioModel``.
+"""Hugging Face ``transformers`` interop: ours <-> ``Data2VecTextModel`` / ``Data2VecAudioModel``
+/ ``Data2VecVisionModel``.
 
 A text encoder (post-LN blocks, token + learned positions with the fairseq/RoBERTa offset,
 embedding LayerNorm) is exactly a ``Data2VecTextModel`` (a RoBERTa) with one token type. A speech
 encoder without ALiBi (data2vec 1.0: wav2vec 2.0 CNN, multi-layer positional convolution, post-LN
-blocks, padded frames zeroed once) is exactly a ``Data2VecAudioModel``. Key names on the Hugging
-Face side are those of ``transformers``' ``models/data2vec/modeling_data2vec_{text,audio}.py``.
-Fused ``qkv`` weights are split into query/key/value on export and joined on import.
+blocks, padded frames zeroed once) is exactly a ``Data2VecAudioModel``; a data2vec 1.0 image
+encoder (BEiT) is a ``Data2VecVisionModel`` (``convert/hf_vision.py``). Key names on the Hugging
+Face side are those of ``transformers``' ``models/data2vec/modeling_data2vec_*.py``. Fused
+``qkv`` weights are split into query/key/value on export and joined on import.
 
 Not expressible, and refused with the reason: speech v2 encoders with ALiBi (an attention bias
 ``Data2VecAudioModel`` does not have) and image v2 encoders (post-LN ViT with fixed sin-cos
-positions and a CLS token; ``Data2VecVisionModel`` is a pre-LN BEiT with relative position
-bias). ``transformers`` is an optional dependency (``pip install data2vec[hf]``).
+positions; ``Data2VecVisionModel`` is a pre-LN BEiT with relative position bias).
+``transformers`` is an optional dependency (``pip install data2vec[hf]``).
 """
 
 from __future__ import annotations
@@ -136,6 +138,8 @@ def export_hf(model_dir: str | Path, out: str | Path) -> Path:
     cfg, encoder = load_encoder(model_dir)
     if cfg.model.modality == "audio" and not getattr(cfg.encoder, "alibi", True):
         return _export_audio(transformers, model_dir, cfg, encoder, Path(out))
+    if cfg.model.modality == "image" and cfg.model.block == "layer_scale":
+        return _export_vision(transformers, model_dir, cfg, encoder, Path(out))
     config = transformers.Data2VecTextConfig(**hf_config(cfg))
     model = transformers.Data2VecTextModel(config, add_pooling_layer=False)
     state = to_hf_state(encoder, cfg.model.depth)
@@ -155,14 +159,11 @@ def export_hf(model_dir: str | Path, out: str | Path) -> Path:
 
 
 def _export_audio(transformers, model_dir, cfg: Config, encoder: Encoder, out: Path) -> Path:
-    from safetensors.torch import load_file
-
     from data2vec.convert import hf_audio
-    from data2vec.engine import checkpoint as ckpt
 
     config = transformers.Data2VecAudioConfig(**hf_audio.audio_hf_config(cfg))
     model = transformers.Data2VecAudioModel(config)
-    weights = load_file(str(ckpt.resolve_model_dir(model_dir) / ckpt.MODEL_FILE))
+    weights = _saved_weights(model_dir)
     # data2vec 1.0's learned mask vector is Hugging Face's masked_spec_embed
     mask_emb = weights.get("decoder.mask_emb", model.masked_spec_embed.detach().clone())
     ours = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
@@ -173,27 +174,55 @@ def _export_audio(transformers, model_dir, cfg: Config, encoder: Encoder, out: P
     return out
 
 
+def _export_vision(transformers, model_dir, cfg: Config, encoder: Encoder, out: Path) -> Path:
+    from data2vec.convert import hf_vision
+
+    config = transformers.Data2VecVisionConfig(**hf_vision.vision_hf_config(cfg))
+    model = transformers.Data2VecVisionModel(config)
+    # data2vec 1.0's learned mask vector is Hugging Face's embeddings.mask_token
+    default = model.embeddings.mask_token.detach().reshape(-1).clone()
+    mask_emb = _saved_weights(model_dir).get("decoder.mask_emb", default)
+    ours = {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+    state = hf_vision.vision_to_hf(ours, cfg.model.depth, mask_emb)
+    check_complete(state, model.state_dict(), "Hugging Face Data2VecVisionModel")
+    model.load_state_dict(state, strict=True)
+    model.save_pretrained(out)
+    return out
+
+
+def _saved_weights(model_dir: str | Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    from data2vec.engine import checkpoint as ckpt
+
+    return load_file(str(ckpt.resolve_model_dir(model_dir) / ckpt.MODEL_FILE))
+
+
 def import_hf(path: str | Path) -> tuple[Config, Encoder]:
-    """A Hugging Face ``Data2VecTextModel``/``Data2VecAudioModel`` folder as our encoder."""
+    """A Hugging Face ``Data2VecTextModel``/``Data2VecAudioModel``/``Data2VecVisionModel``
+    folder as our encoder."""
     transformers = _transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
         model = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read a Hugging Face model from {path}: {exc}") from exc
-    if config.model_type == "data2vec-audio":
-        from data2vec.convert import hf_audio
+    if config.model_type in ("data2vec-audio", "data2vec-vision"):
+        from data2vec.convert import hf_audio, hf_vision
 
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        cfg, ours = hf_audio.audio_from_hf(config, state)
+        if config.model_type == "data2vec-audio":
+            cfg, ours = hf_audio.audio_from_hf(config, state)
+        else:
+            cfg, ours = hf_vision.vision_from_hf(config, state)
         encoder = build_encoder(cfg)
-        check_complete(ours, encoder.state_dict(), "data2vec speech encoder")
+        check_complete(ours, encoder.state_dict(), f"data2vec {cfg.model.modality} encoder")
         encoder.load_state_dict(ours, strict=True)
         return cfg, encoder.eval()
     if config.model_type != "data2vec-text":
         raise UserError(
-            f"{path} is a {config.model_type!r} model; importing supports data2vec-text and "
-            "data2vec-audio"
+            f"{path} is a {config.model_type!r} model; importing supports data2vec-text, "
+            "data2vec-audio and data2vec-vision"
         )
     if config.hidden_act != "gelu" or config.type_vocab_size != 1:
         raise UserError("only data2vec-text models with GELU and one token type are supported")

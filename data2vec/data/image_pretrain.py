@@ -15,13 +15,21 @@ from data2vec.data.batch import PretrainBatch
 from data2vec.data.images import ImageSource
 from data2vec.data.skips import SkipError
 from data2vec.data.transforms import TrainTransform
-from data2vec.masking import inverse_block_mask, make_rng, random_mask
+from data2vec.errors import ConfigError
+from data2vec.masking import beit_block_mask, inverse_block_mask, make_rng, random_mask
 
 
 class ImageMaskGenerator:
     """Draws the ``M`` masks of one sample as configured (``mask.kind``)."""
 
+    KINDS = ("inverse_block", "beit", "random")
+
     def __init__(self, cfg: Config, grid: tuple[int, int]) -> None:
+        if cfg.mask.kind not in self.KINDS:
+            raise ConfigError(
+                f"mask.kind={cfg.mask.kind!r} is not available for images; allowed: "
+                + ", ".join(self.KINDS)
+            )
         self.cfg = cfg.mask
         self.grid = grid
 
@@ -31,6 +39,8 @@ class ImageMaskGenerator:
         h, w = self.grid
         if m.kind == "inverse_block":
             return inverse_block_mask(h, w, rows, m.ratio, rng, block=m.block, adjust=m.adjust)
+        if m.kind == "beit":
+            return beit_block_mask(h, w, rows, m.ratio, rng, min_block=m.min_block)
         return random_mask(h * w, rows, m.ratio, rng)
 
 

@@ -110,7 +110,7 @@ class ModalityEncoder(nn.Module):
             if padding_mask is not None:
                 padding_mask = nn.functional.pad(padding_mask, (E, 0))
         bias = self.attention_bias(positions, local.shape[1], x.device)
-        if bias is not None and E > 0:
+        if bias is not None and E > 0 and not self.bias_covers_extra_tokens:
             bias = nn.functional.pad(bias, (E, 0, E, 0))  # extra tokens get no bias
         attn = attention_mask(padding_mask, bias, x.dtype)
         x = self.context_encoder(x, attn)
@@ -136,6 +136,11 @@ class ModalityEncoder(nn.Module):
     ) -> Tensor | None:
         """Additive attention bias ``(N | 1, H, V, V)`` for tokens at ``positions`` (None: none)."""
         return None
+
+    @property
+    def bias_covers_extra_tokens(self) -> bool:
+        """True when :meth:`attention_bias` already has rows/columns for the extra tokens."""
+        return False
 
     @staticmethod
     def _keep_visible(

@@ -1,7 +1,9 @@
-"""Images: patch embedding, fixed 2-D sin-cos positions, a CLS token, 2-D decoder.
+"""Images: patch embedding, 2-D positions, a CLS token, 2-D decoder.
 
-Defaults follow the data2vec 2.0 ViT-B/16 recipe (fairseq ``ImageEncoder``). Module and
-buffer names follow fairseq where that keeps weight conversion a plain rename.
+Defaults follow the data2vec 2.0 ViT-B/16 recipe (fairseq ``ImageEncoder``): fixed 2-D sin-cos
+positions added to the patches. data2vec 1.0 (BEiT backbone) instead uses a learned relative
+position bias shared by all blocks (``encoder.positions: relative``, ``nn/beit.py``). Module
+and buffer names follow fairseq where that keeps weight conversion a plain rename.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from torch import Tensor, nn
 from data2vec.config import DecoderConfig, ImageEncoderConfig
 from data2vec.modalities.base import ContextEncoder, ModalityEncoder
 from data2vec.models.decoders import ConvDecoder, build_conv_decoder
+from data2vec.nn.beit import RelativePositionBias
 from data2vec.nn.positions import sincos_2d
 
 
@@ -47,6 +50,7 @@ class ImageEncoder(ModalityEncoder):
     Args:
         cfg: image encoder settings (size, patch, channels, prenet depth, extra tokens).
         embed_dim: model width ``D``.
+        num_heads: attention heads (the relative position bias has one table column per head).
         make_block: factory of one prenet block.
         make_norm: factory of the LayerNorm that starts the context encoder (post-LN models).
     """
@@ -55,6 +59,7 @@ class ImageEncoder(ModalityEncoder):
         self,
         cfg: ImageEncoderConfig,
         embed_dim: int,
+        num_heads: int,
         make_block: Callable[[], nn.Module],
         make_norm: Callable[[int], nn.Module],
     ) -> None:
@@ -63,14 +68,41 @@ class ImageEncoder(ModalityEncoder):
         self.num_extra_tokens = cfg.num_extra_tokens
         self.local_encoder = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.in_chans, embed_dim)
         self.grid = self.local_encoder.grid
-        pos = sincos_2d(embed_dim, *self.grid).unsqueeze(0)  # (1, T, D)
-        self.register_buffer("pos_embed", pos, persistent=True)
+        self.rel_pos_bias: RelativePositionBias | None = None
+        if cfg.positions == "relative":
+            self.pos_embed = None
+            self.rel_pos_bias = RelativePositionBias(self.grid, num_heads)
+        else:
+            pos = sincos_2d(embed_dim, *self.grid).unsqueeze(0)  # (1, T, D)
+            self.register_buffer("pos_embed", pos, persistent=True)
         self.extra_tokens = None
         if cfg.num_extra_tokens > 0:
             # data2vec 2.0 images: the CLS token starts from N(0, 1) (init_extra_token_zero=False).
             self.extra_tokens = nn.Parameter(torch.randn(1, cfg.num_extra_tokens, embed_dim))
         blocks = nn.ModuleList(make_block() for _ in range(cfg.prenet_depth))
         self.context_encoder = ContextEncoder(make_norm(embed_dim), blocks)
+
+    def attention_bias(
+        self, positions: Tensor | None, length: int, device: torch.device
+    ) -> Tensor | None:
+        """The shared relative position bias, CLS row and column included, or None.
+
+        ``(1, H, 1 + T, 1 + T)`` for all patches, ``(N, H, 1 + V, 1 + V)`` for the patches at
+        ``positions`` after token dropping.
+        """
+        if self.rel_pos_bias is None:
+            return None
+        return self.rel_pos_bias(positions)
+
+    @property
+    def bias_covers_extra_tokens(self) -> bool:
+        return self.rel_pos_bias is not None
+
+    def no_weight_decay(self) -> set[str]:
+        names = super().no_weight_decay()
+        if self.rel_pos_bias is not None:
+            names.add("rel_pos_bias.relative_position_bias_table")  # BEiT: no decay
+        return names
 
     def num_tokens(self) -> int:
         return self.grid[0] * self.grid[1]

@@ -1,5 +1,5 @@
 """The data2vec 1.0 objective (Baevski et al. 2022, "data2vec: A General Framework for
-Self-supervised Learning in Speech, Vision and Language"), speech and text so far.
+Self-supervised Learning in Speech, Vision and Language") for speech, text and images.
 
 One training step::
 
@@ -14,7 +14,11 @@ the positional convolution; the teacher owns everything but the CNN and copies (
 average) the positional convolution (fairseq ``ema_transformer_only``/``ema_layers_only``);
 L2 / sqrt(D); a linear head. Text: masked tokens become ``<mask>``; the teacher owns the whole
 encoder but copies the embeddings (fairseq ``ema_transformer_layers_only``); smooth L1 with
-beta 4; a 2-layer head.
+beta 4; a 2-layer head. Images: a learned mask embedding replaces masked patches (BEiT
+block-wise masks), pre-LN layer-scale blocks with a shared relative position bias
+(``nn/beit.py``), targets from the end-of-block outputs of the top 6 blocks (LayerNorm per layer
+and of the average), smooth L1 with beta 2 averaged over dimensions, a linear head on the
+final LayerNorm's output; the teacher averages the whole encoder.
 """
 
 from __future__ import annotations
@@ -39,6 +43,12 @@ class MaskAndHead(nn.Module):
         if modality == "audio":
             self.mask_emb = nn.Parameter(torch.rand(dim))  # fairseq: FloatTensor(D).uniform_()
             self.final_proj: nn.Module = nn.Linear(dim, dim)
+        elif modality == "image":
+            # data2vec-vision / BEiT: mask token trunc-normal(0.02), lm_head Linear(D, D)
+            self.mask_emb = nn.Parameter(nn.init.trunc_normal_(torch.empty(dim), std=0.02))
+            self.final_proj = nn.Linear(dim, dim)
+            nn.init.trunc_normal_(self.final_proj.weight, std=0.02)
+            nn.init.zeros_(self.final_proj.bias)
         else:  # text: fairseq head_layers=2, Linear(D, 2D) -> GELU -> Linear(2D, D)
             self.final_proj = nn.Sequential(
                 nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
@@ -56,11 +66,6 @@ class Data2Vec1(nn.Module):
 
     def __init__(self, encoder: Encoder, teacher: EMATeacher, cfg: Config) -> None:
         super().__init__()
-        if cfg.model.modality not in ("audio", "text"):
-            raise NotImplementedError(
-                f"data2vec 1.0 is available for audio and text so far, not model.modality="
-                f"{cfg.model.modality!r}"
-            )
         self.modality = cfg.model.modality
         self.mask_id = getattr(cfg.encoder, "mask_id", None)
         self.vocab_size = getattr(cfg.encoder, "vocab_size", None)
@@ -97,8 +102,10 @@ class Data2Vec1(nn.Module):
         else:
             ctx = teacher.modality.contextualize(local.detach(), padding_mask)
         out = teacher.forward_blocks(ctx, keep_layers=True)
+        layers = out.layer_outputs if self.target_cfg.source == "block" else out.layer_results
+        E = out.num_extra_tokens
         return build_targets(
-            out.layer_results,
+            [layer[:, E:] for layer in layers] if E else layers,
             self.target_cfg.top_k,
             self.target_cfg.layer_norm,
             self.target_cfg.final_norm,
@@ -129,16 +136,16 @@ class Data2Vec1(nn.Module):
     ) -> Tensor:
         """The full student on the masked input: ``(B, T, D)``.
 
-        Speech replaces masked local features by the mask embedding; text re-embeds the tokens
-        with ``<mask>`` at masked positions (``source`` already corrupted, see
-        :meth:`text_corruption`).
+        Speech and images replace masked local features by the mask embedding; text re-embeds
+        the tokens with ``<mask>`` at masked positions (``source`` already corrupted, see
+        :meth:`text_corruption`). Extra tokens (the image CLS) are dropped from the output.
         """
         if self.modality == "text":
             local, _ = self.encoder.modality.embed(source)
         else:
             local = torch.where(mask.unsqueeze(-1), self.decoder.mask_emb.to(local.dtype), local)
         ctx = self.encoder.modality.contextualize(local, padding_mask)
-        return self.encoder.forward_blocks(ctx).x
+        return self.encoder.forward_blocks(ctx).tokens
 
     def forward(
         self,
@@ -150,7 +157,7 @@ class Data2Vec1(nn.Module):
         """One pretraining forward pass.
 
         Args:
-            source: waveforms ``(B, S)`` or token ids ``(B, T)``.
+            source: waveforms ``(B, S)``, token ids ``(B, T)`` or images ``(B, C, H, W)``.
             mask: ``(B, T)`` bool frame/token mask, True = masked.
             padding_mask: ``(B, S)`` input padding, True = padding, or None.
             noise: unused (the 2.0 objective's mask-token values; kept for one signature).
@@ -171,7 +178,10 @@ class Data2Vec1(nn.Module):
         n_masked = int(loss_mask.sum())
         local_size = max(n_masked, 1)
         sample_size = distributed.global_count(n_masked, pred.device)
-        reg = regression_loss(pred, y, self.loss_cfg.beta, self.loss_cfg.scale)
+        scale = self.loss_cfg.scale
+        if self.loss_cfg.reduction == "mean":
+            scale = 1.0 / pred.shape[-1]  # the element-wise mean, once divided by n_masked
+        reg = regression_loss(pred, y, self.loss_cfg.beta, scale)
         logs = {
             "loss_regression": reg.detach() / local_size,
             "target_std": per_dim_std(y),
