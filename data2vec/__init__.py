@@ -19,7 +19,13 @@ def load_model(path, weights: str = "student"):
 
 
 def save_model(path, config, encoder):
-    """Write ``encoder`` and its ``config`` as a model directory :func:`load_model` reads."""
+    """Write ``encoder`` and its ``config`` as a model directory :func:`load_model` reads:
+    ``config.json`` + ``model.safetensors`` (+ ``tokenizer.json`` for text)."""
     from data2vec.convert.export import export_encoder
 
     return export_encoder(path, config, encoder)
+
+
+# The names Hugging Face users reach for.
+from_pretrained = load_model
+save_pretrained = save_model

@@ -205,3 +205,29 @@ def test_vision_import__refuses_per_layer_position_tables(tmp_path, capsys):
                  str(tmp_path / "ours")])  # fmt: skip
     assert code == 2
     assert "per layer" in capsys.readouterr().err
+
+
+def test_model_directory__versioned_config_json(tmp_path):
+    import data2vec
+
+    cfg = load_config("image-v1-tiny", TINY_VISION)
+    encoder = build_encoder(cfg).eval()
+    data2vec.save_pretrained(tmp_path / "m", cfg, encoder)
+    doc = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert doc["format"] == "data2vec-model" and doc["format_version"] == 1
+    assert (doc["modality"], doc["algorithm"]) == ("image", "v1")
+    files = sorted(p.name for p in (tmp_path / "m").iterdir())
+    assert files == ["config.json", "model.safetensors"]
+    cfg2, loaded = data2vec.from_pretrained(tmp_path / "m")
+    assert cfg2.to_dict() == cfg.to_dict()
+    images = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(images).x, encoder(images).x)
+    # a newer format, and a Hugging Face config.json, are refused by name
+    doc["format_version"] = 2
+    (tmp_path / "m" / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(data2vec.errors.UserError, match="format_version 2"):
+        data2vec.load_model(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "data2vec-vision"}))
+    with pytest.raises(data2vec.errors.UserError, match="convert --from hf"):
+        data2vec.load_model(tmp_path / "m")

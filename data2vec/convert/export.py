@@ -1,4 +1,4 @@
-"""Our model directory: ``config.yaml``, ``model.safetensors`` and ``teacher.safetensors``
+"""Our model directory: ``config.json``, ``model.safetensors`` and ``teacher.safetensors``
 (+ ``tokenizer.json`` for text)."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def export_model(out: str | Path, cfg: Config, model: Data2Vec2) -> Path:
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / ckpt.MODEL_FILE))
     teacher = {k: v.contiguous() for k, v in model.teacher.state_dict().items()}
     save_file(teacher, str(out / ckpt.TEACHER_FILE))
-    cfg.save(out / ckpt.CONFIG_FILE)
+    ckpt.save_model_config(cfg, out)
     ckpt.save_assets(model.encoder, out)
     return out
 
@@ -33,6 +33,6 @@ def export_encoder(out: str | Path, cfg: Config, encoder: Encoder) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     state = {f"encoder.{k}": v.contiguous() for k, v in encoder.state_dict().items()}
     save_file(state, str(out / ckpt.MODEL_FILE))
-    cfg.save(out / ckpt.CONFIG_FILE)
+    ckpt.save_model_config(cfg, out)
     ckpt.save_assets(encoder, out)
     return out

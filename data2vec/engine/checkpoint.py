@@ -11,7 +11,9 @@ so a crash never leaves a half-written checkpoint that looks complete)::
         tokenizer.json        text models: the tokenizer the model was trained with
 
 The same directory is also a *model directory*: ``config.yaml`` + ``model.safetensors``
-(+ ``tokenizer.json`` for text).
+(+ ``tokenizer.json`` for text). Exported model directories (``save_model``, ``convert``,
+fine-tuning's ``best/``) hold ``config.json`` instead: the same resolved config inside a small
+versioned envelope (:func:`save_model_config`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ MODEL_FILE = "model.safetensors"
 TEACHER_FILE = "teacher.safetensors"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.yaml"
+MODEL_CONFIG_FILE = "config.json"
+MODEL_FORMAT = "data2vec-model"
+MODEL_FORMAT_VERSION = 1
 
 
 def save_assets(encoder: Any, directory: Path) -> None:
@@ -177,19 +182,64 @@ def resolve_model_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint path not found: {path}")
-    if (path / MODEL_FILE).is_file() and (path / CONFIG_FILE).is_file():
+    has_config = (path / MODEL_CONFIG_FILE).is_file() or (path / CONFIG_FILE).is_file()
+    if (path / MODEL_FILE).is_file() and has_config:
         return path
     ckpts = list_checkpoints(path)
     if ckpts:
         return ckpts[-1]
     raise UserError(
-        f"{path} is neither a model directory ({CONFIG_FILE} + {MODEL_FILE}) nor a run "
-        "directory with checkpoints/step_*"
+        f"{path} is neither a model directory ({MODEL_CONFIG_FILE} or {CONFIG_FILE} + "
+        f"{MODEL_FILE}) nor a run directory with checkpoints/step_*"
     )
 
 
+def save_model_config(cfg: Config, model_dir: Path) -> Path:
+    """Write ``config.json``: the resolved config in a versioned envelope.
+
+    ``{"format": "data2vec-model", "format_version": 1, "data2vec_version": ..., "modality",
+    "algorithm", "config": {section: {field: value}}}``; readers refuse other formats and newer
+    versions by name instead of misreading them.
+    """
+    import json
+
+    from data2vec import __version__
+
+    doc = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "data2vec_version": __version__,
+        "modality": cfg.model.modality,
+        "algorithm": cfg.model.algorithm,
+        "config": cfg.to_dict(),
+    }
+    path = Path(model_dir) / MODEL_CONFIG_FILE
+    path.write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
 def load_config_file(model_dir: Path) -> Config:
+    """The config of a model directory (``config.json``, else ``config.yaml``)."""
+    import json
+
     import yaml
 
-    raw = yaml.safe_load((model_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    return config_from_dict(raw)
+    path = Path(model_dir) / MODEL_CONFIG_FILE
+    if not path.is_file():
+        raw = yaml.safe_load((Path(model_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+        return config_from_dict(raw)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != MODEL_FORMAT:
+        raise UserError(
+            f"{path} is not a data2vec model config (a Hugging Face folder? convert it with "
+            "data2vec convert --from hf --to ours)"
+        )
+    if int(doc.get("format_version", 0)) > MODEL_FORMAT_VERSION:
+        raise UserError(
+            f"{path} has format_version {doc['format_version']}; this data2vec reads up to "
+            f"{MODEL_FORMAT_VERSION}: upgrade data2vec"
+        )
+    return config_from_dict(doc["config"])

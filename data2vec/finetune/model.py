@@ -225,7 +225,7 @@ def save_finetuned(
     tmp.mkdir()
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / ckpt.MODEL_FILE))
-    encoder_config.save(tmp / ckpt.CONFIG_FILE)
+    ckpt.save_model_config(encoder_config, tmp)
     ckpt.save_assets(model.encoder, tmp)
     meta = {"task": model.task, "head": model.head.spec(), **info}
     (tmp / FINETUNE_FILE).write_text(json.dumps(meta, indent=1), encoding="utf-8")
