@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -37,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         required=True,
-        help="training data (folder, manifest, IDX file, or fashion-mnist:train)",
+        action="append",
+        help="training data (folder, manifest, IDX file, or fashion-mnist:train); a joint "
+        "model (multi-* presets) takes one --data MODALITY=PATH per modality",
     )
     p.add_argument("--out", required=True, type=Path, help="run directory")
     p.add_argument("--max-steps", type=int, help="shortcut for train.max_steps")
@@ -118,22 +121,39 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--vocab-size", type=int, default=50_000)
     q.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair")
 
+    q = data_sub.add_parser(
+        "shard",
+        help="write WebDataset-style tar shards from a folder of images/audio or a text corpus",
+    )
+    q.add_argument("src", type=Path, help="image/audio folder (flat or class folders) or text")
+    q.add_argument("out", type=Path, help="folder for shard-000000.tar ... and shards.json")
+    q.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    q.add_argument("--max-shard-mb", type=float, default=1024.0, help="bytes per shard, at most")
+    q.add_argument("--modality", choices=["image", "audio", "text"], help="default: detected")
+
     p = sub.add_parser("demo", help="pretrain a tiny model and compare probes")
     p.add_argument(
         "--modality",
-        choices=["image", "audio", "text"],
+        choices=["image", "audio", "text", "signal"],
         default="image",
-        help="image: Fashion-MNIST; audio: synthesized spoken words + CTC; text: WordNet glosses",
+        help="image: Fashion-MNIST; audio: synthesized spoken words + CTC; text: WordNet "
+        "glosses; signal: a UCR/UEA time-series data set",
     )
-    p.add_argument("--minutes", type=float, help="pretraining budget (image 7, audio 5, text 5)")
     p.add_argument(
-        "--out", type=Path, help="output folder (default demo_out, demo_audio or demo_text)"
+        "--minutes", type=float, help="pretraining budget (image 7, audio 5, text 5, signal 4)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default demo_out, demo_audio, demo_text or demo_signal)",
     )
     p.add_argument(
         "--data",
         help="image: fashion-mnist (default) or a folder with train/ and "
         "test/; audio: synthetic-speech (default) or such a folder; text: wordnet (default) "
-        "or a folder with corpus.txt, train.tsv and test.tsv",
+        "or a folder with corpus.txt, train.tsv and test.tsv; signal: ucr:JapaneseVowels "
+        "(default; any ucr:<Name> in the aeon wheel), a folder with train/ and test/ folders "
+        "of .npy/.npz arrays, or one with *_TRAIN.ts and *_TEST.ts",
     )
     _add_overrides(p)
     return parser
@@ -176,5 +196,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     return int(result or 0)
 
 
+def _exit(code: int) -> None:
+    """Exit with ``code``. A torchrun worker leaves without running C++ static destructors:
+    once its work is saved and its process group destroyed, gloo's background threads can
+    still abort the interpreter's teardown ("terminate called without an active exception"),
+    turning a finished run into a failed one (seen rarely on loaded CPUs)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

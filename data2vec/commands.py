@@ -23,7 +23,13 @@ def run_pretrain(args: argparse.Namespace) -> int:
     if args.max_steps is not None:
         overrides.append(f"train.max_steps={args.max_steps}")
     cfg = load_config(args.preset, overrides)
-    result = pretrain(cfg, args.data, args.out, resume=args.resume)
+    data = args.data
+    if cfg.model.modality != "multi":
+        if len(data) != 1:
+            raise UserError(f"--data given {len(data)} times: a {cfg.model.modality} model "
+                            "reads one data set")  # fmt: skip
+        data = data[0]
+    result = pretrain(cfg, data, args.out, resume=args.resume)
     log.info(
         "stopped (%s) after %d steps in %.1fs; checkpoint %s",
         result.stopped,
@@ -192,6 +198,16 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
         tokenizer = TextTokenizer.train(docs, args.vocab_size, args.min_frequency)
         path = tokenizer.save(args.out)
         return {"tokenizer": str(path), "vocab_size": tokenizer.vocab_size, **stats.as_dict()}
+    if args.data_command == "shard":
+        from data2vec.data.shards import write_shards
+
+        return write_shards(
+            args.src,
+            args.out,
+            shard_size=args.shard_size,
+            modality=args.modality,
+            max_bytes=int(args.max_shard_mb * 2**20),
+        )
     raise UserError(f"unknown data command {args.data_command!r}")
 
 
@@ -202,6 +218,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "image": (7.0, "demo_out", "fashion-mnist"),
         "audio": (5.0, "demo_audio", None),
         "text": (5.0, "demo_text", None),
+        "signal": (4.0, "demo_signal", None),
     }
     minutes, out, data = defaults[args.modality]
     demo(

@@ -31,7 +31,7 @@ class ModelConfig:
 
     SECTION: ClassVar[str] = "model"
 
-    modality: Literal["image", "audio", "text"] = "image"
+    modality: Literal["image", "audio", "text", "signal", "multi"] = "image"
     algorithm: Literal["v1", "v2"] = "v2"
     embed_dim: int = 768
     depth: int = 10  # shared blocks (ViT-B/16 in data2vec 2.0: 2 prenet + 10 shared = 12)
@@ -171,6 +171,111 @@ class TextEncoderConfig:
             raise ConfigError(
                 f"encoder.pad_id={self.pad_id} must be < encoder.vocab_size={self.vocab_size}"
             )
+
+
+@dataclass
+class MultiEncoderConfig:
+    """A joint model (``model.modality: multi``): one set of shared blocks, one modality encoder
+    and decoder per modality, each modality configured by its own single-modality preset.
+
+    Every preset's ``model`` section is overridden by this config's shared fields (width,
+    depth, heads, block type and dropouts), so the blocks fit all modalities; everything else
+    (encoder, mask, decoder, target, loss, EMA scope, batch size) stays per modality. The EMA
+    decay schedule, the optimizer and the training loop are this config's.
+    """
+
+    SECTION: ClassVar[str] = "encoder"
+
+    modalities: tuple[str, ...] = ("image", "audio", "text")
+    presets: tuple[str, ...] = ("image-v2-tiny", "audio-v2-tiny", "text-v2-tiny")
+    # batches of each modality per round of the interleaving (deterministic, smooth round robin)
+    weights: tuple[int, ...] = (1, 1, 1)
+    # per-modality overrides, space separated: "image:mask.clones=4 text:optim.lr=1e-4"
+    overrides: str = ""
+
+    def __post_init__(self) -> None:
+        allowed = ("image", "audio", "text", "signal")
+        for m in self.modalities:
+            if m not in allowed:
+                raise ConfigError(f"encoder.modalities: {m!r} is not allowed; allowed: {allowed}")
+        if len(set(self.modalities)) != len(self.modalities):
+            raise ConfigError(f"encoder.modalities={list(self.modalities)} repeats a modality")
+        if not len(self.modalities) == len(self.presets) == len(self.weights):
+            raise ConfigError(
+                "encoder.modalities, encoder.presets and encoder.weights must have the same "
+                f"length, got {len(self.modalities)}, {len(self.presets)}, {len(self.weights)}"
+            )
+        if any(w < 1 for w in self.weights):
+            raise ConfigError(f"encoder.weights={list(self.weights)} must all be >= 1")
+        for item in self.overrides.split():
+            if item.split(":", 1)[0] not in self.modalities or ":" not in item:
+                raise ConfigError(
+                    f"encoder.overrides: {item!r} must look like MODALITY:section.field=value "
+                    f"with MODALITY one of {list(self.modalities)}"
+                )
+
+
+@dataclass
+class SignalEncoderConfig:
+    """Any N-d signal ``(channels, d1, ..., dn)``, n in 1..3: patches, positions, prenet.
+
+    ``size`` is the input size per axis after resampling (``fit: resample``) or the longest
+    first axis (``fit: crop``: longer inputs are cropped, shorter ones padded, so time series
+    of different lengths share a batch). ``patch_size`` has one entry per axis.
+    """
+
+    SECTION: ClassVar[str] = "encoder"
+
+    in_chans: int = 1  # 0 = from the pretraining data (the first usable input)
+    size: tuple[int, ...] = (128,)
+    patch_size: tuple[int, ...] = (8,)
+    # sincos: fixed N-d sin-cos, the width split between the axes; learned: one vector per patch
+    positions: Literal["sincos", "learned"] = "sincos"
+    fit: Literal["resample", "crop"] = "resample"
+    # Per-channel normalization. dataset: one mean/std per channel over the pretraining data
+    # (set from the data when pretraining, saved with the model): keeps each channel's level,
+    # which often is the information (e.g. cepstra); sample: each input on its own (the UCR
+    # z-normalization); none: as stored. Missing values become the mean (0) in all three.
+    normalize: Literal["dataset", "sample", "none"] = "dataset"
+    channel_mean: tuple[float, ...] | None = None
+    channel_std: tuple[float, ...] | None = None
+    prenet_depth: int = 0
+    num_extra_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        _non_negative(self, "in_chans", "prenet_depth", "num_extra_tokens")
+        for name in ("channel_mean", "channel_std"):
+            stats = getattr(self, name)
+            if stats is not None and self.in_chans and len(stats) != self.in_chans:
+                raise ConfigError(
+                    f"encoder.{name} has {len(stats)} values, encoder.in_chans={self.in_chans}"
+                )
+        if self.channel_std is not None and min(self.channel_std) <= 0:
+            raise ConfigError(f"encoder.channel_std={list(self.channel_std)} must be > 0")
+        if not 1 <= len(self.size) <= 3:
+            raise ConfigError(
+                f"encoder.size={list(self.size)} must have 1 to 3 axes (Conv1d/2d/3d patches)"
+            )
+        if len(self.patch_size) != len(self.size):
+            raise ConfigError(
+                f"encoder.patch_size={list(self.patch_size)} needs one entry per axis of "
+                f"encoder.size={list(self.size)}"
+            )
+        for axis, (n, p) in enumerate(zip(self.size, self.patch_size)):
+            if n <= 0 or p <= 0:
+                raise ConfigError(
+                    f"encoder.size={list(self.size)} and encoder.patch_size="
+                    f"{list(self.patch_size)} must be > 0 (axis {axis})"
+                )
+            if n % p:
+                raise ConfigError(
+                    f"encoder.size[{axis}]={n} must be a multiple of encoder.patch_size[{axis}]={p}"
+                )
+
+    @property
+    def grid(self) -> tuple[int, ...]:
+        """Patches per axis for an input of ``size``."""
+        return tuple(n // p for n, p in zip(self.size, self.patch_size))
 
 
 @dataclass
@@ -336,9 +441,11 @@ class DataConfig:
     # tokenizer of encoder.vocab_size on the pretraining corpus)
     block_size: int = 512
     tokenizer: str | None = None
+    # tar shards (data2vec data shard): samples each reader holds to shuffle the stream
+    shuffle_buffer: int = 1000
 
     def __post_init__(self) -> None:
-        _positive(self, "batch_size", "max_samples", "min_samples")
+        _positive(self, "batch_size", "max_samples", "min_samples", "shuffle_buffer")
         if self.block_size < 3:
             raise ConfigError(f"data.block_size={self.block_size} must be >= 3 (<s> x </s>)")
         if self.min_samples > self.max_samples:
@@ -407,6 +514,8 @@ ENCODER_CONFIGS: dict[str, type] = {
     "image": ImageEncoderConfig,
     "audio": AudioEncoderConfig,
     "text": TextEncoderConfig,
+    "signal": SignalEncoderConfig,
+    "multi": MultiEncoderConfig,
 }
 
 
@@ -416,8 +525,8 @@ class Config:
 
     preset: str = "image-v2-base"
     model: ModelConfig = field(default_factory=ModelConfig)
-    encoder: ImageEncoderConfig | AudioEncoderConfig | TextEncoderConfig = field(
-        default_factory=ImageEncoderConfig
+    encoder: ImageEncoderConfig | AudioEncoderConfig | TextEncoderConfig | SignalEncoderConfig = (
+        field(default_factory=ImageEncoderConfig)
     )
     mask: MaskConfig = field(default_factory=MaskConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -429,7 +538,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        if self.target.top_k > self.model.depth:
+        if self.model.modality != "multi" and self.target.top_k > self.model.depth:
             raise ConfigError(
                 f"target.top_k={self.target.top_k} exceeds model.depth={self.model.depth} "
                 "(only shared blocks give targets)"
@@ -439,6 +548,16 @@ class Config:
                 f"mask.clones={self.mask.clones}: data2vec 1.0 masks each sample once (clones=1)"
             )
         enc = self.encoder
+        if (
+            isinstance(enc, SignalEncoderConfig)
+            and self.model.algorithm == "v2"
+            and self.loss.cls_weight > 0
+            and enc.num_extra_tokens == 0
+        ):
+            raise ConfigError(
+                f"loss.cls_weight={self.loss.cls_weight} needs encoder.num_extra_tokens >= 1 "
+                "(a CLS token); set loss.cls_weight=0 or add the token"
+            )
         if isinstance(enc, TextEncoderConfig) and self.data.block_size > enc.max_positions:
             raise ConfigError(
                 f"data.block_size={self.data.block_size} exceeds "
@@ -587,6 +706,10 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
             return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(path, value, inner[0])
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ConfigError(f"{path}={value!r} must be a non-empty list")
+        return tuple(_coerce(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value))
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path}={value!r} must be a list of {len(args)} values")

@@ -10,6 +10,7 @@ masked tokens and batches the rest), so every generator here returns an exact co
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +87,52 @@ def inverse_block_mask(
                 r, c = (rows + di).ravel(), (cols + dj).ravel()
                 inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
                 keep[row_idx[inside], r[inside], c[inside]] = True
+    keep = _select_exactly(keep.reshape(num_rows, length), n_keep, rng)
+    return ~keep
+
+
+def inverse_block_mask_nd(
+    grid: tuple[int, ...],
+    num_rows: int,
+    mask_ratio: float,
+    rng: np.random.Generator,
+    block: int = 3,
+    adjust: float = 0.07,
+) -> np.ndarray:
+    """Inverse block masking on an N-d patch grid (generalizes :func:`inverse_block_mask`).
+
+    Keeps hypercubes of side ``block`` around about ``(1 - ratio + adjust) * L / block**n``
+    random centers (cut at the grid border), adjusts every row to exactly
+    ``int(L * (1 - ratio))`` visible patches and masks the rest. For ``n = 2`` it draws the
+    same random numbers in the same order as :func:`inverse_block_mask`, so both give the same
+    masks; for ``n = 1`` it keeps spans, for ``n = 3`` cubes.
+
+    Args:
+        grid: patches per axis ``(g1, ..., gn)``, ``L = g1 * ... * gn``.
+        num_rows: how many independent masks (e.g. the clones of one sample).
+        mask_ratio: fraction to mask.
+        rng: source of randomness.
+        block: side of the kept hypercubes.
+        adjust: extra keep probability compensating for overlapping blocks.
+
+    Returns:
+        ``(num_rows, L)`` bool, True = masked, row-major over the grid (first axis slowest).
+    """
+    length = int(np.prod(grid))
+    n_keep = num_visible(length, mask_ratio)
+    n_centers = int(length * (1.0 - mask_ratio + adjust) / block ** len(grid))
+    keep = np.zeros((num_rows, *grid), dtype=bool)
+    if n_centers > 0:
+        centers = rng.integers(0, length, size=(num_rows, n_centers))
+        coords = np.unravel_index(centers, grid)  # n arrays of (N, n_centers)
+        row_idx = np.repeat(np.arange(num_rows), n_centers)
+        lo = -(block // 2)
+        for offset in itertools.product(range(lo, lo + block), repeat=len(grid)):
+            moved = [(c + d).ravel() for c, d in zip(coords, offset)]
+            inside = np.ones(row_idx.shape, dtype=bool)
+            for m, size in zip(moved, grid):
+                inside &= (m >= 0) & (m < size)
+            keep[(row_idx[inside], *(m[inside] for m in moved))] = True
     keep = _select_exactly(keep.reshape(num_rows, length), n_keep, rng)
     return ~keep
 

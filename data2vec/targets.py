@@ -46,6 +46,57 @@ def normalize(x: Tensor, kind: Norm, padding_mask: Tensor | None = None) -> Tens
     return x.float()
 
 
+class TopKTargets:
+    """Streaming top-K target average: layers go in one at a time, lowest first.
+
+    Only the running sum is kept, never the K layers, so the teacher can drop each block's
+    output as soon as it has been added. ``build_targets`` on a list gives the same values.
+
+    Args:
+        num_layers: how many layers will be added in total.
+        top_k: how many of the last layers to average.
+        layer_norm: per-layer normalization.
+        final_norm: normalization of the average.
+        padding_mask: ``(B, T)``, True = padding: excluded from instance-norm statistics.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        top_k: int,
+        layer_norm: Norm,
+        final_norm: Norm,
+        padding_mask: Tensor | None = None,
+    ) -> None:
+        if not 0 < top_k <= num_layers:
+            raise ValueError(f"top_k={top_k} but only {num_layers} layers")
+        self.num_layers = num_layers
+        self.top_k = top_k
+        self.layer_norm = layer_norm
+        self.final_norm = final_norm
+        self.padding_mask = padding_mask
+        self.seen = 0
+        self.total: Tensor | None = None
+
+    @torch.no_grad()
+    def add(self, layer: Tensor) -> None:
+        """Add the next layer result ``(B, T, D)`` (ignored below the top K)."""
+        self.seen += 1
+        if self.seen > self.num_layers:
+            raise ValueError(f"more than the announced {self.num_layers} layers were added")
+        if self.seen <= self.num_layers - self.top_k:
+            return
+        y = normalize(layer, self.layer_norm, self.padding_mask)
+        self.total = y if self.total is None else self.total.add_(y)
+
+    @torch.no_grad()
+    def result(self) -> Tensor:
+        """``(B, T, D)`` float32 targets: the normalized average of the top K."""
+        if self.seen != self.num_layers or self.total is None:
+            raise ValueError(f"{self.seen} of {self.num_layers} layers were added")
+        return normalize(self.total.div_(self.top_k), self.final_norm, self.padding_mask)
+
+
 @torch.no_grad()
 def build_targets(
     layer_results: list[Tensor],
@@ -66,14 +117,10 @@ def build_targets(
     Returns:
         ``(B, T, D)`` float32 targets.
     """
-    if not 0 < top_k <= len(layer_results):
-        raise ValueError(f"top_k={top_k} but only {len(layer_results)} layers")
-    total = None
-    for layer in layer_results[-top_k:]:
-        y = normalize(layer, layer_norm, padding_mask)
-        total = y if total is None else total.add_(y)
-    assert total is not None
-    return normalize(total.div_(top_k), final_norm, padding_mask)
+    acc = TopKTargets(len(layer_results), top_k, layer_norm, final_norm, padding_mask)
+    for layer in layer_results:
+        acc.add(layer)
+    return acc.result()
 
 
 def regression_loss(
@@ -90,7 +137,9 @@ def regression_loss(
     pred = pred.float()
     target = target.float()
     if beta == 0:
-        loss = F.mse_loss(pred, target, reduction="sum")
+        # (pred - target)² summed: the same kernels and bits as F.mse_loss(reduction="sum"),
+        # but backward keeps the difference only, where mse_loss keeps both inputs.
+        loss = (pred - target).square().sum()
     else:
         loss = F.smooth_l1_loss(pred, target, reduction="sum", beta=beta)
     return loss * (scale if scale is not None else 1.0 / math.sqrt(pred.shape[-1]))

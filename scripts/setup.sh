@@ -35,3 +35,7 @@ fi
 echo "setup: installing pinned packages into .venv (CPU PyTorch 2.13.0)"
 .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements/lock.txt torch==2.13.0
 .venv/bin/python -m pip install -q --disable-pip-version-check -c requirements/lock.txt -e ".[test]"
+# Real UCR/UEA time-series data sets for the signal demo (JapaneseVowels, GunPoint, ...) ship
+# inside the aeon wheel; data2vec reads its .ts files by path and never imports aeon, so its
+# dependencies (numba, pandas, scikit-learn pins) are not installed.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps aeon==1.6.0

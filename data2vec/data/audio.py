@@ -134,7 +134,13 @@ def audio_num_samples(path: str | Path) -> int:
         SkipError: The header cannot be read.
     """
     try:
+        if Path(path).stat().st_size == 0:
+            raise SkipError("empty file (0 bytes)")
         info = sf.info(str(path))
+    except SkipError:
+        raise
+    except OSError as e:
+        raise SkipError(f"unreadable file: {e.strerror or e}") from None
     except Exception as e:
         raise SkipError(f"not audio or corrupt: {type(e).__name__}: {e}") from None
     return resampled_length(info.frames, info.samplerate, TARGET_SAMPLE_RATE)

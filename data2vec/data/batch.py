@@ -17,6 +17,7 @@ class PretrainBatch:
         positions: ``(B,)`` stream positions of the samples (for debugging and exact resume).
         skipped: ``(path, reason)`` of inputs dropped from this batch.
         padding_mask: ``source``'s padding (e.g. ``(B, S)`` for waveforms), True = padding.
+        modality: which modality the batch holds, for a joint model (None: the model's only one).
     """
 
     source: Tensor
@@ -24,6 +25,7 @@ class PretrainBatch:
     positions: Tensor
     skipped: list[tuple[str, str]] = field(default_factory=list)
     padding_mask: Tensor | None = None
+    modality: str | None = None
 
     def __len__(self) -> int:
         return int(self.source.shape[0])

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, IterableDataset, Sampler
 
 from data2vec.config import Config
 from data2vec.data.sampling import BucketedBatchSampler, StreamBatchSampler
@@ -25,9 +25,12 @@ class PretrainData:
 
     dataset: Dataset
     collate: Callable
-    make_sampler: Callable[..., Sampler]
+    make_sampler: Callable[..., Sampler] | None
     size: int
     tokenizer: Any = None
+    # Streams (tar shards): ``make_stream(start_batch, rank, world_size)`` returns the rank's
+    # endless IterableDataset of samples positioned at a batch; ``make_sampler`` is then None.
+    make_stream: Callable[..., IterableDataset] | None = None
 
 
 def build_pretrain_data(
@@ -38,7 +41,18 @@ def build_pretrain_data(
     ``work_dir`` (the run directory) keeps what is derived from the data once per run: for
     text, the tokenizer and the tokenized corpus (which also set ``cfg.encoder.vocab_size``).
     """
+    if cfg.model.modality == "multi":  # a joint model: one loader over several modalities
+        from data2vec.data.multimodal import build_multi_data
+
+        return build_multi_data(cfg, spec, skips, work_dir)
     B, seed = cfg.data.batch_size, cfg.train.seed
+    from data2vec.data.shards import find_shards
+
+    shards = find_shards(spec)
+    if shards is not None:
+        from data2vec.data.shard_stream import build_stream_data
+
+        return build_stream_data(cfg, shards, skips, work_dir)
     if cfg.model.modality == "image":
         from data2vec.data.image_pretrain import PretrainImages, collate_pretrain
         from data2vec.data.images import open_image_source
@@ -64,6 +78,21 @@ def build_pretrain_data(
                 audio.lengths, audio.indices, B, seed, start, rank=rank, world_size=world
             ),
             len(audio.indices),
+        )
+    if cfg.model.modality == "signal":
+        from data2vec.data.signal import open_signal_source, resolve_from_data
+        from data2vec.data.signal_pretrain import PretrainSignals, SignalCollate
+
+        signal_source = open_signal_source(spec, skips)
+        resolve_from_data(cfg, signal_source)  # in_chans=0, dataset statistics
+        signals = PretrainSignals(signal_source, cfg)
+        return PretrainData(
+            signals,
+            SignalCollate(cfg.encoder),  # type: ignore[arg-type]
+            lambda start, rank=0, world=1: StreamBatchSampler(
+                len(signals), B, seed, start_batch=start, rank=rank, world_size=world
+            ),
+            len(signals),
         )
     if cfg.model.modality == "text":
         from data2vec.data.text_corpus import prepare_text

@@ -8,7 +8,7 @@ from the stream position, independent of the number of loader workers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -140,3 +140,26 @@ class BucketedBatchSampler(Sampler[list[tuple[int, int]]]):
         while True:
             yield self.batch(k)
             k += 1
+
+
+class Coverage:
+    """Which samples of a dataset training has used: a bitmap over ``N`` sample indices.
+
+    The loader yields only stream positions; the batch sampler maps batch ``k`` back to
+    ``(sample_index, position)`` pairs, so a sample counts once one of its positions reaches
+    the model (a bad input never does). Samplers without random access (streams) are not
+    covered: :attr:`enabled` is False.
+    """
+
+    def __init__(self, sampler: object, num_samples: int) -> None:
+        self.sampler = sampler
+        self.enabled = hasattr(sampler, "batch") and num_samples > 0
+        self.used = np.zeros(num_samples if self.enabled else 0, dtype=bool)
+
+    def add(self, k: int, positions: Iterable[int]) -> None:
+        """Mark the samples of batch ``k`` (this rank's) that arrived at ``positions``."""
+        if not self.enabled:
+            return
+        index = {pos: i for i, pos in self.sampler.batch(k)}  # type: ignore[attr-defined]
+        for pos in positions:
+            self.used[index[int(pos)]] = True

@@ -188,15 +188,56 @@ def iter_documents(
     return _documents(files, skips, stats if stats is not None else TextStats())
 
 
+SNIFF_BYTES = 65536
+"""Bytes read from the start of a text file to tell text from binary data."""
+
+MAX_BAD_BYTE_FRACTION = 0.25
+"""More undecodable bytes than this in the sniffed start: the file is not UTF-8 text."""
+
+
+def text_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be text (the reason for the skip report), or None if it can.
+
+    A zero-byte file; a file with NUL bytes near its start (binary data: ``git`` and ``grep``
+    use the same test); or one where over :data:`MAX_BAD_BYTE_FRACTION` of the first
+    :data:`SNIFF_BYTES` bytes are not UTF-8 (another encoding, or binary). A few bad bytes in
+    real text are repaired line by line instead (see :func:`_lines`).
+    """
+    if not path.is_file():
+        return None  # a pipe or device: read as a stream, never sniffed (it cannot rewind)
+    try:
+        with path.open("rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as e:
+        return f"unreadable file: {e.strerror or e}"
+    if not head:
+        return "empty file (0 bytes)"
+    if b"\0" in head:
+        return "not UTF-8 text: NUL bytes (binary data)"
+    text = head.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - head.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad > MAX_BAD_BYTE_FRACTION * len(head):
+        return f"not UTF-8 text: {bad} of the first {len(head)} bytes are not UTF-8"
+    return None
+
+
 def _documents(files: list[Path], skips: SkipLog, stats: TextStats) -> Iterator[str]:
     for path in files:
+        problem = text_file_problem(path)
+        if problem is not None:
+            skips.add(path, problem)
+            continue
+        found = 0
         for doc in _file_documents(path, skips, stats):
             doc = doc.strip()
             if not doc:
                 stats.empty_documents += 1
                 continue
             stats.documents += 1
+            found += 1
             yield doc
+        if not found:
+            skips.add(path, "no text: the file holds no non-empty document")
 
 
 def _label(value: object) -> str | None:

@@ -303,15 +303,16 @@ class PretrainText(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> tuple:
         index, position = key
         tokens = block_tokens(self.store, self.blocks, index, self.bos_id, self.eos_id)
+        return ("ok", tokens, self.masks(len(tokens), position), position)
+
+    def masks(self, length: int, position: int) -> np.ndarray:
+        """The ``(M, block_size)`` masks of a block of ``length`` real tokens at ``position``."""
         rng = make_rng(self.seed, position)
         if self.mask_kind == "span":
             masks = np.zeros((self.clones, self.block_size), dtype=bool)
-            masks[:, : len(tokens)] = span_mask(
-                len(tokens), self.clones, self.mask_ratio, rng, span=self.span
-            )
-        else:
-            masks = random_mask(self.block_size, self.clones, self.mask_ratio, rng)
-        return ("ok", tokens, masks, position)
+            masks[:, :length] = span_mask(length, self.clones, self.mask_ratio, rng, span=self.span)
+            return masks
+        return random_mask(self.block_size, self.clones, self.mask_ratio, rng)
 
 
 def collate_pretrain_text(items: list[tuple], block_size: int, pad_id: int) -> PretrainBatch:

@@ -57,7 +57,8 @@ def save_assets(encoder: Any, directory: Path) -> None:
 
 def attach_assets(encoder: Any, model_dir: Path, cfg: Config) -> None:
     """Attach the assets of ``model_dir`` to ``encoder`` (text: its tokenizer, required)."""
-    if cfg.model.modality != "text":
+    modalities = getattr(cfg.encoder, "modalities", (cfg.model.modality,))  # joint models
+    if "text" not in modalities:
         return
     from data2vec.data.tokenizer import TOKENIZER_FILE, TextTokenizer
 

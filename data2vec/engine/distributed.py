@@ -11,8 +11,10 @@ ranks, so no rank waits forever in a collective the others have left.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -86,11 +88,46 @@ def global_sum(value: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def global_count(n: int, device: torch.device) -> int:
-    """``n`` summed over all ranks, at least 1 (a loss normalizer); ``max(n, 1)`` alone."""
+# Micro-batches per optimizer step while the engine accumulates gradients (see
+# :func:`micro_batches`); 1 otherwise.
+_MICRO_BATCHES = 1
+
+
+@contextlib.contextmanager
+def micro_batches(k: int) -> Iterator[None]:
+    """Within this block, :func:`global_count` reports ``k`` times the micro-batch's count.
+
+    With gradient accumulation the loss of one optimizer step is normalized by the masked-token
+    count of all ``k`` micro-batches, which is known only after the last forward pass. ``k``
+    times the current count is the best guess at that moment: it gives terms that are sums over
+    rows (the image CLS loss) their one-big-batch weight, and the engine corrects the per-token
+    regression term exactly once the true total is known (``trainer.train_step``).
+    """
+    global _MICRO_BATCHES
+    previous, _MICRO_BATCHES = _MICRO_BATCHES, k
+    try:
+        yield
+    finally:
+        _MICRO_BATCHES = previous
+
+
+def global_max(value: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum of ``value`` over all ranks (itself when not distributed)."""
     if not active():
-        return max(n, 1)
-    return max(int(global_sum(torch.tensor(float(n), device=device))), 1)
+        return value
+    out = value.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
+def global_count(n: int, device: torch.device) -> int:
+    """``n`` summed over all ranks, at least 1 (a loss normalizer); ``max(n, 1)`` alone.
+
+    Times the number of micro-batches inside :func:`micro_batches`.
+    """
+    if active():
+        n = int(global_sum(torch.tensor(float(n), device=device)))
+    return max(n, 1) * _MICRO_BATCHES
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

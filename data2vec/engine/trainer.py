@@ -1,8 +1,9 @@
 """The pretraining loop.
 
 The model returns its loss and logs; the engine owns everything else, in this order, every
-step: learning rate -> autocast forward -> finite check -> backward -> clip -> optimizer step
--> explicit teacher update -> logs -> collapse guard -> checkpoint.
+step: learning rate -> (for each of ``train.accum_steps`` micro-batches: autocast forward ->
+finite check -> backward) -> loss normalization -> clip -> optimizer step -> explicit teacher
+update -> logs -> collapse guard -> checkpoint.
 """
 
 from __future__ import annotations
@@ -19,18 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from data2vec.compile import compile_model
 from data2vec.config import Config
 from data2vec.data.batch import PretrainBatch
 from data2vec.data.registry import PretrainData, build_pretrain_data
+from data2vec.data.sampling import Coverage
 from data2vec.data.skips import SkipLog
 from data2vec.engine import checkpoint as ckpt
-from data2vec.engine import distributed
+from data2vec.engine import distributed, fsdp
 from data2vec.engine.distributed import DistInfo
 from data2vec.engine.metrics import MetricsWriter
 from data2vec.engine.optim import build_optimizer
+from data2vec.engine.persist import load_trainer_state, load_weights, save, summarize
 from data2vec.engine.runtime import (
     autocast,
     check_precision,
@@ -38,7 +43,7 @@ from data2vec.engine.runtime import (
     resolve_device,
 )
 from data2vec.engine.schedules import lr_at
-from data2vec.errors import UserError
+from data2vec.errors import DataError, UserError
 from data2vec.models.data2vec2 import Data2Vec2
 from data2vec.models.registry import build_model
 
@@ -54,12 +59,14 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     batches_seen: int = 0  # data position (differs from step when steps are skipped)
     skipped_steps: int = 0
+    samples_seen: int = 0  # samples this rank trained on in this process (not checkpointed)
     nonfinite_in_a_row: int = 0
     # fp16 only: dynamic loss scaling (bf16 and fp32 have fp32's exponent range and need none).
     scaler: torch.amp.GradScaler | None = None
     # What runs the forward pass: the model, or its DistributedDataParallel wrapper.
     forward_module: torch.nn.Module | None = None
     dist: DistInfo = field(default_factory=DistInfo)
+    sharded: bool = False  # the model is sharded with FSDP (train.distributed=fsdp)
 
     @property
     def runner(self) -> torch.nn.Module:
@@ -88,43 +95,70 @@ class TrainResult:
 
 
 def train_step(
-    state: TrainState, batch: PretrainBatch, cfg: Config, device: torch.device
+    state: TrainState,
+    micro: PretrainBatch | list[PretrainBatch],
+    cfg: Config,
+    device: torch.device,
 ) -> StepResult:
-    """One optimizer step on ``batch``; skipped and counted when loss or gradient is not finite."""
+    """One optimizer step on ``micro`` (a batch, or the micro-batches of one accumulated step).
+
+    Gradients of all micro-batches are summed (synchronized across ranks on the last one only)
+    and normalized by their total masked-token count over all ranks, as fairseq's
+    ``update_freq`` does; see :func:`distributed.micro_batches`. The step is skipped and counted
+    when a loss or the gradient is not finite.
+    """
     model, opt = state.model, state.optimizer
-    total = cfg.train.max_steps
+    micro = [micro] if isinstance(micro, PretrainBatch) else micro
+    k = len(micro)
     lr = lr_at(
         state.step,
         cfg.optim.lr,
         cfg.optim.warmup_steps,
-        total,
+        cfg.train.max_steps,
         cfg.optim.schedule,
         cfg.optim.final_lr_ratio,
     )
     for group in opt.param_groups:
         group["lr"] = lr
     model.train()
-    with autocast(device, cfg.train.precision):
-        pad = batch.padding_mask
-        out = state.runner(
-            batch.source.to(device, non_blocking=True),
-            batch.mask.to(device, non_blocking=True),
-            None if pad is None else pad.to(device, non_blocking=True),
-        )
-    loss = out.loss
-    loss_value = float(loss.detach())
-    logs = {k: float(v) for k, v in out.logs.items()}
-    # Every rank must skip together, or the others would wait in DDP's gradient all-reduce.
-    if distributed.any_rank(not math.isfinite(loss_value), device):
-        return _skip_step(state, loss_value, lr, logs)
     scaler = state.scaler
+    counts: list[int] = []  # masked tokens of each micro-batch, summed over ranks
+    losses: list[float] = []
+    logs: dict[str, float] = {}
+    for i, batch in enumerate(micro):
+        with _gradient_sync(state, i == k - 1):
+            with autocast(device, cfg.train.precision), distributed.micro_batches(k):
+                pad = batch.padding_mask
+                # a joint model's batches name their modality
+                extra = {} if batch.modality is None else {"modality": batch.modality}
+                out = state.runner(
+                    batch.source.to(device, non_blocking=True),
+                    batch.mask.to(device, non_blocking=True),
+                    None if pad is None else pad.to(device, non_blocking=True),
+                    **extra,
+                )
+            losses.append(float(out.loss.detach()))
+            for key, v in out.logs.items():
+                logs[key] = logs.get(key, 0.0) + float(v) / k
+            # Every rank must skip together, or the others would wait in the gradient reduction.
+            if distributed.any_rank(not math.isfinite(losses[-1]), device):
+                return _skip_step(state, losses[-1], lr, logs)
+            counts.append(max(out.sample_size // k, 1))
+            # The model divided by k * counts[i]; reweight to counts[i] / counts[0] now and by
+            # k * counts[0] / total below, once the total is known (exact for the per-token
+            # mean; k == 1 leaves the loss untouched).
+            loss = out.loss if k == 1 else out.loss * (counts[i] / counts[0])
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+    total = sum(counts)
+    loss_value = sum(v * k * n / total for v, n in zip(losses, counts))
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(opt)  # clip the true gradients
-    else:
-        loss.backward()
+    if k > 1:
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, k * counts[0] / total)
     clip = cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True))
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+    grad_norm = fsdp.to_float(norm)
     if not math.isfinite(grad_norm):
         if scaler is not None:
             scaler.update()  # overflow: lower the loss scale for the next step
@@ -137,13 +171,32 @@ def train_step(
     opt.zero_grad(set_to_none=True)
     state.step += 1
     state.nonfinite_in_a_row = 0
-    decay = model.update_teacher(state.step)
+    if state.sharded:
+        decay = fsdp.update_teacher(model, state.step)
+    else:
+        decay = model.update_teacher(state.step)
     return StepResult(loss_value, lr, grad_norm, decay, True, logs)
+
+
+@contextlib.contextmanager
+def _gradient_sync(state: TrainState, sync: bool) -> Iterator[None]:
+    """Forward and backward of one micro-batch; gradients are reduced across ranks only when
+    ``sync`` (the last micro-batch of a step): DDP's ``no_sync``, FSDP's gradient-sync flag."""
+    if state.sharded:
+        fsdp.set_gradient_sync(state.model, sync)
+        yield
+    elif sync or not isinstance(state.forward_module, DistributedDataParallel):
+        yield
+    else:
+        with state.forward_module.no_sync():
+            yield
 
 
 def new_state(model: Data2Vec2, cfg: Config, device: torch.device) -> TrainState:
     """Fresh training state: AdamW over the student, a loss scaler for fp16."""
     scaler = torch.amp.GradScaler(device.type) if cfg.train.precision == "fp16" else None
+    if cfg.train.compile:
+        compile_model(model, device)  # in place: names, checkpoints and the teacher unchanged
     return TrainState(model, build_optimizer(model, cfg.optim), scaler=scaler)
 
 
@@ -153,52 +206,6 @@ def _skip_step(state: TrainState, loss: float, lr: float, logs: dict[str, float]
     state.nonfinite_in_a_row += 1
     log.warning("non-finite loss or gradient at step %d: update skipped", state.step)
     return StepResult(loss, lr, float("nan"), float("nan"), False, logs)
-
-
-def save(state: TrainState, run_dir: Path, cfg: Config, skips: SkipLog) -> Path:
-    skips.write(run_dir / "skipped.tsv")
-    trainer_state: dict[str, Any] = {
-        "step": state.step,
-        "batches_seen": state.batches_seen,
-        "skipped_steps": state.skipped_steps,
-        "optimizer": state.optimizer.state_dict(),
-        "scaler": state.scaler.state_dict() if state.scaler is not None else None,
-        "rng": ckpt.rng_state(),
-    }
-    model_state = {f"encoder.{k}": v for k, v in state.model.encoder.state_dict().items()}
-    model_state |= {f"decoder.{k}": v for k, v in state.model.decoder.state_dict().items()}
-    return ckpt.save_checkpoint(
-        run_dir,
-        state.step,
-        model_state,
-        state.model.teacher.state_dict(),
-        trainer_state,
-        cfg,
-        cfg.train.keep_checkpoints,
-        encoder=state.model.encoder,
-    )
-
-
-def restore(state: TrainState, run_dir: Path) -> Path | None:
-    """Load the newest loadable checkpoint of ``run_dir`` into ``state``."""
-    found = ckpt.latest_loadable(run_dir)
-    if found is None:
-        return None
-    path, (model_state, teacher_state, trainer_state) = found
-    enc = {k[len("encoder.") :]: v for k, v in model_state.items() if k.startswith("encoder.")}
-    dec = {k[len("decoder.") :]: v for k, v in model_state.items() if k.startswith("decoder.")}
-    state.model.encoder.load_state_dict(enc, strict=True)
-    state.model.decoder.load_state_dict(dec, strict=True)
-    if teacher_state is not None:
-        state.model.teacher.load_state_dict(teacher_state)
-    state.optimizer.load_state_dict(trainer_state["optimizer"])
-    if state.scaler is not None and trainer_state.get("scaler"):
-        state.scaler.load_state_dict(trainer_state["scaler"])
-    state.step = trainer_state["step"]
-    state.batches_seen = trainer_state["batches_seen"]
-    state.skipped_steps = trainer_state["skipped_steps"]
-    ckpt.set_rng_state(trainer_state["rng"])
-    return path
 
 
 def _collapsed(cfg: Config, step: int, logs: dict[str, float]) -> str | None:
@@ -223,9 +230,16 @@ def make_loader(
 ) -> DataLoader:
     info = info or DistInfo()
     workers = cfg.data.num_workers
+    if data.make_stream is not None:  # tar shards: the stream batches itself per worker
+        dataset: Any = data.make_stream(start_batch, info.rank, info.world_size)
+        batching: dict[str, Any] = {"batch_size": cfg.data.batch_size}
+    else:
+        assert data.make_sampler is not None
+        dataset = data.dataset
+        batching = {"batch_sampler": data.make_sampler(start_batch, info.rank, info.world_size)}
     return DataLoader(
-        data.dataset,
-        batch_sampler=data.make_sampler(start_batch, info.rank, info.world_size),
+        dataset,
+        **batching,
         collate_fn=data.collate,
         num_workers=workers,
         persistent_workers=workers > 0,
@@ -253,10 +267,16 @@ def pretrain(
         )
     device = resolve_device(cfg.train.device)
     check_precision(device, cfg.train.precision)
+    if cfg.train.distributed == "fsdp":
+        fsdp.check_supported(cfg, device)
     info = distributed.init_distributed(device)
     device = distributed.local_device(device, info)
     try:
-        return _pretrain(cfg, data, run_dir, resume, device, info)
+        result = _pretrain(cfg, data, run_dir, resume, device, info)
+        # Every rank is done before any tears down: gloo can abort a process whose peer
+        # closes its connections while it still finishes (seen rarely on loaded CPUs).
+        distributed.barrier()
+        return result
     finally:
         distributed.shutdown()
 
@@ -276,23 +296,37 @@ def _pretrain(
         cfg.save(run_dir / "config.yaml")
         skips.write(run_dir / "skipped.tsv")
         distributed.barrier()
-    model = build_model(cfg).to(device)
+    sharded = info.enabled and cfg.train.distributed == "fsdp"
+    if cfg.train.distributed == "fsdp" and not info.enabled:
+        log.info("train.distributed=fsdp: a single process holds the whole model (no torchrun)")
+    # A sharded model is built in host memory: only its shards go to the device.
+    model = build_model(cfg).to("cpu" if sharded else device)
     # After build_model, so the EMA teacher's deep copy does not duplicate it.
     model.encoder.tokenizer = pretrain_data.tokenizer
+    n_params = sum(p.numel() for p in model.parameters())
+    found = ckpt.latest_loadable(run_dir) if resume else None
+    if found is not None:
+        load_weights(model, found)  # before sharding: the checkpoint holds full tensors
+    if sharded:
+        # Before the optimizer, which must see the sharded parameters; fully_shard moves the
+        # shards to this rank's device, the teacher's few unsharded parameters follow.
+        fsdp.shard(model)
+        model.teacher.to(device)
     state = new_state(model, cfg, device)
-    state.dist = info
+    state.dist, state.sharded = info, sharded
     if resume:
-        path = restore(state, run_dir)
-        log.info("resumed from %s at step %d", path or "(no checkpoint)", state.step)
-    if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
+        if found is not None:
+            load_trainer_state(state, found, cfg.data.batch_size)
+        log.info("resumed from %s at step %d", found[0] if found else "(none)", state.step)
+    if info.enabled and not sharded:
         state.forward_module = DistributedDataParallel(
             model,
             device_ids=[device.index] if device.type == "cuda" else None,
-            # LayerDrop leaves whole blocks without gradient in some steps.
-            find_unused_parameters=cfg.model.layerdrop > 0,
+            # LayerDrop leaves whole blocks without gradient in some steps, and a joint
+            # model's step trains one modality's encoder and decoder only.
+            find_unused_parameters=cfg.model.layerdrop > 0 or cfg.model.modality == "multi",
         )
+    if info.enabled:
         # Dropout and mask-token noise differ per rank (the model itself starts identical).
         torch.manual_seed(cfg.train.seed + 1000 * (info.rank + 1) + state.step)
     log.info(
@@ -300,14 +334,40 @@ def _pretrain(
         device,
         threads,
         pretrain_data.size,
-        sum(p.numel() for p in model.parameters()) / 1e6,
-        f", rank {info.rank} of {info.world_size}" if info.enabled else "",
+        n_params / 1e6,
+        f", rank {info.rank} of {info.world_size} ({cfg.train.distributed})"
+        if info.enabled
+        else "",
     )
     if cfg.train.max_steps == 0 or state.step >= cfg.train.max_steps:
-        path = save(state, run_dir, cfg, skips) if info.is_main else None
+        path = save(state, run_dir, cfg, skips)
         return TrainResult(run_dir, state.step, "max_steps", 0.0, path, len(skips))
     loader = make_loader(pretrain_data, cfg, state.batches_seen, info)
-    return _loop(state, cfg, run_dir, loader, skips, device)
+    coverage = Coverage(loader.batch_sampler, _length(pretrain_data.dataset))
+    return _loop(state, cfg, run_dir, loader, skips, device, coverage)
+
+
+def _length(dataset: object) -> int:
+    try:
+        return len(dataset)  # type: ignore[arg-type]
+    except TypeError:  # a stream
+        return 0
+
+
+def _max_empty_batches(cfg: Config, coverage: Coverage) -> int:
+    """Empty batches in a row after which no input is usable: two epochs' worth (or 1000
+    batches of a stream, whose size is unknown)."""
+    n = len(coverage.used)
+    return 2 * -(-n // cfg.data.batch_size) + 10 if n else 1000
+
+
+def _no_usable_input(run_dir: Path, skips: SkipLog, batches: int) -> None:
+    if distributed.env_info().is_main:
+        skips.write(run_dir / "skipped.tsv")
+    raise DataError(
+        f"no usable input in {batches} batches in a row: every sample was skipped "
+        f"({len(skips)} inputs, {skips.summary()}); see {run_dir / 'skipped.tsv'}"
+    )
 
 
 @contextlib.contextmanager
@@ -364,6 +424,7 @@ def _loop(
     loader: DataLoader,
     skips: SkipLog,
     device: torch.device,
+    coverage: Coverage | None = None,
 ) -> TrainResult:
     """Train until max_steps, the time budget, a collapse, repeated non-finite steps or Ctrl-C.
 
@@ -381,20 +442,37 @@ def _loop(
     )
     start = last_log = time.perf_counter()
     budget = cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
-    samples, stopped, last_ckpt = 0, "max_steps", None
+    samples, stopped, last_ckpt, saved_step = 0, "max_steps", None, -1
     history: list[dict[str, float]] = []
+    pending: list[PretrainBatch] = []  # the micro-batches of the next optimizer step
     with contextlib.ExitStack() as stack:
         requests = stack.enter_context(_stop_requests())
         stack.callback(bar.close)
         if writer is not None:
             stack.callback(writer.close)
+        coverage = coverage or Coverage(None, 0)
+        empty = 0  # batches in a row without a usable input
         for batch in loader:
+            coverage.add(state.batches_seen, batch.positions.tolist())
             state.batches_seen += 1
             skips.extend(batch.skipped)
-            if len(batch) == 0:
+            # A batch of only bad inputs is dropped on every rank alike (ranks must run the
+            # same number of forward passes).
+            if distributed.any_rank(len(batch) == 0, device):
+                if len(batch):
+                    log.warning("batch dropped: another rank's batch had no usable input")
+                empty += 1
+                if empty >= _max_empty_batches(cfg, coverage):
+                    _no_usable_input(run_dir, skips, empty)
                 continue
-            result = train_step(state, batch, cfg, device)
-            samples += len(batch)
+            empty = 0
+            pending.append(batch)
+            if len(pending) < cfg.train.accum_steps:
+                continue
+            result = train_step(state, pending, cfg, device)
+            samples += sum(len(b) for b in pending)
+            state.samples_seen += sum(len(b) for b in pending)
+            pending = []
             if state.nonfinite_in_a_row >= cfg.train.max_nonfinite:
                 log.error(
                     "%d non-finite steps in a row; stopping (last checkpoint kept)",
@@ -431,8 +509,8 @@ def _loop(
                 )
                 stopped = "collapse"
                 break
-            if state.step % cfg.train.checkpoint_every == 0 and main:
-                last_ckpt = save(state, run_dir, cfg, skips)
+            if state.step % cfg.train.checkpoint_every == 0:
+                last_ckpt, saved_step = save(state, run_dir, cfg, skips), state.step
             if state.step >= cfg.train.max_steps:
                 break
             if over_budget:
@@ -441,19 +519,11 @@ def _loop(
             if interrupted:
                 stopped = "interrupted"
                 break
-    saved_now = last_ckpt is not None and last_ckpt.name == f"step_{state.step:08d}"
-    if stopped not in ("collapse", "nonfinite") and not saved_now and main:
-        last_ckpt = save(state, run_dir, cfg, skips)
+    if stopped not in ("collapse", "nonfinite") and saved_step != state.step:
+        last_ckpt = save(state, run_dir, cfg, skips)  # every rank: a collective under FSDP
     distributed.barrier()  # no rank leaves (and tears the group down) before rank 0 has saved
+    seconds = time.perf_counter() - start
     if main:
         skips.write(run_dir / "skipped.tsv")
-    if len(skips):
-        log.warning(
-            "%d inputs were skipped (%s); see %s",
-            len(skips),
-            skips.summary(),
-            run_dir / "skipped.tsv",
-        )
-    return TrainResult(
-        run_dir, state.step, stopped, time.perf_counter() - start, last_ckpt, len(skips), history
-    )
+    summarize(state, run_dir, stopped, seconds, skips, device, coverage)
+    return TrainResult(run_dir, state.step, stopped, seconds, last_ckpt, len(skips), history)

@@ -65,6 +65,17 @@ class Features:
         return cls(z["features"].astype(np.float32), labels.astype(np.int64), paths, classes)
 
 
+def for_data(cfg: Config, encoder: Encoder, data: str | Path) -> tuple[Config, Encoder]:
+    """A joint model's ``(config, encoder)`` for the modality ``data`` holds; others as they are."""
+    if cfg.model.modality != "multi":
+        return cfg, encoder
+    from data2vec.data.multimodal import detect_modality
+    from data2vec.models.multimodal import select_modality
+
+    name = detect_modality(data, list(cfg.encoder.modalities))  # type: ignore[union-attr]
+    return select_modality(cfg, encoder, name)
+
+
 def load_encoder(path: str | Path, weights: Weights = "student") -> tuple[Config, Encoder]:
     """The encoder of a run/checkpoint/model directory, in eval mode on the CPU."""
     model_dir = ckpt.resolve_model_dir(path)
@@ -231,6 +242,10 @@ def open_source(modality: str, data: str | Path, skips: SkipLog | None = None):
         from data2vec.evaluate.text import open_text_source
 
         return open_text_source(data, skips)
+    if modality == "signal":
+        from data2vec.data.signal import open_signal_source
+
+        return open_signal_source(data, skips)
     raise UserError(f"embedding {modality} data is not available")
 
 
@@ -244,6 +259,10 @@ def embed_source(
         from data2vec.evaluate.text import embed_text
 
         return embed_text(encoder, cfg, source, **kwargs)
+    if cfg.model.modality == "signal":
+        from data2vec.evaluate.signal import embed_signals
+
+        return embed_signals(encoder, cfg, source, skips, **kwargs)
     return embed_images(encoder, cfg, source, skips, **kwargs)
 
 
@@ -254,7 +273,9 @@ def embed_path(
     weights: Weights = "student",
     **kwargs,
 ) -> Features:
-    """Load the encoder of ``checkpoint`` and embed the data at ``data``."""
+    """Load the encoder of ``checkpoint`` and embed the data at ``data`` (a joint model embeds
+    it with the encoder of the modality the data holds)."""
     cfg, encoder = load_encoder(checkpoint, weights)
+    cfg, encoder = for_data(cfg, encoder, data)
     source = open_source(cfg.model.modality, data, skips)
     return embed_source(encoder, cfg, source, skips, **kwargs)

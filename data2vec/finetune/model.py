@@ -192,6 +192,12 @@ def load_pretrained(
     from data2vec.evaluate.features import load_encoder
 
     encoder_config, encoder = load_encoder(checkpoint)
+    if encoder_config.model.modality == "multi":  # a joint model: its encoder of this modality
+        from data2vec.models.multimodal import select_modality
+
+        if modality not in encoder_config.encoder.modalities:  # type: ignore[union-attr]
+            raise UserError(f"{checkpoint} is a joint model without {needs}; {task} needs one")
+        encoder_config, encoder = select_modality(encoder_config, encoder, modality)
     if encoder_config.model.modality != modality:
         raise UserError(
             f"{checkpoint} holds a {encoder_config.model.modality} encoder; {task} needs {needs}"
@@ -200,7 +206,7 @@ def load_pretrained(
 
 
 # --------------------------------------------------------------------------------------------
-# the fine-tuned model directory: config.yaml + model.safetensors + finetune.json
+# the fine-tuned model directory: config.json + model.safetensors + finetune.json
 
 
 def save_finetuned(
@@ -209,7 +215,7 @@ def save_finetuned(
     """Write a fine-tuned model directory atomically.
 
     The directory is a model directory as :func:`~data2vec.engine.checkpoint.resolve_model_dir`
-    understands it (``config.yaml`` of the pretrained encoder, ``model.safetensors`` with
+    understands it (``config.json`` of the pretrained encoder, ``model.safetensors`` with
     ``encoder.*`` and ``head.*`` weights), plus ``finetune.json``: ``info`` with the task and the
     head's spec added. It is written under a temporary name; an existing directory is renamed
     away before the new one takes its place and deleted after, so a crash leaves either the old

@@ -18,14 +18,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data2vec.config import Config
 from data2vec.engine import distributed
 from data2vec.masking import MaskInfo
 from data2vec.models.encoder import Encoder, EncoderOutput
-from data2vec.targets import build_targets, per_dim_std, regression_loss
+from data2vec.nn.lean import lean_dropout
+from data2vec.targets import TopKTargets, per_dim_std, regression_loss
 from data2vec.teacher import EMATeacher
 
 
@@ -78,6 +78,7 @@ class Data2Vec2(nn.Module):
         self.scope = cfg.ema.scope
         self.exact_padding = cfg.model.exact_padding
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see EMATeacher
+        encoder.activation_checkpointing = cfg.model.activation_checkpointing
         if cfg.loss.cls_weight > 0 and encoder.num_extra_tokens == 0:
             raise ValueError("loss.cls_weight > 0 needs an extra (CLS) token in the encoder")
 
@@ -111,17 +112,20 @@ class Data2Vec2(nn.Module):
             ctx = teacher.modality.contextualize(local.detach(), padding_mask)
         else:  # "blocks": the student's own (gradient-free) context encoder feeds the teacher
             ctx = self.encoder.modality.contextualize(local.detach(), padding_mask)
-        out = teacher.forward_blocks(ctx, keep_layers=True)
-        E = out.num_extra_tokens
-        layers = [r[:, E:] for r in out.layer_results]
-        stats_pad = padding_mask if self.exact_padding else None
-        return build_targets(
-            layers,
+        E = teacher.num_extra_tokens
+        targets = TopKTargets(
+            len(teacher.blocks),
             self.target_cfg.top_k,
             self.target_cfg.layer_norm,
             self.target_cfg.final_norm,
-            padding_mask=stats_pad,
+            padding_mask=padding_mask if self.exact_padding else None,
         )
+        # Each block's output is folded into the running average and dropped: the teacher
+        # never holds its K layers at once.
+        end_of_block = self.target_cfg.source == "block"
+        for x, ffn in teacher.iter_blocks(ctx):
+            targets.add((x if end_of_block else ffn)[:, E:])
+        return targets.result()
 
     def forward_student(
         self, local: Tensor, padding_mask: Tensor | None, mask: MaskInfo
@@ -144,7 +148,7 @@ class Data2Vec2(nn.Module):
         Returns:
             ``(N, T, D)``.
         """
-        visible = F.dropout(student.tokens, self.decoder_input_dropout, self.training)  # (N, V, D)
+        visible = lean_dropout(student.tokens, self.decoder_input_dropout, self.training)  # (N,V,D)
         N, V, D = visible.shape
         T = mask.mask.shape[1]
         if noise is None:

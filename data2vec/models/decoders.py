@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data2vec.config import DecoderConfig
+from data2vec.nn.lean import checkpoint_elementwise
 
 
 class ChannelLayerNorm(nn.Module):
@@ -104,7 +105,10 @@ class ConvDecoder(nn.Module):
         for layer in self.blocks:
             if keep is not None:
                 h = h * keep
-            out = layer(h)
+            conv, norm, act = layer
+            # LayerNorm and GELU would each keep a full copy of their input for backward;
+            # recomputing both from the conv output keeps one copy instead of three.
+            out = checkpoint_elementwise(conv(h), norm, act)
             h = out + h if self.residual and out.shape[1] == h.shape[1] else out
         return h.reshape(N, h.shape[1], T).transpose(1, 2)
 

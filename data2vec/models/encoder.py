@@ -6,11 +6,13 @@ It is the same code for every modality; only ``self.modality`` differs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from data2vec.masking import MaskInfo
 from data2vec.modalities.base import Context, ModalityEncoder
@@ -53,6 +55,9 @@ class Encoder(nn.Module):
     """
 
     tokenizer: Any = None
+    # Recompute every shared block in backward instead of keeping its activations (only
+    # where gradients flow: a teacher or an eval pass runs the blocks plainly).
+    activation_checkpointing: bool = False
 
     def __init__(
         self,
@@ -70,6 +75,17 @@ class Encoder(nn.Module):
         self.embed_dim: int = modality.embed_dim
         self.num_extra_tokens: int = modality.num_extra_tokens
 
+    def iter_blocks(self, ctx: Context) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(x, ffn_out)`` of every shared block in turn, both ``(N, T, D)`` (no LayerDrop).
+
+        For consumers that reduce the layers as they come (teacher targets), so no list of
+        all layers is ever held.
+        """
+        x = ctx.x
+        for block in self.blocks:
+            x, ffn = block(x, ctx.attn_mask)
+            yield x, ffn
+
     def forward_blocks(self, ctx: Context, keep_layers: bool = False) -> EncoderOutput:
         """Run the shared blocks on a prepared context ``ctx.x: (N, T, D)``."""
         x = ctx.x
@@ -81,12 +97,22 @@ class Encoder(nn.Module):
             # LayerDrop (Fan et al. 2019): skip a whole block for the batch during training.
             if drop and float(torch.rand(())) < self.layerdrop:
                 continue
-            x, ffn = block(x, ctx.attn_mask)
+            x, ffn = self._run_block(block, x, ctx.attn_mask)
             if keep_layers:
                 out.layer_results.append(ffn)
                 out.layer_outputs.append(x)
         out.x = self.norm(x)
         return out
+
+    def _run_block(
+        self, block: nn.Module, x: Tensor, attn_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """``block(x, attn_mask)``, checkpointed when enabled and gradients are recorded."""
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            # Non-reentrant checkpointing restores the RNG state, so dropout draws the same
+            # masks in the recomputation and the gradients equal the plain ones.
+            return checkpoint(block, x, attn_mask, use_reentrant=False)
+        return block(x, attn_mask)
 
     def forward(
         self,

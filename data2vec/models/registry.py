@@ -16,10 +16,12 @@ from data2vec.config import Config
 from data2vec.modalities.audio import AudioEncoder
 from data2vec.modalities.base import ModalityEncoder
 from data2vec.modalities.image import ImageEncoder
+from data2vec.modalities.signal import SignalEncoder
 from data2vec.modalities.text import TextEncoder
 from data2vec.models.data2vec1 import Data2Vec1
 from data2vec.models.data2vec2 import EXCLUDED_BY_SCOPE, Data2Vec2
 from data2vec.models.encoder import Encoder
+from data2vec.models.multimodal import MultiData2Vec, build_multi_encoder, build_multi_model
 from data2vec.nn.beit import LayerScaleBlock, init_beit_
 from data2vec.nn.block import PostLNBlock
 from data2vec.nn.init import init_bert_params
@@ -84,6 +86,8 @@ def build_modality(cfg: Config, make_block: Callable[[], nn.Module]) -> Modality
         )
     if m.modality == "text":
         return TextEncoder(cfg.encoder, m.embed_dim, make_block, norm)  # type: ignore[arg-type]
+    if m.modality == "signal":
+        return SignalEncoder(cfg.encoder, m.embed_dim, make_block, norm)  # type: ignore[arg-type]
     raise NotImplementedError(f"model.modality={m.modality!r}")
 
 
@@ -93,7 +97,9 @@ def _no_norm(dim: int) -> nn.Module:
 
 def build_encoder(cfg: Config) -> Encoder:
     """The student encoder, initialized as data2vec 2.0 (DESIGN §3) or, with pre-LN
-    layer-scale blocks, as BEiT / data2vec 1.0 vision."""
+    layer-scale blocks, as BEiT / data2vec 1.0 vision (a joint model: its MultiEncoder)."""
+    if cfg.model.modality == "multi":
+        return build_multi_encoder(cfg)  # type: ignore[return-value]
     make_block = _block_factory(cfg)
     modality = build_modality(cfg, lambda: make_block(0.0))
     rates = np.linspace(0.0, cfg.model.drop_path, cfg.model.depth)
@@ -129,8 +135,18 @@ def build_teacher(cfg: Config, encoder: Encoder, copied: tuple[str, ...] = ()) -
     )
 
 
-def build_model(cfg: Config) -> Data2Vec2 | Data2Vec1:
+def build_decoder(cfg: Config, modality: ModalityEncoder) -> nn.Module:
+    """The data2vec 2.0 decoder of ``modality``, initialized as fairseq does."""
+    decoder = modality.make_decoder(cfg.decoder)
+    decoder.apply(init_bert_params)
+    decoder.reset_parameters()  # the projection keeps PyTorch's default init (fairseq)
+    return decoder
+
+
+def build_model(cfg: Config) -> Data2Vec2 | Data2Vec1 | MultiData2Vec:
     """The pretraining model (student encoder + decoder/head + EMA teacher) for ``cfg``."""
+    if cfg.model.modality == "multi":
+        return build_multi_model(cfg)
     encoder = build_encoder(cfg)
     if cfg.model.algorithm == "v1":
         # fairseq copies these instead of averaging them: speech ema_layers_only (the
@@ -138,7 +154,5 @@ def build_model(cfg: Config) -> Data2Vec2 | Data2Vec1:
         # vision teacher averages everything (data2vec-vision: one EMA of the whole model)
         copied = () if cfg.model.modality == "image" else V1_COPIED
         return Data2Vec1(encoder, build_teacher(cfg, encoder, copied), cfg)
-    decoder = encoder.modality.make_decoder(cfg.decoder)
-    decoder.apply(init_bert_params)
-    decoder.reset_parameters()  # the projection keeps PyTorch's default init (fairseq)
+    decoder = build_decoder(cfg, encoder.modality)
     return Data2Vec2(encoder, decoder, build_teacher(cfg, encoder), cfg)

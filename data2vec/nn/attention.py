@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data2vec.nn.lean import dropout_attention, dropout_or_identity
+
 
 def attention_mask(
     padding_mask: Tensor | None, attn_bias: Tensor | None, dtype: torch.dtype
@@ -58,7 +60,7 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.attn_drop = attn_drop
-        self.proj_drop = nn.Dropout(proj_drop) if proj_drop > 0 else nn.Identity()
+        self.proj_drop = dropout_or_identity(proj_drop)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         """Attend.
@@ -78,6 +80,10 @@ class Attention(nn.Module):
         drop = self.attn_drop if self.training else 0.0
         if attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        if 0 < drop < 1 and x.device.type == "cpu" and torch.is_grad_enabled():
+            # What SDPA computes on CPU with dropout, keeping less for backward (nn/lean.py).
+            out = dropout_attention(q, k, v, attn_mask, drop)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         out = out.transpose(1, 2).reshape(B, T, C)  # (B, H, T, C/H) -> (B, T, C)
         return self.proj_drop(self.proj(out))

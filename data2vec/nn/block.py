@@ -19,12 +19,19 @@ from torch import Tensor, nn
 
 from data2vec.nn.attention import Attention
 from data2vec.nn.drop_path import drop_path_or_identity
+from data2vec.nn.lean import dropout_or_identity, gelu_linear
 
 NormFactory = Callable[[int], nn.Module]
 
 
 class Mlp(nn.Module):
-    """``fc1 -> act -> dropout -> fc2``. ``x: (..., C) -> (..., C)``."""
+    """``fc1 -> act -> dropout -> fc2``. ``x: (..., C) -> (..., C)``.
+
+    With the default exact GELU and no dropout between the layers (every released data2vec
+    2.0 model), ``act -> fc2`` runs as :func:`~data2vec.nn.lean.gelu_linear`: the hidden
+    activation is recomputed in backward instead of saved, 4 x C fewer floats per token for
+    bit-identical results (``recompute_act = False`` restores the plain path).
+    """
 
     def __init__(
         self,
@@ -36,11 +43,16 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = act_layer()
-        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
+        self.drop = dropout_or_identity(drop)
         self.fc2 = nn.Linear(hidden, dim)
+        exact_gelu = type(self.act) is nn.GELU and self.act.approximate == "none"
+        self.recompute_act = exact_gelu and drop == 0
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.drop(self.act(self.fc1(x))))
+        h = self.fc1(x)
+        if self.recompute_act:
+            return gelu_linear(h, self.fc2.weight, self.fc2.bias)
+        return self.fc2(self.drop(self.act(h)))
 
 
 class PostLNBlock(nn.Module):
@@ -76,7 +88,7 @@ class PostLNBlock(nn.Module):
         )
         self.norm1 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=mlp_drop)
-        self.post_mlp_dropout = nn.Dropout(post_mlp_drop) if post_mlp_drop > 0 else nn.Identity()
+        self.post_mlp_dropout = dropout_or_identity(post_mlp_drop)
         self.norm2 = norm_layer(dim)
         self.drop_path = drop_path_or_identity(drop_path)
 

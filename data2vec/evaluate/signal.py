@@ -1,0 +1,70 @@
+"""Frozen features of N-d signals (``data2vec embed`` / ``evaluate`` on signal data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data2vec.config import Config
+from data2vec.data.signal import SignalSource, SignalTransform, pad_batch
+from data2vec.data.skips import SkipError, SkipLog
+from data2vec.engine.runtime import autocast
+from data2vec.errors import UserError
+from data2vec.evaluate.features import Features, Pool, pool_tokens
+from data2vec.models.encoder import Encoder
+
+
+@torch.no_grad()
+def embed_signals(
+    encoder: Encoder,
+    cfg: Config,
+    source: SignalSource,
+    skips: SkipLog | None = None,
+    batch_size: int = 256,
+    pool: Pool = "mean",
+    layers: int = 1,
+    device: torch.device | None = None,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> Features:
+    """Embed every input of ``source`` (fitted as in pretraining, first crop at the start).
+
+    Inputs are batched in order of length so little is padded; padded tokens are left out of
+    attention and pooling, so an input gets the same features in any batch. Unusable inputs
+    are skipped and recorded.
+    """
+    device = device or torch.device("cpu")
+    encoder = encoder.to(device).eval()
+    transform = SignalTransform(cfg)
+    patch = cfg.encoder.patch_size[0]  # type: ignore[union-attr]
+    arrays: dict[int, np.ndarray] = {}
+    for i in range(len(source)):
+        try:
+            arrays[i] = transform(source.load(i))
+        except SkipError as exc:
+            if skips is not None:
+                skips.add(source.name(i), str(exc))
+    if not arrays:
+        raise UserError("no usable signals to embed")
+    order = sorted(arrays, key=lambda i: arrays[i].shape[1])
+    feats, idx = [], []
+    bar = tqdm(total=len(order), desc="embed", disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        x, pad = pad_batch([arrays[i] for i in chunk], patch)
+        with autocast(device, precision):
+            out = encoder(
+                torch.from_numpy(x).to(device),
+                torch.from_numpy(pad).to(device) if pad.any() else None,
+                keep_layers=layers > 1,
+            )
+        feats.append(pool_tokens(out, pool, layers).float().cpu().numpy())
+        idx += chunk
+        bar.update(len(chunk))
+    bar.close()
+    back = np.argsort(idx, kind="stable")  # restore the source's order
+    kept = np.asarray(idx)[back]
+    names = np.array([source.name(int(i)) for i in kept])
+    labels = source.labels()[kept].astype(np.int64)
+    return Features(np.concatenate(feats)[back], labels, names, list(source.classes))

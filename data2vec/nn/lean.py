@@ -1,0 +1,208 @@
+"""Memory-lean versions of standard layers: the same values, fewer bytes kept for backward.
+
+Autograd keeps every tensor a backward formula needs until the backward pass reaches it. For
+the shapes of data2vec 2.0 (thousands of tokens x 3072 hidden units per block, 16 clones) the
+activations saved for backward are most of the peak memory of a training step, so each op here
+trades a cheap recomputation or a narrower dtype for a full-size saved tensor:
+
+* :func:`gelu_linear` - ``fc2(gelu(h))`` saves ``h`` only; GELU is recomputed in backward
+  (the default MLP otherwise keeps both ``h`` and ``gelu(h)``: 2 x 4 x width per token).
+* :class:`LeanDropout` - the CPU dropout of PyTorch keeps a float32 noise tensor; this one
+  draws exactly the same noise and keeps a bool mask (4x smaller).
+* :func:`dropout_attention` - the composite attention PyTorch runs on CPU when attention
+  dropout is on, with a bool dropout mask and the dropped probabilities recomputed in backward.
+* :func:`checkpoint_elementwise` - runs a chain of cheap elementwise modules (norm ->
+  activation) without saving their intermediates (the decoder's LayerNorm + GELU).
+
+Every function returns bit-identical values and gradients to the plain composition
+(``tests/test_nn_lean.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+class _GeluLinear(torch.autograd.Function):
+    """``F.linear(F.gelu(h), weight, bias)`` saving ``h`` instead of ``gelu(h)``."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:  # type: ignore[override]
+        # Under autocast F.linear runs in the autocast dtype; backward must use the same one.
+        out = F.linear(F.gelu(h), weight, bias)
+        ctx.save_for_backward(h, weight)
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.compute_dtype = out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        h, weight = ctx.saved_tensors
+        dtype = ctx.compute_dtype
+        # The same 2-D matrix products autograd runs for aten::linear (addmm on the flattened
+        # input), so the gradients are bit-identical to those of the plain composition.
+        need_h, need_w, need_b = ctx.needs_input_grad
+        go = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
+        grad_h = grad_w = grad_b = None
+        if need_h:
+            w = weight.to(dtype)  # autocast's cast of the weight, redone
+            grad_g = go.mm(w).view(h.shape)  # (..., hidden)
+            grad_h = torch.ops.aten.gelu_backward(grad_g.to(h.dtype), h)
+        if need_w:
+            g = F.gelu(h).to(dtype)  # recomputed: one elementwise pass instead of a saved copy
+            grad_w = go.t().mm(g.reshape(-1, g.shape[-1])).to(weight.dtype)  # (out, hidden)
+        if need_b and ctx.has_bias:
+            grad_b = go.sum(0).to(ctx.bias_dtype)
+        return grad_h, grad_w, grad_b
+
+
+def gelu_linear(h: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(F.gelu(h), weight, bias)`` that keeps only ``h`` for backward.
+
+    Args:
+        h: ``(..., hidden)`` pre-activation (the first MLP layer's output).
+        weight: ``(out, hidden)``; bias: ``(out,)`` or None.
+
+    Returns:
+        ``(..., out)``.
+    """
+    if not torch.is_grad_enabled() or not (h.requires_grad or weight.requires_grad):
+        return F.linear(F.gelu(h), weight, bias)  # nothing to save: the plain ops are enough
+    return _GeluLinear.apply(h, weight, bias)
+
+
+class _BoolMaskDropout(torch.autograd.Function):
+    """Inverted dropout with PyTorch's CPU noise (``bernoulli_(1 - p) / (1 - p)``), bool saved."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:  # type: ignore[override]
+        # The same draws, in the same order and dtype, as aten::dropout's CPU path, so a run
+        # is reproducible across this change.
+        noise = torch.empty_like(x).bernoulli_(1.0 - p)
+        keep = noise.bool()
+        ctx.save_for_backward(keep)
+        ctx.p = p
+        return x * noise.div_(1.0 - p)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        (keep,) = ctx.saved_tensors
+        return grad * keep.to(grad.dtype).div_(1.0 - ctx.p), None
+
+
+def lean_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """``F.dropout(x, p, training)`` saving a bool mask on CPU (CUDA's fused kernel does too)."""
+    if not training or p == 0.0 or x.device.type != "cpu" or not torch.is_grad_enabled():
+        return F.dropout(x, p, training)
+    if p == 1.0:
+        return x * 0.0
+    return _BoolMaskDropout.apply(x, p)
+
+
+class LeanDropout(nn.Dropout):
+    """``nn.Dropout`` with the same random draws and a 1-byte saved mask (see module docs)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return lean_dropout(x, self.p, self.training)
+
+
+def dropout_or_identity(p: float) -> nn.Module:
+    """A :class:`LeanDropout` for ``p > 0``, else ``nn.Identity`` (a disabled feature)."""
+    return LeanDropout(p) if p > 0 else nn.Identity()
+
+
+class _DropoutMatmul(torch.autograd.Function):
+    """``dropout(probs) @ v`` keeping ``probs`` (softmax keeps it anyway), a bool mask and ``v``.
+
+    Plain autograd would also keep the float noise and the dropped probabilities: two more
+    ``(B, H, T, T)`` tensors per block.
+    """
+
+    @staticmethod
+    def forward(ctx, probs: Tensor, v: Tensor, p: float) -> Tensor:  # type: ignore[override]
+        noise = torch.empty_like(probs).bernoulli_(1.0 - p)  # aten::dropout's CPU draws
+        keep = noise.bool()
+        B, H, T, S = probs.shape
+        v3 = v.reshape(B * H, S, v.shape[-1])  # the copy aten::matmul makes and keeps
+        out = torch.bmm((probs * noise.div_(1.0 - p)).reshape(B * H, T, S), v3)
+        ctx.save_for_backward(probs, keep, v3)
+        ctx.p = p
+        return out.view(B, H, T, v.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        probs, keep, v3 = ctx.saved_tensors
+        B, H, T, S = probs.shape
+        noise = keep.to(probs.dtype).div_(1.0 - ctx.p)
+        dropped = (probs * noise).reshape(B * H, T, S)
+        g3 = grad.reshape(B * H, T, -1)
+        # bmm's own backward formulas, so the gradients are bit-identical to autograd's
+        grad_dropped = g3.bmm(v3.transpose(1, 2)).view(B, H, T, S)
+        grad_v = dropped.transpose(1, 2).bmm(g3).view(B, H, S, -1)
+        return grad_dropped * noise, grad_v, None
+
+
+def _softmax(x: Tensor) -> Tensor:
+    # aten::_safe_softmax is what the composite attention uses (0, not NaN, for a fully masked
+    # row); plain softmax is the fallback should a PyTorch version drop the private op.
+    safe = getattr(torch.ops.aten, "_safe_softmax", None)
+    return safe(x, -1) if safe is not None else x.softmax(-1)
+
+
+def dropout_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, p: float
+) -> Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=p)`` for CPU training.
+
+    With dropout PyTorch's CPU attention falls back to a composite of matmul, softmax and
+    dropout (in float32 for bf16/fp16 inputs). This runs the same ops with the same random draws,
+    so the values and gradients are bit-identical, but keeps ~1.75 fewer ``(B, H, T, T)``
+    tensors for backward.
+
+    Args:
+        q, k, v: ``(B, H, T, d)``.
+        attn_mask: additive mask broadcastable to ``(B, H, T, T)``, or None.
+        p: attention dropout probability, ``0 < p < 1``.
+
+    Returns:
+        ``(B, H, T, d)`` in the dtype of ``q``.
+    """
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):  # the composite computes in float32
+        q, k, v = q.float(), k.float(), v.float()
+        attn_mask = None if attn_mask is None else attn_mask.float()
+    # The composite runs inside one op, below autocast: its products stay in float32.
+    with torch.autocast(q.device.type, enabled=False):
+        # q and k are each scaled by sqrt(1/sqrt(d)) before the product, as the composite does.
+        s = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
+        logits = torch.matmul(q * s, k.transpose(-2, -1) * s)  # (B, H, T, T)
+        if attn_mask is not None:
+            logits.add_(attn_mask)
+        out = _DropoutMatmul.apply(_softmax(logits), v, p)
+    return out.to(dtype)
+
+
+def _run_chain(x: Tensor, modules: tuple[nn.Module, ...]) -> Tensor:
+    for m in modules:
+        x = m(x)
+    return x
+
+
+def checkpoint_elementwise(x: Tensor, *modules: Callable[[Tensor], Tensor]) -> Tensor:
+    """``modules[-1](...modules[0](x))`` keeping only ``x`` for backward.
+
+    Meant for cheap elementwise chains (LayerNorm -> GELU) whose saved inputs cost more memory
+    than recomputing them costs time. The modules must be deterministic (no dropout): the RNG
+    state is not saved for the recomputation.
+    """
+    mods = tuple(modules)  # type: ignore[arg-type]
+    if not torch.is_grad_enabled() or not x.requires_grad:
+        return _run_chain(x, mods)
+    return checkpoint(_run_chain, x, mods, use_reentrant=False, preserve_rng_state=False)

@@ -1,0 +1,218 @@
+"""A joint model: shared blocks pretrained on images, speech and text at once."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data2vec.cli import main
+from data2vec.config import ConfigError, load_config
+from data2vec.data.multimodal import (
+    batches_before,
+    detect_modality,
+    interleave_pattern,
+    parse_data_specs,
+)
+from data2vec.engine.trainer import pretrain
+from data2vec.errors import UserError
+from data2vec.evaluate.features import embed_path, load_encoder
+from data2vec.models.multimodal import MultiEncoder, modality_configs
+from data2vec.models.registry import build_model
+from tests.conftest import make_audio_folder, make_image_folder
+from tests.test_text_pipeline import text_corpus
+
+PER_MODALITY = " ".join(
+    [
+        "image:encoder.image_size=16", "image:encoder.patch_size=4", "image:mask.clones=2",
+        "image:decoder.dim=16", "image:decoder.groups=4", "image:decoder.layers=2",
+        "image:target.top_k=2", "image:data.batch_size=4",
+        "audio:encoder.cnn_channels=16", "audio:encoder.pos_conv_groups=4", "audio:decoder.dim=16",
+        "audio:decoder.groups=4", "audio:decoder.layers=2", "audio:target.top_k=2",
+        "audio:mask.clones=2", "audio:data.batch_size=2", "audio:data.min_samples=3200",
+        "audio:data.max_samples=8000",
+        "text:encoder.vocab_size=300", "text:encoder.max_positions=32", "text:data.block_size=32",
+        "text:data.batch_size=4", "text:decoder.dim=32", "text:decoder.layers=2",
+        "text:target.top_k=2", "text:mask.clones=2",
+    ]
+)  # fmt: skip
+TINY_MULTI = [
+    "model.embed_dim=32", "model.depth=2", "model.num_heads=2", "data.num_workers=0",
+    "optim.warmup_steps=2", "train.progress=false", "train.tensorboard=false",
+    f"encoder.overrides={PER_MODALITY}",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multi")
+    make_image_folder(root / "images", n_per_class=6, size=16)
+    make_audio_folder(root / "audio", n_per_class=3)
+    (root / "text").mkdir()
+    text_corpus(root / "text", n_docs=60)
+    return {"image": root / "images", "audio": root / "audio", "text": root / "text/corpus.txt"}
+
+
+def _batches(modality: str, cfg, data_dir) -> tuple:
+    """One real batch of a modality through its own pipeline (the model's input)."""
+    from data2vec.data.registry import build_pretrain_data
+    from data2vec.data.skips import SkipLog
+    from data2vec.engine.trainer import make_loader
+
+    sub = modality_configs(cfg)[modality]
+    part = build_pretrain_data(sub, data_dir[modality], SkipLog(), data_dir["image"].parent)
+    return next(iter(make_loader(part, sub, 0)))
+
+
+def test_interleaving__weights_spread_and_positions_known():
+    pattern = interleave_pattern([2, 1, 1])
+    assert sorted(pattern) == [0, 0, 1, 2] and pattern[0] == 0 and pattern[1] != 0
+    # batches_before counts each modality's batches among the first k, for any k
+    for k in range(13):
+        seq = [pattern[i % 4] for i in range(k)]
+        assert [batches_before(pattern, m, k) for m in range(3)] == [seq.count(m) for m in range(3)]
+
+
+def test_config__presets_and_shared_fields():
+    cfg = load_config("multi-v2-tiny", TINY_MULTI)
+    cfgs = modality_configs(cfg)
+    assert list(cfgs) == ["image", "audio", "text"]
+    for sub in cfgs.values():  # the blocks impose their shape on every modality
+        assert (sub.model.embed_dim, sub.model.depth, sub.model.num_heads) == (32, 2, 2)
+    assert cfgs["image"].mask.kind == "inverse_block" and cfgs["text"].mask.kind == "random"
+    assert (cfgs["audio"].ema.scope, cfgs["text"].ema.scope) == ("context", "blocks")
+    with pytest.raises(ConfigError, match="is a audio preset"):
+        modality_configs(load_config("multi-v2-tiny", ["encoder.presets=[audio-v2-tiny,"
+                                                       "audio-v2-tiny,text-v2-tiny]"]))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"MODALITY:section\.field"):
+        load_config("multi-v2-tiny", ["encoder.overrides=video:mask.ratio=0.5"])
+
+
+def test_each_loss_reaches_its_own_encoder_and_decoder_and_the_shared_blocks(data):
+    cfg = load_config("multi-v2-tiny", TINY_MULTI)
+    model = build_model(cfg)
+    for name in ("image", "audio", "text"):
+        batch = _batches(name, cfg, data)
+        model.zero_grad(set_to_none=True)
+        pad = batch.padding_mask
+        model(batch.source, batch.mask, pad, modality=name).loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        assert any(n.startswith("encoder.blocks.") for n in grads)
+        owners = {n.split(".")[2] for n in grads if n.startswith("encoder.modalities.")}
+        owners |= {n.split(".")[1] for n in grads if n.startswith("decoder.")}
+        assert owners == {name}, (name, owners)
+
+
+def test_teacher__one_copy_of_the_shared_blocks_for_every_modality():
+    cfg = load_config("multi-v2-tiny", TINY_MULTI)
+    model = build_model(cfg)
+    t = model.teacher.model
+    # image owns its whole encoder, audio all but its CNN, text only the blocks (scopes)
+    assert t.modalities["image"] is not None and t.modalities["text"] is None
+    assert t.modalities["audio"].local_encoder is None
+    views = {name: obj.teacher.model for name, obj in model.objectives.items()}
+    assert all(v.blocks is t.blocks for v in views.values())  # one teacher, consistent
+    with torch.no_grad():
+        for p in model.encoder.blocks.parameters():
+            p.add_(1.0)
+    model.update_teacher(1)
+    for v in views.values():
+        assert v.blocks is t.blocks  # switching modality reads the same, updated blocks
+    s, te = model.encoder.blocks[0].attn.qkv.weight, t.blocks[0].attn.qkv.weight
+    assert not torch.equal(s, te) and torch.all(te != 0)
+
+
+def test_joint_run__interleaves_checkpoints_and_embeds_each_modality(data, tmp_path):
+    cfg = load_config("multi-v2-tiny", [*TINY_MULTI, "train.max_steps=6", "train.log_every=1",
+                                        "train.checkpoint_every=3"])  # fmt: skip
+    run = tmp_path / "run"
+    result = pretrain(cfg, {k: str(v) for k, v in data.items()}, run)
+    assert result.steps == 6 and result.stopped == "max_steps"
+    logs = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    seen = [next(k.split("/")[0] for k in entry if k.endswith("/loss")) for entry in logs]
+    assert seen == ["image", "audio", "text"] * 2
+    saved = load_config(run / "config.yaml")
+    assert "text:encoder.vocab_size=" in saved.encoder.overrides  # the tokenizer's vocabulary
+    _, encoder = load_encoder(run)
+    assert isinstance(encoder, MultiEncoder) and encoder.tokenizer is not None
+    # one checkpoint embeds every modality, picked from the data
+    shapes = {}
+    for name in ("image", "audio"):
+        shapes[name] = embed_path(run, data[name], progress=False).features.shape
+    assert shapes == {"image": (12, 32), "audio": (6, 32)}
+    # resume continues the interleaving where it stopped
+    cfg3 = load_config("multi-v2-tiny", [*TINY_MULTI, "train.max_steps=7", "train.log_every=1"])
+    pretrain(cfg3, {k: str(v) for k, v in data.items()}, run, resume=True)
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 7 and "image/loss" in last
+
+
+def test_cli__one_data_flag_per_modality(data, tmp_path, capsys):
+    args = ["pretrain", "--preset", "multi-v2-tiny", "--out", str(tmp_path / "r"),
+            "--max-steps", "3", *TINY_MULTI]  # fmt: skip
+    code = main([*args, "--data", f"image={data['image']}", "--data", f"audio={data['audio']}"])
+    assert code == 2 and "missing ['text']" in capsys.readouterr().err
+    code = main([*args, *[f"--data={k}={v}" for k, v in data.items()]])
+    assert code == 0
+
+
+def test_detect_modality_and_data_specs(data, tmp_path):
+    names = ["image", "audio", "text"]
+    assert detect_modality(data["image"], names) == "image"
+    assert detect_modality(data["audio"], names) == "audio"
+    assert detect_modality(data["text"], names) == "text"
+    tsv = tmp_path / "t.tsv"
+    tsv.write_text("a red cat\tanimal\n", encoding="utf-8")
+    assert detect_modality(tsv, names) == "text"
+    with pytest.raises(UserError, match="looks like audio"):
+        detect_modality(data["audio"], ["image", "text"])
+    assert parse_data_specs(["image=/a", "text=/b=c"], ["image", "text"]) == {
+        "image": "/a",
+        "text": "/b=c",
+    }
+    with pytest.raises(UserError, match="MODALITY=PATH"):
+        parse_data_specs(["/a"], ["image"])
+    np.testing.assert_equal(interleave_pattern([1]), [0])
+
+
+@pytest.mark.slow
+def test_torchrun_two_workers_match_one_process(data, tmp_path):
+    """Under torchrun (gloo, 2 workers) a joint image + text model trains what one process does
+    with the same global batches; each step trains one modality (unused parameters in DDP)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    per = " ".join(o for o in PER_MODALITY.split() if o.split(":")[0] in ("image", "text"))
+    quiet = "image:mask.noise_std=0 text:mask.noise_std=0 text:encoder.dropout=0 " + (
+        "text:decoder.input_dropout=0"
+    )
+    common = [
+        *[o for o in TINY_MULTI if not o.startswith("encoder.overrides=")],
+        "encoder.modalities=[image,text]", "encoder.presets=[image-v2-tiny,text-v2-tiny]",
+        "encoder.weights=[1,1]", "model.encoder_dropout=0", "model.attention_dropout=0",
+        "model.post_mlp_dropout=0", "train.threads=1", "train.max_steps=4",
+    ]  # fmt: skip
+    specs = [f"image={data['image']}", f"text={data['text']}"]
+
+    def overrides(batch: int) -> str:
+        sizes = f"image:data.batch_size={batch} text:data.batch_size={batch}"
+        return f"encoder.overrides={per} {quiet} {sizes}"
+
+    pretrain(load_config("multi-v2-tiny", [*common, overrides(4)]), specs, tmp_path / "one")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "data2vec.cli", "pretrain", "--preset", "multi-v2-tiny",
+        *[f"--data={s}" for s in specs], "--out", str(tmp_path / "two"), *common, overrides(2),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 1 of 2" in proc.stderr
+    last = "checkpoints/step_00000004/model.safetensors"
+    one, two = load_file(str(tmp_path / "one" / last)), load_file(str(tmp_path / "two" / last))
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=2e-5)

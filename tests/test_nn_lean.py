@@ -1,0 +1,161 @@
+"""The memory-lean layers compute exactly what the plain compositions compute, and save less."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data2vec.models.decoders import ConvDecoder
+from data2vec.nn.block import Mlp
+from data2vec.nn.lean import LeanDropout, checkpoint_elementwise, dropout_attention, gelu_linear
+from data2vec.targets import TopKTargets, regression_loss
+
+
+def _saved_bytes(fn, *args):
+    """Bytes of the distinct storages autograd saves while running ``fn(*args)``."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t.detach()  # not t: a saved output would hold its own grad_fn in a cycle
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*args)
+    return out, sum(storages.values())
+
+
+def _grads(out, *tensors):
+    return torch.autograd.grad(out, tensors, torch.randn_like(out, generator=_gen(7)))
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_gelu_linear__bit_identical_to_linear_of_gelu_and_saves_less():
+    fc2 = nn.Linear(32, 8)
+    h = torch.randn(3, 5, 32, requires_grad=True)
+    plain, plain_bytes = _saved_bytes(lambda: fc2(F.gelu(h)))
+    lean, lean_bytes = _saved_bytes(lambda: gelu_linear(h, fc2.weight, fc2.bias))
+    assert torch.equal(plain, lean)
+    for a, b in zip(_grads(plain, h, fc2.weight, fc2.bias), _grads(lean, h, fc2.weight, fc2.bias)):
+        assert torch.equal(a, b)
+    assert lean_bytes <= plain_bytes - h.numel() * 4  # gelu(h) is no longer kept
+
+
+def test_gelu_linear__same_as_plain_under_bf16_autocast():
+    fc2 = nn.Linear(32, 8)
+    h = torch.randn(4, 32).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = fc2(F.gelu(h))
+        lean = gelu_linear(h, fc2.weight, fc2.bias)
+    assert lean.dtype == plain.dtype == torch.bfloat16
+    assert torch.equal(plain, lean)
+    grads_plain = _grads(plain, h, fc2.weight, fc2.bias)
+    grads_lean = _grads(lean, h, fc2.weight, fc2.bias)
+    for a, b in zip(grads_plain, grads_lean):
+        assert a.dtype == b.dtype
+        assert torch.equal(a, b)
+    assert grads_lean[1].dtype == torch.float32  # master-weight gradients stay fp32
+
+
+def test_mlp__recomputing_path_matches_plain_path():
+    torch.manual_seed(0)
+    mlp = Mlp(16, 64)
+    assert mlp.recompute_act
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    lean = mlp(x)
+    mlp.recompute_act = False
+    plain = mlp(x)
+    assert torch.equal(lean, plain)
+    params = list(mlp.parameters())
+    for a, b in zip(_grads(lean, x, *params), _grads(plain, x, *params)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_lean_dropout__same_draws_and_gradients_as_nn_dropout(p):
+    x = torch.randn(4, 9, 16, requires_grad=True)
+    torch.manual_seed(3)
+    plain, plain_bytes = _saved_bytes(nn.Dropout(p).train(), x)
+    torch.manual_seed(3)
+    lean, lean_bytes = _saved_bytes(LeanDropout(p).train(), x)
+    assert torch.equal(plain, lean)
+    assert torch.equal(_grads(plain, x)[0], _grads(lean, x)[0])
+    assert lean_bytes == x.numel()  # one bool per element instead of a float32 noise tensor
+    assert plain_bytes == 4 * x.numel()
+    assert torch.equal(LeanDropout(p).eval()(x), x)
+
+
+def test_checkpoint_elementwise__same_gradients_fewer_saved_tensors():
+    norm, act = nn.LayerNorm(12), nn.GELU()
+    x = torch.randn(3, 10, 12, requires_grad=True)
+    plain, plain_bytes = _saved_bytes(lambda: act(norm(x)))
+    lean, lean_bytes = _saved_bytes(lambda: checkpoint_elementwise(x, norm, act))
+    assert torch.equal(plain, lean)
+    params = [x, norm.weight, norm.bias]
+    for a, b in zip(_grads(plain, *params), _grads(lean, *params)):
+        assert torch.equal(a, b)
+    assert lean_bytes < plain_bytes
+
+
+def test_conv_decoder__gradients_equal_the_plain_layer_stack():
+    torch.manual_seed(0)
+    dec = ConvDecoder(16, 16, layers=3, kernel=3, groups=4, grid=(4, 4))
+    x = torch.randn(2, 16, 16, requires_grad=True)
+    out = dec(x)
+
+    def plain(x):  # the same stack without recomputation
+        h = x.transpose(1, 2).reshape(2, 16, 4, 4)
+        for layer in dec.blocks:
+            h = layer(h) + h
+        return dec.proj(h.reshape(2, 16, 16).transpose(1, 2))
+
+    ref = plain(x)
+    assert torch.equal(out, ref)
+    params = [x, *dec.parameters()]
+    for a, b in zip(_grads(out, *params), _grads(ref, *params)):
+        assert torch.equal(a, b)
+
+
+def test_regression_loss__l2_bit_identical_to_mse_loss_sum():
+    pred = torch.randn(50, 24, requires_grad=True)
+    target = torch.randn(50, 24)
+    ours = regression_loss(pred, target, scale=1.0)
+    ref = F.mse_loss(pred, target, reduction="sum")
+    assert torch.equal(ours, ref)
+    assert torch.equal(*(torch.autograd.grad(v, pred)[0] for v in (ours, ref)))
+
+
+def test_top_k_targets__checks_the_layer_count():
+    acc = TopKTargets(3, 2, "instance", "none")
+    acc.add(torch.randn(1, 4, 2))
+    with pytest.raises(ValueError, match="1 of 3"):
+        acc.result()
+    acc.add(torch.randn(1, 4, 2))
+    acc.add(torch.randn(1, 4, 2))
+    with pytest.raises(ValueError, match="more than"):
+        acc.add(torch.randn(1, 4, 2))
+    with pytest.raises(ValueError, match="top_k=4"):
+        TopKTargets(3, 4, "instance", "none")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_attention__bit_identical_to_sdpa_with_dropout(dtype):
+    q, k, v = (torch.randn(2, 3, 6, 4, requires_grad=True) for _ in range(3))
+    bias = torch.randn(2, 3, 6, 6, requires_grad=True)  # e.g. ALiBi with a learned scale
+    outs = []
+    for fn in (F.scaled_dot_product_attention, None):
+        torch.manual_seed(11)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            args = [t.to(dtype) for t in (q, k, v, bias)]
+            if fn is None:
+                outs.append(dropout_attention(*args, 0.3))
+            else:
+                outs.append(fn(*args[:3], attn_mask=args[3], dropout_p=0.3))
+    ref, lean = outs
+    assert lean.dtype == ref.dtype == dtype
+    assert torch.equal(ref, lean)
+    for a, b in zip(_grads(ref, q, k, v, bias), _grads(lean, q, k, v, bias)):
+        assert torch.equal(a, b)
