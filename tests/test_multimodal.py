@@ -216,3 +216,36 @@ def test_torchrun_two_workers_match_one_process(data, tmp_path):
     assert one.keys() == two.keys()
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=2e-5)
+
+
+def test_a_joint_model_of_one_modality_trains_exactly_like_the_single_model(data, tmp_path):
+    """The joint machinery (views, teacher view, interleaving loader) adds nothing of its own:
+    with speech only and the speech preset's settings it reproduces audio-v2-tiny's losses."""
+    from tests.conftest import TINY_AUDIO
+
+    single = load_config("audio-v2-tiny", [*TINY_AUDIO, "train.max_steps=4", "train.log_every=1"])
+    per = " ".join(f"audio:{o}" for o in TINY_AUDIO if o.split(".")[0] in ("encoder", "decoder",
+                                                                          "target", "mask", "data")
+                   and not o.startswith("data.num_workers"))  # fmt: skip
+    m = single.model
+    optim = single.optim
+    joint = load_config("multi-v2-tiny", [
+        f"model.embed_dim={m.embed_dim}", f"model.depth={m.depth}",
+        f"model.num_heads={m.num_heads}", f"model.encoder_dropout={m.encoder_dropout}",
+        f"model.post_mlp_dropout={m.post_mlp_dropout}",
+        f"model.attention_dropout={m.attention_dropout}", "encoder.modalities=[audio]",
+        "encoder.presets=[audio-v2-tiny]", "encoder.weights=[1]", f"encoder.overrides={per}",
+        f"optim.lr={optim.lr}", f"optim.betas=[{optim.betas[0]},{optim.betas[1]}]",
+        f"optim.eps={optim.eps}", f"optim.weight_decay={optim.weight_decay}",
+        f"optim.warmup_steps={optim.warmup_steps}", f"optim.clip_norm={optim.clip_norm}",
+        f"ema.decay={single.ema.decay}", f"ema.end_decay={single.ema.end_decay}",
+        f"ema.anneal_steps={single.ema.anneal_steps}", "train.max_steps=4", "train.log_every=1",
+        "data.num_workers=0", "train.progress=false", "train.tensorboard=false",
+    ])  # fmt: skip
+    pretrain(single, data["audio"], tmp_path / "single")
+    pretrain(joint, [f"audio={data['audio']}"], tmp_path / "joint")
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").open()]
+        for run in ("single", "joint")
+    ]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)
