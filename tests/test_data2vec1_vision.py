@@ -174,16 +174,19 @@ def test_teacher__averages_the_whole_encoder():
     cfg = load_config("image-v1-tiny", TINY_V1)
     model = build_model(cfg)
     assert model.teacher.copied == ()  # nothing copied: one EMA of every parameter
+    before = {k: v.clone() for k, v in model.teacher.model.state_dict().items()}
     with torch.no_grad():
         for p in model.encoder.parameters():
             p.add_(1.0)
     model.teacher.update(model.encoder, 0)
     decay = model.teacher.decay_at(0)
+    assert math.isclose(decay, 0.99)
     t = model.teacher.model.state_dict()
     s = model.encoder.state_dict()
     for name in ("modality.local_encoder.proj.weight", "blocks.0.gamma_1"):
-        assert not torch.allclose(t[name], s[name])  # averaged, not copied
-    assert math.isclose(decay, 0.99)
+        # averaged, not copied nor left behind: the patch embedding too (scope "all")
+        expected = decay * before[name] + (1 - decay) * s[name]
+        torch.testing.assert_close(t[name], expected)
 
 
 def test_student_fits_the_teacher_on_one_batch():

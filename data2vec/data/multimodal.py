@@ -8,6 +8,7 @@ and a resumed run knows exactly how far each modality's own stream has got.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,7 @@ def build_multi_data(
     cfgs = modality_configs(cfg)
     parts: list[PretrainData] = []
     for name in names:
-        before = modality_configs(cfg)[name]
+        before = copy.deepcopy(cfgs[name])  # data preparation may set encoder fields
         part = build_pretrain_data(cfgs[name], specs[name], skips, work_dir)
         if part.make_sampler is None:
             raise UserError(f"joint pretraining reads files, not tar shards ({specs[name]})")
