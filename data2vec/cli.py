@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
         "glosses; signal: a UCR/UEA time-series data set",
     )
     p.add_argument(
-        "--minutes", type=float, help="pretraining budget (image 7, audio 5, text 5, signal 4)"
+        "--minutes", type=float, help="pretraining budget (image 7, audio 5, text 8, signal 4)"
     )
     p.add_argument(
         "--out",
