@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import data2vec.modalities.audio as audio
 import data2vec.models.data2vec2 as d2v2
 import data2vec.models.decoders as decoders
 import data2vec.nn.attention as attention
@@ -32,13 +33,18 @@ from data2vec.nn.block import Mlp
 from data2vec.nn.lean import LeanDropout
 
 CHANGES = ("mlp_gelu_recompute", "decoder_norm_act_recompute", "bool_dropout_masks",
-           "dropout_attention", "l2_loss_saves_difference")  # fmt: skip
+           "dropout_attention", "l2_loss_saves_difference",
+           "audio_conv_norm_act_recompute")  # fmt: skip
 
 
 def _plain_chain(x, *modules):
     for m in modules:
         x = m(x)
     return x
+
+
+def _plain_conv_after(x, pre, params, conv):
+    return conv(pre(x, *params))
 
 
 def _plain_attention(q, k, v, attn_mask, p):
@@ -62,6 +68,8 @@ def plain(model: nn.Module, off: set[str]) -> Iterator[None]:
         "chain": decoders.checkpoint_elementwise,
         "attn": attention.dropout_attention,
         "loss": d2v2.regression_loss,
+        "conv_after": audio.conv1d_after,
+        "audio_chain": audio.checkpoint_elementwise,
     }
     mlps = [m for m in model.modules() if isinstance(m, Mlp)]
     lean_flags = [m.recompute_act for m in mlps]
@@ -78,6 +86,9 @@ def plain(model: nn.Module, off: set[str]) -> Iterator[None]:
             attention.dropout_attention = _plain_attention
         if "l2_loss_saves_difference" in off:
             d2v2.regression_loss = _plain_loss
+        if "audio_conv_norm_act_recompute" in off:
+            audio.conv1d_after = _plain_conv_after
+            audio.checkpoint_elementwise = _plain_chain
         yield
     finally:
         for m, flag in zip(mlps, lean_flags):
@@ -86,6 +97,8 @@ def plain(model: nn.Module, off: set[str]) -> Iterator[None]:
         LeanDropout.forward = drop_forward  # type: ignore[method-assign]
         attention.dropout_attention = saved["attn"]
         d2v2.regression_loss = saved["loss"]
+        audio.conv1d_after = saved["conv_after"]
+        audio.checkpoint_elementwise = saved["audio_chain"]
 
 
 def saved_bytes(model: nn.Module, batch, seed: int = 0) -> int:

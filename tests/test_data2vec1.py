@@ -2,6 +2,7 @@
 copied positional convolution, and a short training run through the engine."""
 
 import numpy as np
+import pytest
 import torch
 
 from data2vec.config import load_config
@@ -10,7 +11,7 @@ from data2vec.engine.trainer import pretrain
 from data2vec.masking import make_rng, span_mask
 from data2vec.models.data2vec1 import Data2Vec1
 from data2vec.models.registry import build_model
-from data2vec.targets import regression_loss
+from data2vec.targets import build_targets, regression_loss
 from tests.conftest import TINY_AUDIO, make_audio_folder
 
 FIXTURE = "tests/fixtures/fairseq/v1_audio_tiny"
@@ -188,3 +189,46 @@ def test_bert_settings_are_validated():
 
     with pytest.raises(ConfigError, match="random_token"):
         load_config("text-v1-base", ["mask.random_token=0.6", "mask.leave_unmasked=0.5"])
+
+
+def _targets_from_all_layers(model, source, source_pad, local, pad):
+    """The targets as computed before streaming: every layer kept, then ``build_targets``."""
+    teacher, tcfg = model.teacher.model, model.target_cfg
+    if model.scope == "all":
+        ctx = teacher.modality.contextualize(*teacher.modality.embed(source, source_pad))
+    else:
+        ctx = teacher.modality.contextualize(local, pad)
+    out = teacher.forward_blocks(ctx, keep_layers=True)
+    layers = out.layer_outputs if tcfg.source == "block" else out.layer_results
+    E = out.num_extra_tokens
+    return build_targets(
+        [layer[:, E:] for layer in layers], tcfg.top_k, tcfg.layer_norm, tcfg.final_norm,
+        padding_mask=pad if model.exact_padding else None,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("modality", ["audio", "text", "image"])
+def test_forward_targets__streamed_top_k_equals_all_layers_kept(modality):
+    from tests.test_data2vec1_vision import TINY_V1 as TINY_IMAGE_V1
+    from tests.test_text_modality import TINY_TEXT
+
+    torch.manual_seed(0)
+    DEEPER = ["model.depth=3", "target.top_k=2"]
+    if modality == "audio":
+        cfg = load_config("audio-v1-tiny", [*TINY_V1, *DEEPER, "model.exact_padding=true"])
+        source = torch.randn(2, 8000)
+        source_pad = torch.zeros(2, 8000, dtype=torch.bool)
+        source_pad[1, 5000:] = True
+    elif modality == "text":
+        cfg = load_config("text-v1-base", [*TINY_TEXT, *DEEPER, "mask.clones=1"])
+        source, source_pad = torch.randint(5, 50, (2, 12)), None
+    else:
+        cfg = load_config("image-v1-tiny", TINY_IMAGE_V1)
+        source, source_pad = torch.randn(2, 3, 16, 16), None
+    model = build_model(cfg).eval()
+    assert model.target_cfg.top_k < len(model.teacher.model.blocks)  # a real top-K selection
+    with torch.no_grad():
+        local, pad = model.encoder.modality.embed(source, source_pad)
+        streamed = model.forward_targets(source, source_pad, local, pad)
+        reference = _targets_from_all_layers(model, source, source_pad, local, pad)
+    assert torch.equal(streamed, reference)

@@ -7,7 +7,13 @@ from torch import nn
 
 from data2vec.models.decoders import ConvDecoder
 from data2vec.nn.block import Mlp
-from data2vec.nn.lean import LeanDropout, checkpoint_elementwise, dropout_attention, gelu_linear
+from data2vec.nn.lean import (
+    LeanDropout,
+    checkpoint_elementwise,
+    conv1d_after,
+    dropout_attention,
+    gelu_linear,
+)
 from data2vec.targets import TopKTargets, regression_loss
 
 
@@ -159,3 +165,107 @@ def test_dropout_attention__bit_identical_to_sdpa_with_dropout(dtype):
     assert torch.equal(ref, lean)
     for a, b in zip(_grads(ref, q, k, v, bias), _grads(lean, q, k, v, bias)):
         assert torch.equal(a, b)
+
+
+def _plain_norm_gelu(y, weight, bias):
+    return F.gelu(F.layer_norm(y.transpose(1, 2), weight.shape, weight, bias, 1e-5)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("groups,bias,stride", [(1, False, 2), (4, True, 1)])
+def test_conv1d_after__bit_identical_to_conv_of_norm_gelu_and_saves_one_tensor(
+    groups, bias, stride
+):
+    torch.manual_seed(0)
+    conv = nn.Conv1d(8, 8, 3, stride=stride, padding=1, groups=groups, bias=bias)
+    norm = nn.LayerNorm(8)
+    nn.init.normal_(norm.weight)
+    nn.init.normal_(norm.bias)
+    x = torch.randn(2, 8, 33, requires_grad=True)
+    params = (norm.weight, norm.bias)
+    plain, plain_bytes = _saved_bytes(lambda: conv(_plain_norm_gelu(x, *params)))
+    lean, lean_bytes = _saved_bytes(lambda: conv1d_after(x, _plain_norm_gelu, params, conv))
+    assert torch.equal(plain, lean)
+    wrt = (x, *params, *conv.parameters())
+    for a, b in zip(_grads(plain, *wrt), _grads(lean, *wrt)):
+        assert torch.equal(a, b)
+    # plain keeps x, the LayerNorm output and the GELU output; lean keeps x only
+    assert lean_bytes <= plain_bytes - 2 * x.numel() * 4
+
+
+def test_conv1d_after__same_as_plain_under_bf16_autocast():
+    torch.manual_seed(0)
+    conv, norm = nn.Conv1d(8, 4, 3), nn.LayerNorm(8)
+    x = torch.randn(2, 8, 17, requires_grad=True)
+    params = (norm.weight, norm.bias)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = conv(_plain_norm_gelu(x, *params))
+        lean = conv1d_after(x, _plain_norm_gelu, params, conv)
+    assert lean.dtype == plain.dtype == torch.bfloat16
+    assert torch.equal(plain, lean)
+    wrt = (x, *params, *conv.parameters())
+    for a, b in zip(_grads(plain, *wrt), _grads(lean, *wrt)):
+        assert a.dtype == b.dtype
+        assert torch.equal(a, b)
+
+
+def test_audio_cnn_and_positional_conv__gradients_equal_the_plain_layer_stack():
+    from data2vec.modalities.audio import FeatureEncoder, PositionalConv
+
+    torch.manual_seed(0)
+    cnn = FeatureEncoder(16, 24)
+    for layer in cnn.conv_layers:  # non-trivial LayerNorm affines
+        nn.init.normal_(layer.norm.weight)
+        nn.init.normal_(layer.norm.bias)
+    wave = torch.randn(2, 3200, requires_grad=True)
+
+    def plain_cnn(w):  # the layers one after the other, as ConvLayer.forward runs them
+        x = w.unsqueeze(1)
+        for layer in cnn.conv_layers:
+            x = layer(x)
+        return cnn.proj(cnn.norm(x.transpose(1, 2)))
+
+    plain, plain_bytes = _saved_bytes(plain_cnn, wave)
+    lean, lean_bytes = _saved_bytes(cnn, wave)
+    assert torch.equal(plain, lean)
+    wrt = (wave, *cnn.parameters())
+    for a, b in zip(_grads(plain, *wrt), _grads(lean, *wrt)):
+        assert torch.equal(a, b)
+    assert lean_bytes < plain_bytes / 2
+
+    pos = PositionalConv(24, 3, 5, 4, exact_padding=True)
+    x = lean.detach().requires_grad_()
+    pad = torch.zeros(x.shape[:2], dtype=torch.bool)
+    pad[1, -3:] = True
+    keep = (~pad).unsqueeze(1).float()
+
+    def plain_pos(x):
+        h = x.transpose(1, 2)
+        for conv in pos.layers:
+            h = F.gelu(pos.norm(conv(h * keep)))
+        return h.transpose(1, 2)
+
+    plain, plain_bytes = _saved_bytes(plain_pos, x)
+    lean, lean_bytes = _saved_bytes(pos, x, pad)
+    assert torch.equal(plain, lean)
+    wrt = (x, *pos.parameters())
+    for a, b in zip(_grads(plain, *wrt), _grads(lean, *wrt)):
+        assert torch.equal(a, b)
+    # per layer: the conv output only, not also the masked input and the LayerNorm output
+    assert lean_bytes <= plain_bytes - 5 * x.numel() * 4
+
+
+def test_audio_cnn_and_positional_conv__backward_under_flop_counter():
+    """The recomputation inside backward runs no module, so module hooks (``FlopCounterMode``'s
+    tracker, as ``data2vec bench`` uses it) neither fire there nor break it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from data2vec.modalities.audio import FeatureEncoder, PositionalConv
+
+    cnn, pos = FeatureEncoder(8, 16), PositionalConv(16, 2, 3, 4, exact_padding=True)
+    for _ in range(2):  # counted, then plain again
+        with FlopCounterMode(display=False) as counter:
+            local = cnn(torch.randn(2, 1600))
+            pos(local, torch.zeros(local.shape[:2], dtype=torch.bool)).sum().backward()
+        assert counter.get_total_flops() > 0
+    local = cnn(torch.randn(2, 1600))
+    pos(local, torch.zeros(local.shape[:2], dtype=torch.bool)).sum().backward()

@@ -24,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from data2vec._runtime import release_free_memory
 from data2vec.compile import compile_model
 from data2vec.config import Config
 from data2vec.data.batch import PretrainBatch
@@ -148,6 +149,10 @@ def train_step(
             # k * counts[0] / total below, once the total is known (exact for the per-token
             # mean; k == 1 leaves the loss untouched).
             loss = out.loss if k == 1 else out.loss * (counts[i] / counts[0])
+            if device.type == "cpu":
+                # The forward's temporaries are free now; hand their heap pages back before
+                # backward allocates its own (glibc heap holes; see data2vec/_runtime.py).
+                release_free_memory()
             (scaler.scale(loss) if scaler is not None else loss).backward()
     total = sum(counts)
     loss_value = sum(v * k * n / total for v, n in zip(losses, counts))
@@ -175,6 +180,8 @@ def train_step(
         decay = fsdp.update_teacher(model, state.step)
     else:
         decay = model.update_teacher(state.step)
+    if device.type == "cpu":
+        release_free_memory()  # the step's activations and gradients are all free
     return StepResult(loss_value, lr, grad_norm, decay, True, logs)
 
 

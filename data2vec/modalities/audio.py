@@ -14,15 +14,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data2vec._runtime import release_free_memory
 from data2vec.config import AudioEncoderConfig, DecoderConfig
 from data2vec.masking import MaskInfo
 from data2vec.modalities.base import ContextEncoder, ModalityEncoder
 from data2vec.models.decoders import ChannelLayerNorm, ConvDecoder, build_conv_decoder
+from data2vec.nn.lean import checkpoint_elementwise, conv1d_after
 
 # wav2vec 2.0 feature encoder: (kernel, stride) per layer; 5*2^6 = 320 samples per frame.
 CNN_LAYERS: tuple[tuple[int, int], ...] = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
@@ -65,12 +69,21 @@ class ConvLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x: (B, C_in, S)`` -> ``(B, C_out, S')``."""
-        x = self.conv(x)
-        return F.gelu(self.norm(x.transpose(1, 2)).transpose(1, 2))
+        return _norm_gelu(self.conv(x), self.norm.weight, self.norm.bias, eps=self.norm.eps)
+
+
+def _norm_gelu(y: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """GELU of the LayerNorm over channels of ``y: (B, C, T)`` -> ``(B, C, T)``."""
+    return F.gelu(F.layer_norm(y.transpose(1, 2), weight.shape, weight, bias, eps)).transpose(1, 2)
 
 
 class FeatureEncoder(nn.Module):
-    """The local encoder: CNN, then LayerNorm and a projection to the model width."""
+    """The local encoder: CNN, then LayerNorm and a projection to the model width.
+
+    Each layer's LayerNorm + GELU is recomputed in the next convolution's backward
+    (:func:`~data2vec.nn.lean.conv1d_after`): backward keeps one ``(B, C, T)`` tensor per layer,
+    its convolution's output, instead of three; the values and gradients are unchanged.
+    """
 
     def __init__(self, channels: int, dim: int) -> None:
         super().__init__()
@@ -84,9 +97,14 @@ class FeatureEncoder(nn.Module):
 
     def forward(self, wave: Tensor) -> Tensor:
         """``wave: (B, S)`` -> ``(B, T, D)``."""
-        x = wave.unsqueeze(1)  # (B, 1, S)
-        for layer in self.conv_layers:
-            x = layer(x)
+        layers = self.conv_layers
+        y = layers[0].conv(wave.unsqueeze(1))  # (B, 1, S) -> (B, C, S')
+        for prev, layer in pairwise(layers):
+            norm = prev.norm
+            y = conv1d_after(
+                y, partial(_norm_gelu, eps=norm.eps), (norm.weight, norm.bias), layer.conv
+            )
+        x = _norm_gelu(y, layers[-1].norm.weight, layers[-1].norm.bias, eps=layers[-1].norm.eps)
         return self.proj(self.norm(x.transpose(1, 2)))  # (B, C, T) -> (B, T, D)
 
 
@@ -112,12 +130,29 @@ class PositionalConv(nn.Module):
         keep = None
         if self.exact_padding and padding_mask is not None:
             keep = (~padding_mask).unsqueeze(1).to(x.dtype)  # (N, 1, T)
-        h = x.transpose(1, 2)
-        for conv in self.layers:
-            if keep is not None:
-                h = h * keep
-            h = F.gelu(self.norm(conv(h)))
-        return h.transpose(1, 2)
+        h = x.transpose(1, 2)  # (N, D, T)
+        if keep is not None:
+            h = h * keep
+        y = self.layers[0](h)
+        # Each layer's LayerNorm + GELU (+ padding mask) is recomputed in backward, where the
+        # next convolution needs it: one saved (N, D, T) tensor per layer instead of three.
+        for conv in self.layers[1:]:
+            y = conv1d_after(y, partial(self._norm_gelu, keep=keep), (), conv)
+        return checkpoint_elementwise(y, self.norm, F.gelu).transpose(1, 2)
+
+    def _norm_gelu(self, y: Tensor, keep: Tensor | None) -> Tensor:
+        """``GELU(LayerNorm(y))`` of one layer, zeroed at padding when ``keep`` is given.
+
+        Functional (``self.norm``'s ops, not the module): it is rerun inside backward, where
+        module hooks (``FlopCounterMode``'s, for one) must not fire.
+        """
+        n = F.layer_norm(y.movedim(1, -1), y.shape[1:2], eps=self.norm.eps).movedim(-1, 1)
+        h = F.gelu(n)
+        return h if keep is None else h * keep
+
+
+def _release_free_memory(grad: Tensor) -> None:
+    release_free_memory()  # a gradient hook that leaves the gradient as it is
 
 
 class AudioEncoder(ModalityEncoder):
@@ -169,6 +204,11 @@ class AudioEncoder(ModalityEncoder):
     ) -> tuple[Tensor, Tensor | None]:
         """``source: (B, S)`` waveform, ``padding_mask: (B, S)`` -> ``(B, T, D)``, ``(B, T)``."""
         local = self.local_encoder(source)
+        if local.requires_grad:
+            # When backward gets here the blocks' activations are free, as holes of glibc's heap
+            # too small for the CNN's backward buffers (up to (B, 512, S/5) floats): give their
+            # pages back first, or the CNN's buffers add to them (audio-v2-base b4: -400 MB).
+            local.register_hook(_release_free_memory)
         if padding_mask is None or not bool(padding_mask.any()):
             return local, None
         lengths = frame_lengths((~padding_mask).sum(-1))

@@ -30,7 +30,7 @@ from data2vec.config import Config
 from data2vec.engine import distributed
 from data2vec.models.data2vec2 import PretrainOutput
 from data2vec.models.encoder import Encoder
-from data2vec.targets import build_targets, per_dim_std, regression_loss
+from data2vec.targets import TopKTargets, per_dim_std, regression_loss
 from data2vec.teacher import EMATeacher
 
 
@@ -101,16 +101,20 @@ class Data2Vec1(nn.Module):
             ctx = teacher.modality.contextualize(t_local, pad)
         else:
             ctx = teacher.modality.contextualize(local.detach(), padding_mask)
-        out = teacher.forward_blocks(ctx, keep_layers=True)
-        layers = out.layer_outputs if self.target_cfg.source == "block" else out.layer_results
-        E = out.num_extra_tokens
-        return build_targets(
-            [layer[:, E:] for layer in layers] if E else layers,
+        E = teacher.num_extra_tokens
+        targets = TopKTargets(
+            len(teacher.blocks),
             self.target_cfg.top_k,
             self.target_cfg.layer_norm,
             self.target_cfg.final_norm,
             padding_mask=padding_mask if self.exact_padding else None,
         )
+        # Each block's output is folded into the running average and dropped, as in 2.0: the
+        # teacher never holds its K layers at once (the values equal ``build_targets`` on them).
+        end_of_block = self.target_cfg.source == "block"
+        for x, ffn in teacher.iter_blocks(ctx):
+            targets.add((x if end_of_block else ffn)[:, E:])
+        return targets.result()
 
     def text_corruption(self, tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """BERT-style corruption of the selected tokens (Devlin et al. 2019; fairseq

@@ -13,6 +13,10 @@ trades a cheap recomputation or a narrower dtype for a full-size saved tensor:
   dropout is on, with a bool dropout mask and the dropped probabilities recomputed in backward.
 * :func:`checkpoint_elementwise` - runs a chain of cheap elementwise modules (norm ->
   activation) without saving their intermediates (the decoder's LayerNorm + GELU).
+* :func:`conv1d_after` - ``conv(pre(x))`` for a cheap elementwise ``pre`` (norm -> GELU of the
+  previous conv layer) saving ``x`` only: ``pre`` is recomputed once in backward and serves
+  both the convolution's weight gradient and its own backward (the speech CNN and positional
+  convolution keep one tensor per layer instead of three).
 
 Every function returns bit-identical values and gradients to the plain composition
 (``tests/test_nn_lean.py``).
@@ -21,7 +25,7 @@ Every function returns bit-identical values and gradients to the plain compositi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -206,3 +210,79 @@ def checkpoint_elementwise(x: Tensor, *modules: Callable[[Tensor], Tensor]) -> T
     if not torch.is_grad_enabled() or not x.requires_grad:
         return _run_chain(x, mods)
     return checkpoint(_run_chain, x, mods, use_reentrant=False, preserve_rng_state=False)
+
+
+class _Conv1dAfter(torch.autograd.Function):
+    """``F.conv1d(pre(x, *params), weight, bias, ...)`` saving ``x``, the weights and ``params``."""
+
+    @staticmethod
+    def forward(ctx, x, pre, conv_args, weight, bias, *params):  # type: ignore[override]
+        # The recomputation in backward must run under the autocast state of this forward
+        # (on whatever device): record it rather than fixing a device type.
+        device = x.device.type
+        ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        z = pre(x, *params)
+        out = F.conv1d(z, weight, bias, *conv_args)  # autocast casts z and the weights here
+        ctx.save_for_backward(x, weight, *params)
+        ctx.pre, ctx.conv_args = pre, conv_args
+        ctx.bias_shape = None if bias is None else list(bias.shape)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.compute_dtype = out.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, *params = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        device, dtype, enabled = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            inputs = [
+                t.detach().requires_grad_(n) for t, n in zip((x, *params), need[:1] + need[5:])
+            ]
+            z = ctx.pre(*inputs)  # the one recomputation: cheap elementwise ops
+        stride, padding, dilation, groups = ctx.conv_args
+        dtype = ctx.compute_dtype
+        # aten::convolution's own backward, on the operands autocast gave the convolution, so
+        # the gradients are bit-identical to those of the plain composition.
+        grad_z, grad_w, grad_b = torch.ops.aten.convolution_backward(
+            grad, z.detach().to(dtype), weight.to(dtype), ctx.bias_shape, stride, padding,
+            dilation, False, [0], groups, [any(need[:1] + need[5:]), need[3], need[4]],
+        )  # fmt: skip
+        wanted = [t for t in inputs if t.requires_grad]
+        found = iter(torch.autograd.grad(z, wanted, grad_z.to(z.dtype)) if wanted else ())
+        grads = [next(found) if t.requires_grad else None for t in inputs]
+        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(ctx.bias_dtype)
+        return grads[0], None, None, grad_w, grad_b, *grads[1:]
+
+
+def conv1d_after(
+    x: Tensor,
+    pre: Callable[..., Tensor],
+    params: Sequence[Tensor],
+    conv: nn.Conv1d,
+) -> Tensor:
+    """``conv(pre(x, *params))`` that keeps only ``x`` (and the weights) for backward.
+
+    Plain autograd keeps ``x`` (for ``pre``'s backward), every intermediate of ``pre`` and the
+    convolution's input ``pre(x)``. Here ``pre`` is recomputed once in backward, where it gives
+    both the convolution's input (for the weight gradient) and its own backward. Values and
+    gradients are bit-identical to the plain composition (``tests/test_nn_lean.py``).
+
+    Args:
+        x: ``(N, C, T)``, typically the previous convolution's output.
+        pre: deterministic, cheap elementwise function ``pre(x, *params) -> (N, C, T)`` (norm ->
+            activation -> padding mask); it must not draw random numbers.
+        params: tensors ``pre`` needs gradients for (a LayerNorm's weight and bias).
+        conv: a ``Conv1d`` with numeric padding and ``padding_mode="zeros"``.
+
+    Returns:
+        ``(N, C_out, T')``.
+    """
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError("conv1d_after needs numeric zero padding")
+    tensors = (x, conv.weight, *params) + (() if conv.bias is None else (conv.bias,))
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        return conv(pre(x, *params))  # nothing to save: the plain ops are enough
+    conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    return _Conv1dAfter.apply(x, pre, conv_args, conv.weight, conv.bias, *params)
