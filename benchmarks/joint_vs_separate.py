@@ -10,7 +10,9 @@ weights (24, 7, 10) x 40 rounds give each modality about three minutes on an idl
 machine. Warm-up: a fifth of the steps, at most the presets' 200.
 Each modality is then linear-probed on its demo split with the separate model, the joint model
 and a random-init encoder. Prints and writes ``OUT/joint_vs_separate.json`` and a bar chart
-``OUT/joint_vs_separate.png``.
+``OUT/joint_vs_separate.png``. ``--reuse`` keeps the runs already finished in ``OUT`` and their
+probe results (e.g. the separate and random-init ones, to retrain only the joint model after
+changing it).
 
 python benchmarks/joint_vs_separate.py --rounds 40 --out jvs
 """
@@ -33,13 +35,31 @@ from data2vec.models.multimodal import select_modality
 MODALITIES = ("image", "audio", "text")
 
 
-def _probe(cfg, encoder, sources) -> float:
+def _probe(run: Path, modality: str, sources, reuse: bool) -> float:
+    """Linear-probe accuracy of ``run``'s ``modality`` encoder, kept in ``run/probe_*.json``."""
+    cache = run / f"probe_{modality}.json"
+    if reuse and cache.is_file():
+        return json.loads(cache.read_text())["accuracy"]
+    cfg, encoder = select_modality(*load_encoder(run), modality)
     train, test = (embed_source(encoder, cfg, s, progress=False) for s in sources)
-    return evaluate_features(train, test, "linear")["accuracy"]
+    accuracy = evaluate_features(train, test, "linear")["accuracy"]
+    cache.write_text(json.dumps({"accuracy": accuracy}))
+    return accuracy
 
 
 def _warmup(steps: int) -> int:
     return min(200, steps // 5)
+
+
+def _pretrain(cfg, data, run: Path, reuse: bool) -> None:
+    """Pretrain into ``run``; with ``reuse``, keep a run that already reached its steps."""
+    if reuse and (run / "checkpoints").is_dir():
+        steps = cfg.train.max_steps
+        done = steps == 0 or json.loads((run / "summary.json").read_text())["steps"] == steps
+        if done:
+            print(f"reusing {run} ({steps} steps)", flush=True)
+            return
+    pretrain(cfg, data, run)
 
 
 def _plot(result: dict[str, Any], out: Path) -> None:
@@ -72,6 +92,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("joint_vs_separate"))
     p.add_argument("--probe-train", type=int, default=10000, help="images: probe train subset")
     p.add_argument("--probe-test", type=int, default=5000, help="images: probe test subset")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the finished runs (and their probe results) found in OUT",
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     recipes, sources, data, steps = {}, {}, {}, {}
@@ -86,29 +111,32 @@ def main() -> None:
     for m, weight in zip(MODALITIES, args.weights):
         steps[m] = args.rounds * weight
         run = args.out / f"separate_{m}"
-        pretrain(load_config(f"{m}-v2-tiny", [f"train.max_steps={steps[m]}",
-                                              f"optim.warmup_steps={_warmup(steps[m])}",
-                                              "train.progress=false"]), data[m], run)  # fmt: skip
-        probe[m]["separate"] = _probe(*load_encoder(run), sources[m])
+        _pretrain(load_config(f"{m}-v2-tiny", [f"train.max_steps={steps[m]}",
+                                               f"optim.warmup_steps={_warmup(steps[m])}",
+                                               "train.progress=false"]), data[m], run,
+                  args.reuse)  # fmt: skip
+        probe[m]["separate"] = _probe(run, m, sources[m], args.reuse)
         init = args.out / f"random_{m}"
-        pretrain(load_config(f"{m}-v2-tiny", ["train.max_steps=0"]), data[m], init)
-        probe[m]["random init"] = _probe(*load_encoder(init), sources[m])
+        _pretrain(load_config(f"{m}-v2-tiny", ["train.max_steps=0"]), data[m], init, args.reuse)
+        probe[m]["random init"] = _probe(init, m, sources[m], args.reuse)
         print(m, probe[m], flush=True)
     joint = args.out / "joint"
     total = sum(steps.values())
     overrides = [f"train.max_steps={total}", "train.progress=false",
                  f"optim.warmup_steps={_warmup(total)}",
                  f"encoder.weights=[{','.join(map(str, args.weights))}]"]  # fmt: skip
-    result_joint = pretrain(load_config("multi-v2-tiny", overrides), data, joint)
-    cfg, encoder = load_encoder(joint)
+    _pretrain(load_config("multi-v2-tiny", overrides), data, joint, args.reuse)
+    summary = json.loads((joint / "summary.json").read_text())
+    cfg = load_config(joint / "config.yaml")
     for m in MODALITIES:
-        probe[m]["joint"] = _probe(*select_modality(cfg, encoder, m), sources[m])
+        probe[m]["joint"] = _probe(joint, m, sources[m], args.reuse)
         print(m, probe[m], flush=True)
     result = {
         "weights": dict(zip(MODALITIES, args.weights)),
+        "teacher_clock": cfg.encoder.teacher_clock,
         "separate_steps": steps,
-        "joint_steps": result_joint.steps,
-        "joint_seconds": result_joint.seconds,
+        "joint_steps": summary["steps"],
+        "joint_seconds": summary["seconds"],
         "probe": probe,
     }
     (args.out / "joint_vs_separate.json").write_text(json.dumps(result, indent=1))

@@ -192,6 +192,11 @@ class MultiEncoderConfig:
     weights: tuple[int, ...] = (1, 1, 1)
     # per-modality overrides, space separated: "image:mask.clones=4 text:optim.lr=1e-4"
     overrides: str = ""
+    # EMA clock of the teacher: "modality" = each modality's teacher lags its student by as many
+    # of its own steps as alone (its parts move on its steps only, by its step count; the shared
+    # blocks by decay ** (rarest weight / sum of weights) per step); "global" = every part moves
+    # every step by the global schedule (a rare modality's teacher nearly equals its student).
+    teacher_clock: Literal["modality", "global"] = "global"
 
     def __post_init__(self) -> None:
         allowed = ("image", "audio", "text", "signal")

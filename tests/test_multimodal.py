@@ -122,6 +122,54 @@ def test_teacher__one_copy_of_the_shared_blocks_for_every_modality():
     assert not torch.equal(s, te) and torch.all(te != 0)
 
 
+@pytest.mark.parametrize("clock", ["modality", "global"])
+def test_teacher_clock__a_modality_teacher_moves_on_its_own_steps_only(data, clock):
+    """With ``encoder.teacher_clock=modality`` an image step moves the teacher's shared blocks
+    and image parts but leaves the audio parts as they are; an audio step then moves them with
+    the decay of audio's first step, and the shared blocks at the rarest modality's pace. The
+    global clock moves every part on every step."""
+    cfg = load_config("multi-v2-tiny", [*TINY_MULTI, f"encoder.teacher_clock={clock}"])
+    model = build_model(cfg).train()
+    t, s = model.teacher.model, model.encoder
+    with torch.no_grad():  # student and teacher apart everywhere
+        for p in s.parameters():
+            p.add_(1.0)
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {n: p.clone() for n, p in t.named_parameters()}
+
+    def moved(before: dict[str, torch.Tensor], prefix: str) -> bool:
+        return any(not torch.equal(p, before[n]) for n, p in t.named_parameters()
+                   if n.startswith(prefix))  # fmt: skip
+
+    for step, name in enumerate(["image", "image", "audio"], start=1):
+        batch = _batches(name, cfg, data)
+        before = snapshot()
+        model(batch.source, batch.mask, batch.padding_mask, modality=name)
+        model.update_teacher(step)
+        assert moved(before, "blocks.") and moved(before, f"modalities.{name}.")
+        other = "audio" if name == "image" else "image"
+        assert moved(before, f"modalities.{other}.") == (clock == "global")
+    if clock == "modality":
+        assert s.teacher_steps.tolist() == [2, 1, 0]
+        # audio's first step used the decay of step 1, as alone (not of global step 3)
+        name = "modalities.audio.context_encoder.norm.weight"
+        src, now = dict(s.named_parameters())[name], dict(t.named_parameters())[name]
+        d = model.teacher.decay_at(1)
+        torch.testing.assert_close(now, torch.lerp(before[name], src.detach(), 1 - d))
+        assert d != model.teacher.decay_at(3)
+        # the shared blocks: decay(3) ** (1/3), the rarest modality's share of weights 1:1:1
+        name = "blocks.0.attn.qkv.weight"
+        src, now = dict(s.named_parameters())[name], dict(t.named_parameters())[name]
+        d = model.teacher.decay_at(3) ** (1 / 3)
+        torch.testing.assert_close(now, torch.lerp(before[name], src.detach(), 1 - d))
+
+
+def test_teacher_clock__validated():
+    with pytest.raises(ConfigError, match=r"encoder\.teacher_clock"):
+        load_config("multi-v2-tiny", ["encoder.teacher_clock=sometimes"])
+
+
 def test_joint_run__interleaves_checkpoints_and_embeds_each_modality(data, tmp_path):
     cfg = load_config("multi-v2-tiny", [*TINY_MULTI, "train.max_steps=6", "train.log_every=1",
                                         "train.checkpoint_every=3"])  # fmt: skip
@@ -135,6 +183,7 @@ def test_joint_run__interleaves_checkpoints_and_embeds_each_modality(data, tmp_p
     assert "text:encoder.vocab_size=" in saved.encoder.overrides  # the tokenizer's vocabulary
     _, encoder = load_encoder(run)
     assert isinstance(encoder, MultiEncoder) and encoder.tokenizer is not None
+    assert encoder.teacher_steps.tolist() == [2, 2, 2]  # each modality's EMA clock is saved
     # one checkpoint embeds every modality, picked from the data
     shapes = {}
     for name in ("image", "audio"):
@@ -145,6 +194,7 @@ def test_joint_run__interleaves_checkpoints_and_embeds_each_modality(data, tmp_p
     pretrain(cfg3, {k: str(v) for k, v in data.items()}, run, resume=True)
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 7 and "image/loss" in last
+    assert load_encoder(run)[1].teacher_steps.tolist() == [3, 2, 2]  # ... and resumed
 
 
 def test_cli__one_data_flag_per_modality(data, tmp_path, capsys):

@@ -21,6 +21,7 @@ exactly once.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from data2vec.config import Config, MultiEncoderConfig, config_from_dict, load_config
@@ -100,6 +101,14 @@ class MultiEncoder(nn.Module):
         self.norm = norm
         self.layerdrop = layerdrop
         self.embed_dim: int = next(iter(modalities.values())).embed_dim
+        # Optimizer steps that trained each modality (its EMA clock; checkpointed with the
+        # weights, so a resumed run continues each modality's decay schedule exactly).
+        self.register_buffer("teacher_steps", torch.zeros(len(modalities), dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        # Joint checkpoints written before the per-modality EMA clocks hold no counts.
+        state_dict.setdefault(prefix + "teacher_steps", torch.zeros_like(self.teacher_steps))
+        super()._load_from_state_dict(state_dict, prefix, *args)  # type: ignore[arg-type]
 
     def forward(self, *args: object, **kwargs: object) -> None:
         raise TypeError(
@@ -153,10 +162,17 @@ class MultiData2Vec(nn.Module):
         decoders: nn.ModuleDict,
         teacher: EMATeacher,
         cfgs: dict[str, Config],
+        teacher_clock: str = "modality",
+        weights: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoders
+        self.teacher_clock = teacher_clock
+        # The rarest modality's share of the steps (1 with one modality): see update_teacher.
+        weights = weights or (1,) * len(cfgs)
+        self.rarest_share = min(weights) / sum(weights)
+        self.trained: set[str] = set()  # modalities trained since the last teacher update
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see EMATeacher
         objectives = {
             name: Data2Vec2(
@@ -181,14 +197,78 @@ class MultiData2Vec(nn.Module):
         objective = self.objectives[modality]
         objective.training = objective.encoder.training = self.training
         out = objective(source, mask, padding_mask, noise)
+        if self.training and torch.is_grad_enabled():
+            self.trained.add(modality)
         logs = dict(out.logs)
         logs.update({f"{modality}/{k}": v for k, v in out.logs.items()})
         logs[f"{modality}/loss"] = out.loss.detach()
         return PretrainOutput(loss=out.loss, sample_size=out.sample_size, logs=logs)
 
     def update_teacher(self, step: int) -> float:
-        """One EMA step of the whole teacher (shared blocks and every modality it owns)."""
-        return self.teacher.update(self.encoder, step)
+        """One EMA step after ``step`` optimizer steps; returns the shared blocks' decay.
+
+        With the ``"global"`` clock every teacher part moves every step with the decay of
+        ``step``. A modality trained on 1 step in 6 then sees its teacher pulled onto its
+        student 6 times per step of its own: a decay of 0.99 acts like 0.99**6 = 0.94, the
+        teacher nearly *is* the student, and its targets become cheap to predict (speech
+        collapsed below random init; README, joint model).
+
+        ``teacher_clock="modality"`` keeps every modality's teacher as far behind its student,
+        counted in that modality's own steps, as it is alone: a modality's own teacher parts
+        move only on steps that trained it, with the decay of *its* step count; the shared
+        blocks move every step with ``decay(step) ** s``, ``s`` the rarest modality's share of
+        the steps, so that over one step of that modality they move as much as alone (the
+        others' teachers lag more). One modality: ``s = 1``, the single model's update.
+        """
+        trained, self.trained = self.trained, set()
+        if self.teacher_clock == "global":
+            return self.teacher.update(self.encoder, step)
+        decays: dict[str, float | None] = {}
+        for i, name in enumerate(self.encoder.modalities):
+            if name in trained:
+                self.encoder.teacher_steps[i] += 1
+            count = int(self.encoder.teacher_steps[i])
+            decays[name] = self.teacher.decay_at(count) if name in trained else None
+        shared = self.teacher.decay_at(step) ** self.rarest_share
+        return ema_update_parts(self.teacher, self.encoder, shared, decays)
+
+
+@torch.no_grad()
+def ema_update_parts(
+    teacher: EMATeacher,
+    student: MultiEncoder,
+    shared_decay: float,
+    decays: dict[str, float | None],
+) -> float:
+    """:meth:`EMATeacher.update` with one decay per part: ``shared_decay`` for the shared
+    blocks and norm, ``decays[name]`` for ``modalities.name`` (None: left as it is).
+
+    Returns:
+        ``shared_decay``.
+    """
+    teacher.follow_device(student)
+    teacher.last_decay = shared_decay
+    src = dict(student.named_parameters())
+    groups: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+    for name, t in teacher.model.named_parameters():
+        s = src[name]
+        parts = name.split(".")
+        decay = decays[parts[1]] if parts[0] == "modalities" else shared_decay
+        if decay is None or decay >= 1.0:
+            continue
+        if not s.requires_grad:
+            t.copy_(s)
+            continue
+        group = groups.setdefault(decay, ([], []))
+        group[0].append(t)
+        group[1].append(s.detach().float())
+    for decay, (averaged_t, averaged_s) in groups.items():
+        # ema <- decay * ema + (1 - decay) * student, in fp32 (as EMATeacher.update).
+        torch._foreach_lerp_(averaged_t, averaged_s, 1.0 - decay)
+    student_buffers = dict(student.named_buffers())
+    for name, b in teacher.model.named_buffers():
+        b.copy_(student_buffers[name])
+    return shared_decay
 
 
 def build_multi_encoder(cfg: Config, cfgs: dict[str, Config] | None = None) -> MultiEncoder:
@@ -219,7 +299,9 @@ def build_multi_model(cfg: Config) -> MultiData2Vec:
     ]
     e = cfg.ema
     teacher = EMATeacher(encoder, e.decay, e.end_decay, e.anneal_steps, exclude=exclude)
-    return MultiData2Vec(encoder, decoders, teacher, cfgs)
+    enc = cfg.encoder
+    assert isinstance(enc, MultiEncoderConfig)
+    return MultiData2Vec(encoder, decoders, teacher, cfgs, enc.teacher_clock, enc.weights)
 
 
 def select_modality(cfg: Config, encoder: nn.Module, name: str) -> tuple[Config, Encoder]:
