@@ -131,6 +131,8 @@ def _synthetic_batch(
         rows = [audio_masks(cfg.mask, frames, make_rng(cfg.train.seed, i)) for i in range(batch)]
         mask = np.concatenate(rows)
         return PretrainBatch(wave, torch.from_numpy(mask), torch.arange(batch))
+    if cfg.model.modality == "signal":
+        return _synthetic_signals(cfg, batch, rng)
     size = cfg.encoder.image_size
     grid = (size // cfg.encoder.patch_size,) * 2
     masks = ImageMaskGenerator(cfg, grid)
@@ -139,6 +141,22 @@ def _synthetic_batch(
     )
     mask = np.concatenate([masks(make_rng(cfg.train.seed, i)) for i in range(batch)])
     return PretrainBatch(images, torch.from_numpy(mask), torch.arange(batch))
+
+
+# The channel count of synthetic signals when the preset takes it from the data (in_chans 0).
+SIGNAL_CHANNELS = 1
+
+
+def _synthetic_signals(cfg: Config, batch: int, rng: np.random.Generator) -> PretrainBatch:
+    """Gaussian noise ``(B, C, *encoder.size)`` with N-d masks drawn as the signal loader would."""
+    from data2vec.data.signal_pretrain import signal_masks
+
+    enc = cfg.encoder
+    x = rng.standard_normal((batch, enc.in_chans, *enc.size), dtype=np.float32)  # type: ignore[union-attr]
+    rows = [signal_masks(cfg.mask, enc.grid, make_rng(cfg.train.seed, i)) for i in range(batch)]  # type: ignore[union-attr]
+    return PretrainBatch(
+        torch.from_numpy(x), torch.from_numpy(np.concatenate(rows)), torch.arange(batch)
+    )
 
 
 def time_steps(
@@ -215,6 +233,8 @@ def bench(
     if image_size is not None:
         extra.append(f"encoder.image_size={image_size}")
     cfg = load_config(preset, extra)
+    if cfg.model.modality == "signal" and cfg.encoder.in_chans == 0:  # type: ignore[union-attr]
+        cfg.encoder.in_chans = SIGNAL_CHANNELS  # type: ignore[union-attr]
     run = time_steps(cfg, steps, warmup, seconds=seconds, seq_len=seq_len)
     times, flops, device = run["times"], run["flops"], run["device"]
     step_time = statistics.median(times)
@@ -256,6 +276,9 @@ def _describe_input(cfg: Config, seconds: float, seq_len: int) -> str:
         return f"{seconds:g} s at 16 kHz"
     if cfg.model.modality == "text":
         return f"{seq_len} tokens"
+    if cfg.model.modality == "signal":
+        enc = cfg.encoder
+        return f"{enc.in_chans} x {' x '.join(map(str, enc.size))} signal"  # type: ignore[union-attr]
     return f"{cfg.encoder.image_size} px"  # type: ignore[union-attr]
 
 

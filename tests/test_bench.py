@@ -1,7 +1,9 @@
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from data2vec.bench import _conv_backward_flops
+from data2vec.bench import _conv_backward_flops, _synthetic_batch, bench
+from data2vec.config import load_config
 
 
 def _count(conv, x, mapping=None):
@@ -23,3 +25,29 @@ def test_dense_conv_matches_torch_counter():
     x = torch.randn(3, 4, 10, requires_grad=True)
     mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops}
     assert _count(conv, x, mapping) == _count(conv, x)
+
+
+@pytest.mark.parametrize(
+    ("preset", "shape", "tokens"),
+    [("signal-v2-tiny", (2, 1, 64), 16), ("signal3d-v2-tiny", (2, 1, 8, 32, 32), 64)],
+)
+def test_synthetic_batch__signal_presets_get_signals_and_nd_masks(preset, shape, tokens):
+    cfg = load_config(preset, ["mask.clones=2"])
+    cfg.encoder.in_chans = 1
+    batch = _synthetic_batch(cfg, 2)
+    assert tuple(batch.source.shape) == shape
+    assert tuple(batch.mask.shape) == (4, tokens)  # (B·M, T), True = masked
+    masked = batch.mask.sum(1).float() / tokens
+    assert torch.allclose(masked, torch.full((4,), cfg.mask.ratio), atol=1.5 / tokens)
+
+
+def test_bench__signal_preset_times_steps_with_channels_from_the_default():
+    r = bench(
+        "signal-v2-tiny",
+        batch=2,
+        steps=1,
+        warmup=0,
+        overrides=["model.depth=1", "target.top_k=1", "mask.clones=2", "train.threads=1"],
+    )
+    assert r["input"] == "1 x 64 signal"
+    assert r["flops_per_step"] > 0 and r["step_time_s"] > 0

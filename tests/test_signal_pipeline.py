@@ -154,6 +154,10 @@ def test_signal_demo__ts_pair_three_rows_and_an_untrained_baseline(tmp_path: Pat
         "raw values (resampled)",
     }
     assert summary["pretraining"]["steps"] == 2
+    # The random-kernel baseline is reported under the table; the classes differ in level.
+    kernels = summary["random_kernels"]
+    assert set(kernels) == {"ridge", "alpha", "knn"} and kernels["ridge"] >= 0.8
+    assert summary["report"][0].startswith("random kernels + ridge (9996)")
     # A train.max_steps override must not train the random-init baseline as well.
     assert [p.name for p in list_checkpoints(tmp_path / "demo" / "random_init")] == [
         "step_00000000"

@@ -321,3 +321,15 @@ def pad_batch(arrays: list[np.ndarray], multiple: int) -> tuple[np.ndarray, np.n
         source[b, :, : a.shape[1]] = a
         padding[b, : a.shape[1]] = False
     return source, padding
+
+
+def export_arrays(source: SignalSource, root: Path) -> Path:
+    """Write every input of ``source`` as ``root/<label>/<index>.npy`` (``root/<index>.npy``
+    when unlabelled): the ``.npy`` folder form of a ``.ts`` file, as stored (NaN = missing)."""
+    labels = source.labels()
+    width = len(str(max(len(source) - 1, 0)))
+    for i in range(len(source)):
+        folder = root / source.classes[labels[i]] if labels[i] >= 0 else root
+        folder.mkdir(parents=True, exist_ok=True)
+        np.save(folder / f"{i:0{width}d}.npy", source.load(i))
+    return root

@@ -157,11 +157,12 @@ def standardize(fit_x: Tensor, *xs: Tensor, eps: float = STD_EPS) -> tuple[Tenso
 
 
 def stratified_split(
-    y: Tensor, val_fraction: float, generator: torch.Generator
+    y: Tensor, val_fraction: float, generator: torch.Generator, min_per_class: int = 0
 ) -> tuple[Tensor, Tensor]:
     """Split indices of ``y`` into (fit, val), holding out ``round(val_fraction * n_c)`` per class.
 
-    A class keeps at least one example in the fit part, so singleton classes are never held out.
+    A class keeps at least one example in the fit part, so singleton classes are never held out;
+    ``min_per_class`` raises the held-out count of every other class to at least that many.
     Both index tensors are sorted, so the split is independent of the order classes are visited.
     """
     fit, val = [], []
@@ -169,7 +170,8 @@ def stratified_split(
     for c in y_cpu.unique().tolist():
         idx = (y_cpu == c).nonzero().flatten()
         idx = idx[torch.randperm(idx.numel(), generator=generator)]
-        n_val = min(round(val_fraction * idx.numel()), idx.numel() - 1)
+        n_val = max(round(val_fraction * idx.numel()), min_per_class)
+        n_val = min(n_val, idx.numel() - 1)
         val.append(idx[:n_val])
         fit.append(idx[n_val:])
     return torch.cat(fit).sort().values, torch.cat(val).sort().values
@@ -344,6 +346,12 @@ def linear_probe(
     train_y, test_y = train_y.to(device, torch.int64), test_y.to(device, torch.int64)
 
     fit_idx, val_idx = stratified_split(train_y, val_fraction, torch.Generator().manual_seed(seed))
+    if val_idx.numel() == 0:
+        # A few examples per class (UCR sets with 5 per class): hold out one of each class that
+        # has two or more, rather than refusing to choose the hyperparameters at all.
+        fit_idx, val_idx = stratified_split(
+            train_y, val_fraction, torch.Generator().manual_seed(seed), min_per_class=1
+        )
     if val_idx.numel() == 0:
         raise ValueError(
             f"val_fraction={val_fraction} holds out no example of {train_x.shape[0]} training rows"

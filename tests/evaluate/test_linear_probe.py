@@ -214,9 +214,19 @@ def test_bad_options_raise_value_error(kwargs: dict, message: str) -> None:
 
 
 def test_too_small_for_a_validation_split_raises() -> None:
-    x, y = torch.randn(4, 2), torch.tensor([0, 0, 1, 1])
+    x, y = torch.randn(3, 2), torch.tensor([0, 1, 2])  # singletons only: nothing to hold out
     with pytest.raises(ValueError, match="holds out no example"):
         linear_probe(x, y, x, y, val_fraction=0.1)
+
+
+def test_few_examples_per_class_hold_out_one_of_each() -> None:
+    # 10 % of 4 rounds to none: one example of each class is held out instead of refusing.
+    x = torch.tensor([[-2.0], [-1.5], [1.5], [2.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    result = linear_probe(x, y, x, y, val_fraction=0.1)
+    assert result.accuracy == 1.0  # separable by the sign
+    fit, val = stratified_split(y, 0.1, torch.Generator().manual_seed(0), min_per_class=1)
+    assert sorted(y[val].tolist()) == [0, 1] and len(fit) == 2
 
 
 def test_small_sets_get_enough_sgd_steps() -> None:
