@@ -10,8 +10,9 @@ script can sit in any checklist.
 2. **Throughput**: ``data2vec bench`` of image-v2-base in bf16 autocast for each ``--batch``
    (FLOPs from ``torch.utils.flop_counter``, MFU against the measured bf16 matmul peak of the
    same GPU), plus the peak GPU memory.
+3. **Profile** (``--profile``): the top CUDA kernels of a few steps at the last batch size.
 
-python benchmarks/gpu_check.py [--batch 32 128] [--steps 10]
+python benchmarks/gpu_check.py [--batch 32 128] [--steps 10] [--profile]
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def agreement(device: torch.device, batch: int = 4, seed: int = 0) -> dict[str, 
 
 def throughput(batch: int, steps: int) -> dict[str, Any]:
     """``data2vec bench`` of image-v2-base in bf16 on CUDA, with the peak GPU memory."""
+    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     r = bench("image-v2-base", batch=batch, steps=steps, warmup=2, precision="bf16",
               overrides=["train.device=cuda"])  # fmt: skip
@@ -94,10 +96,30 @@ def throughput(batch: int, steps: int) -> dict[str, Any]:
     return r
 
 
+def profile(batch: int, steps: int = 3, top: int = 15) -> list[dict[str, Any]]:
+    """The ``top`` CUDA kernels by total time over ``steps`` bench steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        bench("image-v2-base", batch=batch, steps=steps, warmup=1, precision="bf16",
+              overrides=["train.device=cuda"])  # fmt: skip
+    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events) or 1.0
+    return [
+        {"kernel": e.key[:90], "share": e.self_device_time_total / total, "calls": e.count}
+        for e in events[:top]
+    ]
+
+
+_SHOW = ("batch", "step_time_s", "mfu", "peak_gpu_memory_gb", "error")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=[32, 128])
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--profile", action="store_true", help="top kernels of the last setting")
     args = p.parse_args()
     result: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
     if not torch.cuda.is_available():
@@ -113,10 +135,14 @@ def main() -> None:
     result["throughput"] = []
     for batch in args.batch:
         try:
-            result["throughput"].append(throughput(batch, args.steps))
+            r = throughput(batch, args.steps)
         except torch.OutOfMemoryError as exc:  # report and keep the other sizes
-            result["throughput"].append({"batch": batch, "error": str(exc).splitlines()[0]})
+            r = {"batch": batch, "error": str(exc).splitlines()[0]}
             torch.cuda.empty_cache()
+        result["throughput"].append(r)
+        print(json.dumps({k: r.get(k) for k in _SHOW}), file=sys.stderr, flush=True)
+    if args.profile:
+        result["profile"] = profile(args.batch[-1])
     result["seconds"] = time.perf_counter() - start
     print(json.dumps(result))
     sys.exit(0 if result["agreement"]["pass"] else 1)
