@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -125,6 +126,41 @@ def pool_tokens(out: EncoderOutput, pool: Pool = "mean", layers: int = 1) -> tor
     return (tokens * keep).sum(1) / keep.sum(1).clamp_min(1.0)
 
 
+Batch = tuple[list[int], torch.Tensor, "torch.Tensor | None"]
+
+
+def pooled_features(
+    encoder: Encoder,
+    source,
+    batches: Iterable[Batch],
+    pool: Pool,
+    layers: int,
+    device: torch.device,
+    precision: str,
+    empty: str,
+) -> Features:
+    """Encode and pool ``(indices, inputs, padding or None)`` batches of ``source`` in any order;
+    the features come back in the source's order, with its labels and names.
+
+    Raises:
+        UserError: ``empty`` when no batch came.
+    """
+    feats, idx = [], []
+    for chunk, x, pad in batches:
+        with autocast(device, precision):
+            pad = None if pad is None else pad.to(device)
+            out = encoder(x.to(device), pad, keep_layers=layers > 1)
+        feats.append(pool_tokens(out, pool, layers).float().cpu().numpy())
+        idx += chunk
+    if not feats:
+        raise UserError(empty)
+    back = np.argsort(idx, kind="stable")  # restore the source's order
+    kept = np.asarray(idx, dtype=np.int64)[back]
+    names = np.array([source.name(int(i)) for i in kept])
+    labels = np.asarray(source.labels())[kept].astype(np.int64)
+    return Features(np.concatenate(feats)[back], labels, names, list(source.classes))
+
+
 @torch.no_grad()
 def embed_images(
     encoder: Encoder,
@@ -142,36 +178,24 @@ def embed_images(
     device = device or torch.device("cpu")
     encoder = encoder.to(device).eval()
     transform = EvalTransform(cfg.encoder.image_size, mean=cfg.data.mean, std=cfg.data.std)
-    feats, labels, names = [], [], []
-    all_labels = source.labels()
-    bar = tqdm(total=len(source), desc="embed", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(source), batch_size):
-        arrays, idx = [], []
-        for i in range(start, min(start + batch_size, len(source))):
-            try:
-                arrays.append(transform(source.load(i)))
-                idx.append(i)
-            except SkipError as exc:
-                if skips is not None:
-                    skips.add(source.name(i), str(exc))
-        bar.update(min(batch_size, len(source) - start))
-        if not arrays:
-            continue
-        x = torch.from_numpy(np.stack(arrays)).to(device)
-        with autocast(device, precision):
-            out = encoder(x, keep_layers=layers > 1)
-        feats.append(pool_tokens(out, pool, layers).float().cpu().numpy())
-        labels.append(all_labels[idx])
-        names += [source.name(i) for i in idx]
-    bar.close()
-    if not feats:
-        raise UserError("no readable images to embed")
-    return Features(
-        np.concatenate(feats),
-        np.concatenate(labels).astype(np.int64),
-        np.array(names),
-        list(source.classes),
-    )
+
+    def batches() -> Iterator[Batch]:
+        for start in range(0, len(source), batch_size):
+            arrays, idx = [], []
+            for i in range(start, min(start + batch_size, len(source))):
+                try:
+                    arrays.append(transform(source.load(i)))
+                    idx.append(i)
+                except SkipError as exc:
+                    if skips is not None:
+                        skips.add(source.name(i), str(exc))
+            bar.update(min(batch_size, len(source) - start))
+            if arrays:
+                yield idx, torch.from_numpy(np.stack(arrays)), None
+
+    with tqdm(total=len(source), desc="embed", disable=not progress, dynamic_ncols=True) as bar:
+        return pooled_features(encoder, source, batches(), pool, layers, device, precision,
+                               "no readable images to embed")  # fmt: skip
 
 
 @torch.no_grad()
@@ -195,41 +219,33 @@ def embed_audio(
     device = device or torch.device("cpu")
     encoder = encoder.to(device).eval()
     order = np.argsort(source.lengths(skips), kind="stable")
-    all_labels = source.labels()
-    feats, idx = [], []
-    bar = tqdm(total=len(source), desc="embed", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(order), batch_size):
-        waves, batch_idx = [], []
-        for i in order[start : start + batch_size]:
-            try:
-                wave = source.load(int(i))[: cfg.data.max_samples]
-            except SkipError as exc:
-                if skips is not None:
-                    skips.add(source.name(int(i)), str(exc))
+
+    def batches() -> Iterator[Batch]:
+        for start in range(0, len(order), batch_size):
+            waves, batch_idx = [], []
+            for i in order[start : start + batch_size]:
+                try:
+                    wave = source.load(int(i))[: cfg.data.max_samples]
+                except SkipError as exc:
+                    if skips is not None:
+                        skips.add(source.name(int(i)), str(exc))
+                    continue
+                waves.append(normalize(wave) if cfg.data.normalize else wave)
+                batch_idx.append(int(i))
+            bar.update(min(batch_size, len(order) - start))
+            if not waves:
                 continue
-            waves.append(normalize(wave) if cfg.data.normalize else wave)
-            batch_idx.append(int(i))
-        bar.update(min(batch_size, len(order) - start))
-        if not waves:
-            continue
-        longest = max(len(w) for w in waves)
-        x = torch.zeros(len(waves), longest)
-        pad = torch.ones(len(waves), longest, dtype=torch.bool)
-        for b, w in enumerate(waves):
-            x[b, : len(w)] = torch.from_numpy(w)
-            pad[b, : len(w)] = False
-        with autocast(device, precision):
-            out = encoder(x.to(device), pad.to(device), keep_layers=layers > 1)
-        feats.append(pool_tokens(out, pool, layers).float().cpu().numpy())
-        idx += batch_idx
-    bar.close()
-    if not feats:
-        raise UserError("no readable audio to embed")
-    back = np.argsort(idx, kind="stable")  # restore the source's order
-    features = np.concatenate(feats)[back]
-    kept = np.asarray(idx)[back]
-    names = np.array([source.name(int(i)) for i in kept])
-    return Features(features, all_labels[kept].astype(np.int64), names, list(source.classes))
+            longest = max(len(w) for w in waves)
+            x = torch.zeros(len(waves), longest)
+            pad = torch.ones(len(waves), longest, dtype=torch.bool)
+            for b, w in enumerate(waves):
+                x[b, : len(w)] = torch.from_numpy(w)
+                pad[b, : len(w)] = False
+            yield batch_idx, x, pad
+
+    with tqdm(total=len(source), desc="embed", disable=not progress, dynamic_ncols=True) as bar:
+        return pooled_features(encoder, source, batches(), pool, layers, device, precision,
+                               "no readable audio to embed")  # fmt: skip
 
 
 def open_source(modality: str, data: str | Path, skips: SkipLog | None = None):

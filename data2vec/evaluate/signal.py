@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -9,9 +11,8 @@ from tqdm import tqdm
 from data2vec.config import Config
 from data2vec.data.signal import SignalSource, SignalTransform, pad_batch
 from data2vec.data.skips import SkipError, SkipLog
-from data2vec.engine.runtime import autocast
 from data2vec.errors import UserError
-from data2vec.evaluate.features import Features, Pool, pool_tokens
+from data2vec.evaluate.features import Batch, Features, Pool, pooled_features
 from data2vec.models.encoder import Encoder
 
 
@@ -48,23 +49,14 @@ def embed_signals(
     if not arrays:
         raise UserError("no usable signals to embed")
     order = sorted(arrays, key=lambda i: arrays[i].shape[1])
-    feats, idx = [], []
-    bar = tqdm(total=len(order), desc="embed", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start : start + batch_size]
-        x, pad = pad_batch([arrays[i] for i in chunk], patch)
-        with autocast(device, precision):
-            out = encoder(
-                torch.from_numpy(x).to(device),
-                torch.from_numpy(pad).to(device) if pad.any() else None,
-                keep_layers=layers > 1,
-            )
-        feats.append(pool_tokens(out, pool, layers).float().cpu().numpy())
-        idx += chunk
-        bar.update(len(chunk))
-    bar.close()
-    back = np.argsort(idx, kind="stable")  # restore the source's order
-    kept = np.asarray(idx)[back]
-    names = np.array([source.name(int(i)) for i in kept])
-    labels = source.labels()[kept].astype(np.int64)
-    return Features(np.concatenate(feats)[back], labels, names, list(source.classes))
+
+    def batches() -> Iterator[Batch]:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            x, pad = pad_batch([arrays[i] for i in chunk], patch)
+            yield chunk, torch.from_numpy(x), torch.from_numpy(pad) if pad.any() else None
+            bar.update(len(chunk))
+
+    with tqdm(total=len(order), desc="embed", disable=not progress, dynamic_ncols=True) as bar:
+        return pooled_features(encoder, source, batches(), pool, layers, device, precision,
+                               "no usable signals to embed")  # fmt: skip

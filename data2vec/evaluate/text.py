@@ -9,6 +9,7 @@ out of the pooling.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,8 @@ from tqdm import tqdm
 from data2vec.config import Config
 from data2vec.data.skips import SkipLog
 from data2vec.data.text import iter_documents, read_labelled_text
-from data2vec.engine.runtime import autocast
 from data2vec.errors import UserError
-from data2vec.evaluate.features import Features, Pool, pool_tokens
+from data2vec.evaluate.features import Batch, Features, Pool, pooled_features
 from data2vec.models.encoder import Encoder
 
 LABELLED_SUFFIXES = (".tsv", ".jsonl")
@@ -105,18 +105,14 @@ def embed_text(
     tokenizer = require_tokenizer(encoder)
     seqs = tokenize_texts(tokenizer, source.texts, cfg.encoder.max_positions)  # type: ignore[union-attr]
     order = np.argsort([len(s) for s in seqs], kind="stable")
-    feats: list[np.ndarray] = []
-    bar = tqdm(total=len(seqs), desc="embed", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        tokens, pad = pad_tokens([seqs[i] for i in idx], tokenizer.pad_id)
-        with autocast(device, precision):
-            out = encoder(tokens.to(device), pad.to(device), keep_layers=layers > 1)
-        feats.append(pool_tokens(out, pool, layers).float().cpu().numpy())
-        bar.update(len(idx))
-    bar.close()
-    if not feats:
-        raise UserError(f"no text to embed in {source.path}")
-    features = np.concatenate(feats)[np.argsort(order, kind="stable")]  # the source's order
-    names = np.array([source.name(i) for i in range(len(source))])
-    return Features(features, source.labels().copy(), names, list(source.classes))
+
+    def batches() -> Iterator[Batch]:
+        for start in range(0, len(order), batch_size):
+            idx = [int(i) for i in order[start : start + batch_size]]
+            tokens, pad = pad_tokens([seqs[i] for i in idx], tokenizer.pad_id)
+            yield idx, tokens, pad
+            bar.update(len(idx))
+
+    with tqdm(total=len(seqs), desc="embed", disable=not progress, dynamic_ncols=True) as bar:
+        return pooled_features(encoder, source, batches(), pool, layers, device, precision,
+                               f"no text to embed in {source.path}")  # fmt: skip
