@@ -73,22 +73,7 @@ def inverse_block_mask(
         ``(num_rows, L)`` bool, True = masked, row-major over the grid; every row has exactly
         ``L - int(L * (1 - mask_ratio))`` True entries.
     """
-    length = height * width
-    n_keep = num_visible(length, mask_ratio)
-    n_centers = int(length * (1.0 - mask_ratio + adjust) / block**2)
-    keep = np.zeros((num_rows, height, width), dtype=bool)
-    if n_centers > 0:
-        centers = rng.integers(0, length, size=(num_rows, n_centers))
-        rows, cols = np.divmod(centers, width)  # (N, n_centers) each
-        row_idx = np.repeat(np.arange(num_rows), n_centers)
-        lo = -(block // 2)
-        for di in range(lo, lo + block):
-            for dj in range(lo, lo + block):
-                r, c = (rows + di).ravel(), (cols + dj).ravel()
-                inside = (r >= 0) & (r < height) & (c >= 0) & (c < width)
-                keep[row_idx[inside], r[inside], c[inside]] = True
-    keep = _select_exactly(keep.reshape(num_rows, length), n_keep, rng)
-    return ~keep
+    return inverse_block_mask_nd((height, width), num_rows, mask_ratio, rng, block, adjust)
 
 
 def inverse_block_mask_nd(
@@ -103,9 +88,8 @@ def inverse_block_mask_nd(
 
     Keeps hypercubes of side ``block`` around about ``(1 - ratio + adjust) * L / block**n``
     random centers (cut at the grid border), adjusts every row to exactly
-    ``int(L * (1 - ratio))`` visible patches and masks the rest. For ``n = 2`` it draws the
-    same random numbers in the same order as :func:`inverse_block_mask`, so both give the same
-    masks; for ``n = 1`` it keeps spans, for ``n = 3`` cubes.
+    ``int(L * (1 - ratio))`` visible patches and masks the rest. ``n = 2`` is the image mask
+    (:func:`inverse_block_mask`); for ``n = 1`` it keeps spans, for ``n = 3`` cubes.
 
     Args:
         grid: patches per axis ``(g1, ..., gn)``, ``L = g1 * ... * gn``.
