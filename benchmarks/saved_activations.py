@@ -26,6 +26,8 @@ import data2vec.modalities.audio as audio
 import data2vec.models.data2vec2 as d2v2
 import data2vec.models.decoders as decoders
 import data2vec.nn.attention as attention
+import data2vec.nn.block as block
+import data2vec.nn.lean as lean
 from data2vec.bench import _synthetic_batch
 from data2vec.config import load_config
 from data2vec.models.registry import build_model
@@ -34,7 +36,8 @@ from data2vec.nn.lean import LeanDropout
 
 CHANGES = ("mlp_gelu_recompute", "decoder_norm_act_recompute", "bool_dropout_masks",
            "dropout_attention", "l2_loss_saves_difference",
-           "audio_conv_norm_act_recompute")  # fmt: skip
+           "audio_conv_norm_act_recompute", "norm1_fc1_fused",
+           "attention_proj_fused")  # fmt: skip
 
 
 def _plain_chain(x, *modules):
@@ -49,6 +52,22 @@ def _plain_conv_after(x, pre, params, conv):
 
 def _plain_attention(q, k, v, attn_mask, p):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+
+
+# what the unfused attention runs: the lean dropout attention, or plain SDPA
+_ATTENTION = {"fn": lean.dropout_attention}
+
+
+def _plain_norm_linear(z, norm, linear):
+    y = norm(z)
+    return y, linear(y)
+
+
+def _unfused_attention_proj(q, k, v, attn_mask, p, proj):
+    """The lean attention, then the projection on its kept output."""
+    B, H, T, d = q.shape
+    out = _ATTENTION["fn"](q, k, v, attn_mask, p)
+    return proj(out.transpose(1, 2).reshape(B, T, H * d))
 
 
 def _plain_loss(pred, target, beta=0.0, scale=None):
@@ -66,10 +85,11 @@ def plain(model: nn.Module, off: set[str]) -> Iterator[None]:
     """Switch the named lean changes back to the plain ops for the duration."""
     saved = {
         "chain": decoders.checkpoint_elementwise,
-        "attn": attention.dropout_attention,
         "loss": d2v2.regression_loss,
         "conv_after": audio.conv1d_after,
         "audio_chain": audio.checkpoint_elementwise,
+        "norm_linear": block.layer_norm_linear,
+        "attn_proj": attention.dropout_attention_proj,
     }
     mlps = [m for m in model.modules() if isinstance(m, Mlp)]
     lean_flags = [m.recompute_act for m in mlps]
@@ -82,23 +102,29 @@ def plain(model: nn.Module, off: set[str]) -> Iterator[None]:
             decoders.checkpoint_elementwise = _plain_chain
         if "bool_dropout_masks" in off:
             LeanDropout.forward = nn.Dropout.forward  # type: ignore[method-assign]
+        if "attention_proj_fused" in off:
+            attention.dropout_attention_proj = _unfused_attention_proj
         if "dropout_attention" in off:
-            attention.dropout_attention = _plain_attention
+            _ATTENTION["fn"] = _plain_attention
         if "l2_loss_saves_difference" in off:
             d2v2.regression_loss = _plain_loss
         if "audio_conv_norm_act_recompute" in off:
             audio.conv1d_after = _plain_conv_after
             audio.checkpoint_elementwise = _plain_chain
+        if "norm1_fc1_fused" in off:
+            block.layer_norm_linear = _plain_norm_linear
         yield
     finally:
         for m, flag in zip(mlps, lean_flags):
             m.recompute_act = flag
         decoders.checkpoint_elementwise = saved["chain"]
         LeanDropout.forward = drop_forward  # type: ignore[method-assign]
-        attention.dropout_attention = saved["attn"]
+        _ATTENTION["fn"] = lean.dropout_attention
         d2v2.regression_loss = saved["loss"]
         audio.conv1d_after = saved["conv_after"]
         audio.checkpoint_elementwise = saved["audio_chain"]
+        block.layer_norm_linear = saved["norm_linear"]
+        attention.dropout_attention_proj = saved["attn_proj"]
 
 
 def saved_bytes(model: nn.Module, batch, seed: int = 0) -> int:

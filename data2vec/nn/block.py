@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from data2vec.nn.attention import Attention
 from data2vec.nn.drop_path import drop_path_or_identity
 from data2vec.nn.lean import dropout_or_identity, gelu_linear
+from data2vec.nn.lean_fused import layer_norm_linear
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -49,7 +50,10 @@ class Mlp(nn.Module):
         self.recompute_act = exact_gelu and drop == 0
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc1(x)
+        return self.from_hidden(self.fc1(x))
+
+    def from_hidden(self, h: Tensor) -> Tensor:
+        """The layers after ``fc1``: ``h`` is ``fc1``'s output ``(..., hidden)``."""
         if self.recompute_act:
             return gelu_linear(h, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.drop(self.act(h)))
@@ -94,7 +98,13 @@ class PostLNBlock(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x: (B, T, C)`` -> ``(x, ffn_out)``, both ``(B, T, C)``."""
-        x = self.norm1(x + self.drop_path(self.attn(x, attn_mask)))
-        f = self.mlp(x)
+        z = x + self.drop_path(self.attn(x, attn_mask))
+        if isinstance(self.norm1, nn.LayerNorm):
+            # norm1 and fc1 as one op: fc1's input is recomputed in backward, not kept
+            x, h = layer_norm_linear(z, self.norm1, self.mlp.fc1)
+            f = self.mlp.from_hidden(h)
+        else:
+            x = self.norm1(z)
+            f = self.mlp(x)
         x = self.norm2(x + self.drop_path(self.post_mlp_dropout(f)))
         return x, f

@@ -178,8 +178,18 @@ def dropout_attention(
     Returns:
         ``(B, H, T, d)`` in the dtype of ``q``.
     """
-    dtype = q.dtype
-    if dtype in (torch.float16, torch.bfloat16):  # the composite computes in float32
+    probs, v = attention_probs(q, k, v, attn_mask)
+    with torch.autocast(q.device.type, enabled=False):
+        out = _DropoutMatmul.apply(probs, v, p)
+    return out.to(q.dtype)
+
+
+def attention_probs(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """The attention probabilities of PyTorch's CPU composite attention, and ``v`` to apply
+    them to, both in float32 as the composite computes (``(B, H, T, T)``, ``(B, H, T, d)``)."""
+    if q.dtype in (torch.float16, torch.bfloat16):  # the composite computes in float32
         q, k, v = q.float(), k.float(), v.float()
         attn_mask = None if attn_mask is None else attn_mask.float()
     # The composite runs inside one op, below autocast: its products stay in float32.
@@ -189,8 +199,7 @@ def dropout_attention(
         logits = torch.matmul(q * s, k.transpose(-2, -1) * s)  # (B, H, T, T)
         if attn_mask is not None:
             logits.add_(attn_mask)
-        out = _DropoutMatmul.apply(_softmax(logits), v, p)
-    return out.to(dtype)
+        return _softmax(logits), v
 
 
 def _run_chain(x: Tensor, modules: tuple[nn.Module, ...]) -> Tensor:
