@@ -6,8 +6,10 @@ set (Fashion-MNIST, the synthetic spoken-word corpus, WordNet glosses) for ``rou
 steps; (b) ``multi-v2-tiny``, the same three modality encoders around ONE set of shared blocks of
 the same size, pretrains for the sum of those steps with batches interleaved by the same
 weights, so every modality trains on exactly as many of its batches as alone. The default
-weights (24, 7, 10) x 40 rounds give each modality about three minutes on an idle 2-core
-machine. Warm-up: a fifth of the steps, at most the presets' 200.
+weights (24, 7, 40) x 40 rounds give image and speech about three minutes each on an idle
+2-core machine and text the ~1600 steps its tiny recipe needs to pay off (about nine
+minutes); the joint run then takes ~20 minutes, the whole benchmark ~45. Warm-up: a fifth of
+the steps, at most the presets' 200.
 Each modality is then linear-probed on its demo split with the separate model, the joint model
 and a random-init encoder. Prints and writes ``OUT/joint_vs_separate.json`` and a bar chart
 ``OUT/joint_vs_separate.png``. ``--reuse`` keeps the runs already finished in ``OUT`` and their
@@ -88,7 +90,7 @@ def _plot(result: dict[str, Any], out: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rounds", type=int, default=40)
-    p.add_argument("--weights", type=int, nargs=3, default=[24, 7, 10], help="image audio text")
+    p.add_argument("--weights", type=int, nargs=3, default=[24, 7, 40], help="image audio text")
     p.add_argument("--out", type=Path, default=Path("joint_vs_separate"))
     p.add_argument("--probe-train", type=int, default=10000, help="images: probe train subset")
     p.add_argument("--probe-test", type=int, default=5000, help="images: probe test subset")

@@ -1,5 +1,7 @@
 """A joint model: shared blocks pretrained on images, speech and text at once."""
 
+import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -14,7 +16,7 @@ from data2vec.data.multimodal import (
     interleave_pattern,
     parse_data_specs,
 )
-from data2vec.engine.trainer import pretrain
+from data2vec.engine.trainer import new_state, pretrain, train_step
 from data2vec.errors import UserError
 from data2vec.evaluate.features import embed_path, load_encoder
 from data2vec.models.multimodal import MultiEncoder, modality_configs
@@ -168,6 +170,46 @@ def test_teacher_clock__a_modality_teacher_moves_on_its_own_steps_only(data, clo
 def test_teacher_clock__validated():
     with pytest.raises(ConfigError, match=r"encoder\.teacher_clock"):
         load_config("multi-v2-tiny", ["encoder.teacher_clock=sometimes"])
+
+
+def test_accumulation_across_modalities__one_step_of_the_token_weighted_gradients(data):
+    """``train.accum_steps`` over a speech and a text micro-batch: one optimizer step on the
+    per-token gradients of both, weighted by their masked-token counts; both EMA clocks tick.
+    (Speech and text: their losses are per-token means only; the image loss adds a per-image
+    CLS term, weighted as in one big batch.)"""
+    # lr 1: the weight change p - lr * g shows g well above the weights' rounding
+    cfg = load_config("multi-v2-tiny", [*TINY_MULTI, "optim.clip_norm=0", "optim.lr=1.0"])
+    batches = [dataclasses.replace(_batches(m, cfg, data), modality=m) for m in ("audio", "text")]
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    reference = copy.deepcopy(model)
+    # the reference: each batch's own per-token gradient, weighted by its masked tokens
+    torch.manual_seed(1)
+    grads, counts = [], []
+    for b in batches:
+        reference.zero_grad(set_to_none=True)
+        out = reference(b.source, b.mask, b.padding_mask, modality=b.modality)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in reference.named_parameters()
+                      if p.grad is not None})  # fmt: skip
+        counts.append(out.sample_size)
+    # plain SGD makes the step's gradient readable from the weights: p - lr * g
+    state = new_state(model, cfg, torch.device("cpu"))
+    state.optimizer = torch.optim.SGD(model.parameters())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.manual_seed(1)
+    result = train_step(state, batches, cfg, torch.device("cpu"))
+    assert result.updated and state.step == 1
+    total = sum(counts)
+    assert all(c > 0 for c in counts)
+    for n, p in model.named_parameters():
+        want = sum(g[n] * c / total for g, c in zip(grads, counts) if n in g)
+        if isinstance(want, int):  # trained by neither batch (the image parts)
+            assert torch.equal(p, before[n]), n
+            continue
+        torch.testing.assert_close((before[n] - p.detach()) / result.lr, want,
+                                   rtol=1e-4, atol=1e-6, msg=n)  # fmt: skip
+    assert model.encoder.teacher_steps.tolist() == [0, 1, 1]  # speech and text ticked
 
 
 def test_joint_run__interleaves_checkpoints_and_embeds_each_modality(data, tmp_path):
