@@ -23,8 +23,11 @@ stay resident (text-v2-base: 1.6 GB of them). :func:`release_free_memory` (``mal
 returns the holes' pages; called between steps and where the backward pass has freed the
 transformer's activations, it lowers the peak RSS of a step by 0.4-1.3 GB (see
 ``benchmarks/README.md``). The pages come back as page faults when the heap is reused, which
-small models notice (image-v2-tiny: +15-20 % step time for 20 MB less), so it only runs while
-the process holds more than ``TRIM_MIN_RSS`` (1 GiB). ``DATA2VEC_MALLOC_TRIM=0`` turns it
+small models notice: image-v2-tiny (500 MB) +15-20 % step time for 20 MB less; the issue's
+tiny ViT (width 192, 224 px, 16 x 16 clones, 1.7 GB) 2.72-2.84 s without against 3.09-3.16 s
+with, for 20 MB less, because the next step reuses the same holes. So it only runs while the
+process holds more than ``TRIM_MIN_RSS`` (2 GiB; the base presets hold 2.4-6 GB where it
+is called). ``DATA2VEC_MALLOC_TRIM=0`` turns it
 off; with another allocator (``LD_PRELOAD`` jemalloc, tcmalloc, ...) or another C library it
 does nothing.
 """
@@ -65,7 +68,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
     return trim  # type: ignore[no-any-return]
 
 
-TRIM_MIN_RSS = 1 << 30
+TRIM_MIN_RSS = 2 << 30
 
 
 def _resident_bytes() -> int:
@@ -76,9 +79,9 @@ def _resident_bytes() -> int:
 def release_free_memory(min_rss: int = TRIM_MIN_RSS) -> bool:
     """Return the pages of glibc's free heap chunks to the system (``malloc_trim(0)``).
 
-    Takes well under a millisecond; the cost is paid later, as page faults, by whatever reuses
-    those chunks. Returns False where it does nothing: off, not glibc, or fewer than
-    ``min_rss`` bytes resident (see the module docs).
+    Takes 20-80 ms when it returns hundreds of MB; the larger cost is paid later, as page
+    faults, by whatever reuses those chunks. Returns False where it does nothing: off, not
+    glibc, or fewer than ``min_rss`` bytes resident (see the module docs).
     """
     trim = _malloc_trim()
     if trim is None or _resident_bytes() < min_rss:
