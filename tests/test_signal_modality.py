@@ -9,7 +9,7 @@ import torch
 from data2vec.config import load_config
 from data2vec.data.signal_pretrain import collate_pretrain_signals, equalize_visible
 from data2vec.errors import ConfigError
-from data2vec.masking import inverse_block_mask, inverse_block_mask_nd, make_rng
+from data2vec.masking import inverse_block_mask_nd, make_rng
 from data2vec.modalities.signal import SignalEncoder, sincos_nd
 from data2vec.models.registry import build_encoder, build_model
 from data2vec.nn.positions import sincos_1d, sincos_2d
@@ -51,12 +51,6 @@ def test_inverse_block_mask_nd__exact_count_and_deterministic(grid: tuple[int, .
     assert not np.array_equal(a, c)
     assert a.shape == (6, L)
     assert ((~a).sum(1) == int(L * 0.3)).all()
-
-
-def test_inverse_block_mask_nd__equals_the_2d_mask() -> None:
-    want = inverse_block_mask(7, 5, 4, 0.6, make_rng(1, 2), block=3, adjust=0.07)
-    got = inverse_block_mask_nd((7, 5), 4, 0.6, make_rng(1, 2), block=3, adjust=0.07)
-    np.testing.assert_array_equal(got, want)
 
 
 def test_inverse_block_mask_nd__keeps_blocks_not_scattered_tokens() -> None:

@@ -105,19 +105,7 @@ def prepare_text(cfg: Config, spec: str | Path, skips: SkipLog, work_dir: Path) 
         len(blocks),
         T,
     )
-    dataset = PretrainText(
-        store,
-        blocks,
-        T,
-        cfg.mask.ratio,
-        cfg.mask.clones,
-        cfg.train.seed,
-        tokenizer.bos_id,
-        tokenizer.eos_id,
-        tokenizer.pad_id,
-        mask_kind=cfg.mask.kind,
-        span=cfg.mask.block,
-    )
+    dataset = PretrainText.from_config(store, blocks, cfg, tokenizer)
     B = cfg.data.batch_size
     return PretrainData(
         dataset,

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data2vec.config import Config
 from data2vec.data.batch import PretrainBatch
 from data2vec.data.tokenizer import TextTokenizer
 from data2vec.errors import ConfigError
@@ -296,6 +297,26 @@ class PretrainText(Dataset):
         self.mask_ratio, self.clones, self.seed = mask_ratio, clones, seed
         self.bos_id, self.eos_id, self.pad_id = bos_id, eos_id, pad_id
         self.mask_kind, self.span = mask_kind, span
+
+    @classmethod
+    def from_config(
+        cls, store: TokenStore | None, blocks: np.ndarray, cfg: Config, tokenizer: TextTokenizer
+    ) -> PretrainText:
+        """The dataset a text preset describes: block size, masking and seed from ``cfg``,
+        special ids from ``tokenizer`` (``store`` may be None where only masks are drawn)."""
+        return cls(
+            store,  # type: ignore[arg-type]
+            blocks,
+            cfg.data.block_size,
+            cfg.mask.ratio,
+            cfg.mask.clones,
+            cfg.train.seed,
+            tokenizer.bos_id,
+            tokenizer.eos_id,
+            tokenizer.pad_id,
+            mask_kind=cfg.mask.kind,
+            span=cfg.mask.block,
+        )
 
     def __len__(self) -> int:
         return len(self.blocks)

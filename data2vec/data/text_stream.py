@@ -117,18 +117,7 @@ def text_stream_parts(
         tokenizer.mask_id,
     )
     T = cfg.data.block_size
-    masks = PretrainText(
-        None,  # type: ignore[arg-type]  (only its masks are used)
-        np.zeros((0, 2), np.int64),
-        T,
-        cfg.mask.ratio,
-        cfg.mask.clones,
-        cfg.train.seed,
-        tokenizer.bos_id,
-        tokenizer.eos_id,
-        tokenizer.pad_id,
-        mask_kind=cfg.mask.kind,
-        span=cfg.mask.block,
-    )
+    # only its masks are used: no store, no blocks
+    masks = PretrainText.from_config(None, np.zeros((0, 2), np.int64), cfg, tokenizer)
     collate = partial(collate_pretrain_text, block_size=T, pad_id=tokenizer.pad_id)
     return PackBlocks(tokenizer, T), _BlockItems(masks), collate, tokenizer
