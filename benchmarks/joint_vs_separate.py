@@ -99,6 +99,13 @@ def main() -> None:
         action="store_true",
         help="keep the finished runs (and their probe results) found in OUT",
     )
+    p.add_argument(
+        "--joint-override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for the joint model only, e.g. encoder.lr_scales=[2,1,3]",
+    )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     recipes, sources, data, steps = {}, {}, {}, {}
@@ -126,7 +133,8 @@ def main() -> None:
     total = sum(steps.values())
     overrides = [f"train.max_steps={total}", "train.progress=false",
                  f"optim.warmup_steps={_warmup(total)}",
-                 f"encoder.weights=[{','.join(map(str, args.weights))}]"]  # fmt: skip
+                 f"encoder.weights=[{','.join(map(str, args.weights))}]",
+                 *args.joint_override]  # fmt: skip
     _pretrain(load_config("multi-v2-tiny", overrides), data, joint, args.reuse)
     summary = json.loads((joint / "summary.json").read_text())
     cfg = load_config(joint / "config.yaml")
@@ -136,6 +144,7 @@ def main() -> None:
     result = {
         "weights": dict(zip(MODALITIES, args.weights)),
         "teacher_clock": cfg.encoder.teacher_clock,
+        "joint_overrides": args.joint_override,
         "separate_steps": steps,
         "joint_steps": summary["steps"],
         "joint_seconds": summary["seconds"],

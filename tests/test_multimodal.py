@@ -16,6 +16,7 @@ from data2vec.data.multimodal import (
     interleave_pattern,
     parse_data_specs,
 )
+from data2vec.engine.schedules import lr_at
 from data2vec.engine.trainer import new_state, pretrain, train_step
 from data2vec.errors import UserError
 from data2vec.evaluate.features import embed_path, load_encoder
@@ -210,6 +211,26 @@ def test_accumulation_across_modalities__one_step_of_the_token_weighted_gradient
         torch.testing.assert_close((before[n] - p.detach()) / result.lr, want,
                                    rtol=1e-4, atol=1e-6, msg=n)  # fmt: skip
     assert model.encoder.teacher_steps.tolist() == [0, 1, 1]  # speech and text ticked
+
+
+def test_lr_scales__each_modality_steps_with_its_own_learning_rate(data):
+    cfg = load_config("multi-v2-tiny", [*TINY_MULTI, "encoder.lr_scales=[2,1,3]"])
+    model = build_model(cfg).train()
+    state = new_state(model, cfg, torch.device("cpu"))
+    batches = {
+        m: dataclasses.replace(_batches(m, cfg, data), modality=m) for m in cfg.encoder.modalities
+    }
+    base = [lr_at(i, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps) for i in range(3)]
+    got = [train_step(state, [batches[m]], cfg, torch.device("cpu")).lr for m in ("text", "image")]
+    assert got == pytest.approx([3 * base[0], 2 * base[1]])
+    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(2 * base[1])
+    # a step accumulating two modalities: the mean of their scales
+    mixed = train_step(state, [batches["audio"], batches["text"]], cfg, torch.device("cpu")).lr
+    assert mixed == pytest.approx(2 * base[2])
+    with pytest.raises(ConfigError, match=r"encoder\.lr_scales.*one value per modality"):
+        load_config("multi-v2-tiny", ["encoder.lr_scales=[1,2]"])
+    with pytest.raises(ConfigError, match=r"encoder\.lr_scales.*> 0"):
+        load_config("multi-v2-tiny", ["encoder.lr_scales=[1,0,1]"])
 
 
 def test_joint_run__interleaves_checkpoints_and_embeds_each_modality(data, tmp_path):

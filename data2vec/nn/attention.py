@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data2vec.nn.lean import dropout_or_identity
+from data2vec.nn.lean import dropout_attention, dropout_or_identity
 from data2vec.nn.lean_fused import dropout_attention_proj
 
 
@@ -82,9 +82,12 @@ class Attention(nn.Module):
         if attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)
         if 0 < drop < 1 and x.device.type == "cpu" and torch.is_grad_enabled():
-            # What SDPA and the projection compute on CPU with dropout, keeping less for
-            # backward (nn/lean_fused.py).
-            return self.proj_drop(dropout_attention_proj(q, k, v, attn_mask, drop, self.proj))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+            # What SDPA (and the projection) compute on CPU with dropout, keeping less for
+            # backward (nn/lean.py, nn/lean_fused.py; the fused op for a plain Linear only).
+            if type(self.proj) is nn.Linear:
+                return self.proj_drop(dropout_attention_proj(q, k, v, attn_mask, drop, self.proj))
+            out = dropout_attention(q, k, v, attn_mask, drop)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         out = out.transpose(1, 2).reshape(B, T, C)  # (B, H, T, C/H) -> (B, T, C)
         return self.proj_drop(self.proj(out))

@@ -99,8 +99,9 @@ class PostLNBlock(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``x: (B, T, C)`` -> ``(x, ffn_out)``, both ``(B, T, C)``."""
         z = x + self.drop_path(self.attn(x, attn_mask))
-        if isinstance(self.norm1, nn.LayerNorm):
-            # norm1 and fc1 as one op: fc1's input is recomputed in backward, not kept
+        if type(self.norm1) is nn.LayerNorm and type(self.mlp.fc1) is nn.Linear:
+            # norm1 and fc1 as one op: fc1's input is recomputed in backward, not kept (plain
+            # layer classes only: a wrapped or replaced layer runs as itself)
             x, h = layer_norm_linear(z, self.norm1, self.mlp.fc1)
             f = self.mlp.from_hidden(h)
         else:
