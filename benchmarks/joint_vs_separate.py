@@ -104,7 +104,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="config override for the joint model only, e.g. encoder.lr_scales=[2,1,3]",
+        help="config override for the joint model only, e.g. encoder.modality_lr=false",
     )
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

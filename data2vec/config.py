@@ -197,9 +197,10 @@ class MultiEncoderConfig:
     # blocks by decay ** (rarest weight / sum of weights) per step); "global" = every part moves
     # every step by the global schedule (a rare modality's teacher nearly equals its student).
     teacher_clock: Literal["modality", "global"] = "global"
-    # Learning rate of each modality's steps as a multiple of optim.lr's schedule (null: 1 for
-    # all); a step that accumulates batches of several modalities uses the mean of their scales.
-    lr_scales: tuple[float, ...] | None = None
+    # true: each modality's steps run at its own preset's optim.lr (after its overrides) on
+    # this config's schedule; a step accumulating several modalities uses the mean of their
+    # rates. false: optim.lr for every step.
+    modality_lr: bool = False
 
     def __post_init__(self) -> None:
         allowed = ("image", "audio", "text", "signal")
@@ -215,13 +216,6 @@ class MultiEncoderConfig:
             )
         if any(w < 1 for w in self.weights):
             raise ConfigError(f"encoder.weights={list(self.weights)} must all be >= 1")
-        if self.lr_scales is not None and len(self.lr_scales) != len(self.modalities):
-            raise ConfigError(
-                f"encoder.lr_scales={list(self.lr_scales)} needs one value per modality "
-                f"({list(self.modalities)}), or none"
-            )
-        if any(not x > 0 for x in self.lr_scales or ()):
-            raise ConfigError(f"encoder.lr_scales={list(self.lr_scales)} must all be > 0")
         for item in self.overrides.split():
             if item.split(":", 1)[0] not in self.modalities or ":" not in item:
                 raise ConfigError(

@@ -179,7 +179,8 @@ def test_accumulation_across_modalities__one_step_of_the_token_weighted_gradient
     (Speech and text: their losses are per-token means only; the image loss adds a per-image
     CLS term, weighted as in one big batch.)"""
     # lr 1: the weight change p - lr * g shows g well above the weights' rounding
-    cfg = load_config("multi-v2-tiny", [*TINY_MULTI, "optim.clip_norm=0", "optim.lr=1.0"])
+    cfg = load_config("multi-v2-tiny", [*TINY_MULTI, "optim.clip_norm=0", "optim.lr=1.0",
+                                        "encoder.modality_lr=false"])  # fmt: skip
     batches = [dataclasses.replace(_batches(m, cfg, data), modality=m) for m in ("audio", "text")]
     torch.manual_seed(0)
     model = build_model(cfg).train()
@@ -213,24 +214,27 @@ def test_accumulation_across_modalities__one_step_of_the_token_weighted_gradient
     assert model.encoder.teacher_steps.tolist() == [0, 1, 1]  # speech and text ticked
 
 
-def test_lr_scales__each_modality_steps_with_its_own_learning_rate(data):
-    cfg = load_config("multi-v2-tiny", [*TINY_MULTI, "encoder.lr_scales=[2,1,3]"])
+@pytest.mark.parametrize("own", [True, False])
+def test_modality_lr__each_modality_steps_at_its_own_presets_rate(data, own):
+    assert TINY_MULTI[-1].startswith("encoder.overrides=")
+    cfg = load_config("multi-v2-tiny", [*TINY_MULTI[:-1], f"encoder.modality_lr={str(own).lower()}",
+                                        f"encoder.overrides={PER_MODALITY} text:optim.lr=5e-3",
+                                        "optim.lr=1e-3"])  # fmt: skip
     model = build_model(cfg).train()
     state = new_state(model, cfg, torch.device("cpu"))
     batches = {
-        m: dataclasses.replace(_batches(m, cfg, data), modality=m) for m in cfg.encoder.modalities
+        m: dataclasses.replace(_batches(m, cfg, data), modality=m)
+        for m in ("image", "audio", "text")
     }
     base = [lr_at(i, cfg.optim.lr, cfg.optim.warmup_steps, cfg.train.max_steps) for i in range(3)]
     got = [train_step(state, [batches[m]], cfg, torch.device("cpu")).lr for m in ("text", "image")]
-    assert got == pytest.approx([3 * base[0], 2 * base[1]])
-    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(2 * base[1])
-    # a step accumulating two modalities: the mean of their scales
+    # image-v2-tiny's lr is 2e-3; text's is overridden to 5e-3
+    want = [5 * base[0], 2 * base[1]] if own else base[:2]
+    assert got == pytest.approx(want)
+    assert state.optimizer.param_groups[0]["lr"] == pytest.approx(want[1])
+    # a step accumulating two modalities: the mean of their rates (audio-v2-tiny: 1e-3)
     mixed = train_step(state, [batches["audio"], batches["text"]], cfg, torch.device("cpu")).lr
-    assert mixed == pytest.approx(2 * base[2])
-    with pytest.raises(ConfigError, match=r"encoder\.lr_scales.*one value per modality"):
-        load_config("multi-v2-tiny", ["encoder.lr_scales=[1,2]"])
-    with pytest.raises(ConfigError, match=r"encoder\.lr_scales.*> 0"):
-        load_config("multi-v2-tiny", ["encoder.lr_scales=[1,0,1]"])
+    assert mixed == pytest.approx((3 if own else 1) * base[2])
 
 
 def test_joint_run__interleaves_checkpoints_and_embeds_each_modality(data, tmp_path):

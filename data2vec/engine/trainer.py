@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from data2vec._runtime import release_free_memory
 from data2vec.compile import compile_model
-from data2vec.config import Config, MultiEncoderConfig
+from data2vec.config import Config
 from data2vec.data.batch import PretrainBatch
 from data2vec.data.registry import PretrainData, build_pretrain_data
 from data2vec.data.sampling import Coverage
@@ -119,7 +119,7 @@ def train_step(
         cfg.optim.schedule,
         cfg.optim.final_lr_ratio,
     )
-    lr *= _lr_scale(cfg, micro)
+    lr *= _lr_scale(model, micro)
     for group in opt.param_groups:
         group["lr"] = lr
     model.train()
@@ -186,14 +186,11 @@ def train_step(
     return StepResult(loss_value, lr, grad_norm, decay, True, logs)
 
 
-def _lr_scale(cfg: Config, micro: list[PretrainBatch]) -> float:
-    """A joint model's ``encoder.lr_scales`` for this step's modalities (mean if several)."""
-    enc = cfg.encoder
-    if not isinstance(enc, MultiEncoderConfig) or not enc.lr_scales:
-        return 1.0
-    scale = dict(zip(enc.modalities, enc.lr_scales))
+def _lr_scale(model: torch.nn.Module, micro: list[PretrainBatch]) -> float:
+    """A joint model's learning-rate factor for this step's modalities (1 for other models)."""
     names = {b.modality for b in micro if b.modality is not None}
-    return sum(scale[n] for n in names) / len(names) if names else 1.0
+    scale = getattr(model, "lr_scale", None)
+    return scale(names) if callable(scale) and names else 1.0
 
 
 @contextlib.contextmanager

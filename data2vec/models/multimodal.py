@@ -173,6 +173,8 @@ class MultiData2Vec(nn.Module):
         weights = weights or (1,) * len(cfgs)
         self.rarest_share = min(weights) / sum(weights)
         self.trained: set[str] = set()  # modalities trained since the last teacher update
+        # learning-rate factor per modality (encoder.modality_lr; set by build_multi_model)
+        self.lr_scales: dict[str, float] = {}
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see EMATeacher
         objectives = {
             name: Data2Vec2(
@@ -203,6 +205,13 @@ class MultiData2Vec(nn.Module):
         logs.update({f"{modality}/{k}": v for k, v in out.logs.items()})
         logs[f"{modality}/loss"] = out.loss.detach()
         return PretrainOutput(loss=out.loss, sample_size=out.sample_size, logs=logs)
+
+    def lr_scale(self, modalities: set[str]) -> float:
+        """Learning-rate factor of a step training ``modalities``: the mean of their
+        ``lr_scales`` (each preset's ``optim.lr`` over the joint one; empty: 1)."""
+        if not self.lr_scales:
+            return 1.0
+        return sum(self.lr_scales[m] for m in modalities) / len(modalities)
 
     def update_teacher(self, step: int) -> float:
         """One EMA step after ``step`` optimizer steps; returns the shared blocks' decay.
@@ -301,7 +310,10 @@ def build_multi_model(cfg: Config) -> MultiData2Vec:
     teacher = EMATeacher(encoder, e.decay, e.end_decay, e.anneal_steps, exclude=exclude)
     enc = cfg.encoder
     assert isinstance(enc, MultiEncoderConfig)
-    return MultiData2Vec(encoder, decoders, teacher, cfgs, enc.teacher_clock, enc.weights)
+    lr_scales = {n: c.optim.lr / cfg.optim.lr for n, c in cfgs.items()} if enc.modality_lr else {}
+    model = MultiData2Vec(encoder, decoders, teacher, cfgs, enc.teacher_clock, enc.weights)
+    model.lr_scales = lr_scales
+    return model
 
 
 def select_modality(cfg: Config, encoder: nn.Module, name: str) -> tuple[Config, Encoder]:
