@@ -33,6 +33,29 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 
+def linear_grads(
+    go: Tensor, x2d: Tensor | None, weight: Tensor, bias_dtype: torch.dtype | None, need: tuple
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``F.linear(x, weight, bias)`` on the flattened input, as autograd forms them.
+
+    Args:
+        go: ``(tokens, out)`` output gradient in the compute dtype.
+        x2d: ``(tokens, in)`` input, already in the compute dtype (None when the weight
+            gradient is not wanted).
+        weight: ``(out, in)`` master weight (cast to ``go``'s dtype here, as autocast did).
+        bias_dtype: dtype of the bias, or None without one.
+        need: whether the input, weight and bias gradients are wanted.
+
+    Returns:
+        ``(grad_x2d, grad_weight, grad_bias)``, each None where not wanted.
+    """
+    need_x, need_w, need_b = need
+    grad_x = go.mm(weight.to(go.dtype)) if need_x else None
+    grad_w = go.t().mm(x2d).to(weight.dtype) if need_w and x2d is not None else None
+    grad_b = go.sum(0).to(bias_dtype) if need_b and bias_dtype is not None else None
+    return grad_x, grad_w, grad_b
+
+
 class _GeluLinear(torch.autograd.Function):
     """``F.linear(F.gelu(h), weight, bias)`` saving ``h`` instead of ``gelu(h)``."""
 
@@ -49,21 +72,15 @@ class _GeluLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         h, weight = ctx.saved_tensors
-        dtype = ctx.compute_dtype
-        # The same 2-D matrix products autograd runs for aten::linear (addmm on the flattened
-        # input), so the gradients are bit-identical to those of the plain composition.
         need_h, need_w, need_b = ctx.needs_input_grad
         go = grad_out.reshape(-1, grad_out.shape[-1])  # (tokens, out)
-        grad_h = grad_w = grad_b = None
-        if need_h:
-            w = weight.to(dtype)  # autocast's cast of the weight, redone
-            grad_g = go.mm(w).view(h.shape)  # (..., hidden)
-            grad_h = torch.ops.aten.gelu_backward(grad_g.to(h.dtype), h)
-        if need_w:
-            g = F.gelu(h).to(dtype)  # recomputed: one elementwise pass instead of a saved copy
-            grad_w = go.t().mm(g.reshape(-1, g.shape[-1])).to(weight.dtype)  # (out, hidden)
-        if need_b and ctx.has_bias:
-            grad_b = go.sum(0).to(ctx.bias_dtype)
+        # gelu(h) recomputed: one elementwise pass instead of a saved copy
+        g2d = F.gelu(h).to(ctx.compute_dtype).reshape(-1, h.shape[-1]) if need_w else None
+        bias_dtype = ctx.bias_dtype if ctx.has_bias else None
+        grad_g, grad_w, grad_b = linear_grads(go, g2d, weight, bias_dtype, (need_h, need_w, need_b))
+        grad_h = None
+        if grad_g is not None:
+            grad_h = torch.ops.aten.gelu_backward(grad_g.view(h.shape).to(h.dtype), h)
         return grad_h, grad_w, grad_b
 
 

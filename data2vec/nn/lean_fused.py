@@ -28,29 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data2vec.nn.lean import attention_probs
-
-
-def _linear_grads(
-    go: Tensor, x2d: Tensor, weight: Tensor, bias_dtype: torch.dtype | None, need: tuple
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of ``F.linear(x, weight, bias)`` on the flattened input, as autograd forms them.
-
-    Args:
-        go: ``(tokens, out)`` output gradient in the compute dtype.
-        x2d: ``(tokens, in)`` input, already in the compute dtype.
-        weight: ``(out, in)`` master weight (cast to ``go``'s dtype here, as autocast did).
-        bias_dtype: dtype of the bias, or None without one.
-        need: whether the input, weight and bias gradients are wanted.
-
-    Returns:
-        ``(grad_x2d, grad_weight, grad_bias)``, each None where not wanted.
-    """
-    need_x, need_w, need_b = need
-    grad_x = go.mm(weight.to(go.dtype)) if need_x else None
-    grad_w = go.t().mm(x2d).to(weight.dtype) if need_w else None
-    grad_b = go.sum(0).to(bias_dtype) if need_b and bias_dtype is not None else None
-    return grad_x, grad_w, grad_b
+from data2vec.nn.lean import attention_probs, linear_grads
 
 
 def _autocast_off(backward: Callable[..., tuple]) -> Callable[..., tuple]:
@@ -90,7 +68,7 @@ class _LayerNormLinear(torch.autograd.Function):
             y = torch.native_layer_norm(z, ctx.shape, norm_w, norm_b, ctx.eps)[0]
             go = grad_h.reshape(-1, grad_h.shape[-1])
             y2d = y.reshape(-1, y.shape[-1]).to(ctx.compute_dtype)
-            grad_x, grad_w, grad_b = _linear_grads(
+            grad_x, grad_w, grad_b = linear_grads(
                 go, y2d, weight, ctx.bias_dtype, (any(need[:3]), need[3], need[4])
             )
         if grad_x is not None:  # the two uses of y add up, as in autograd's input buffer
@@ -161,7 +139,7 @@ class _DropoutAttentionProj(torch.autograd.Function):
         merged = _merge_heads(torch.bmm(dropped, v3), B, H, ctx.out_dtype)  # recomputed
         go = grad.reshape(-1, grad.shape[-1])
         x2d = merged.reshape(-1, merged.shape[-1]).to(ctx.compute_dtype)
-        grad_m, grad_w, grad_b = _linear_grads(
+        grad_m, grad_w, grad_b = linear_grads(
             go, x2d, weight, ctx.bias_dtype, (need[0] or need[1], need[4], need[5])
         )
         grad_probs = grad_v = None
