@@ -31,7 +31,7 @@ import torch
 from data2vec.commands import evaluate_features
 from data2vec.config import Config, load_config
 from data2vec.data.images import ImageSource, open_image_source
-from data2vec.data.skips import SkipError, SkipLog
+from data2vec.data.skips import SkipLog, load_usable
 from data2vec.engine.checkpoint import list_checkpoints
 from data2vec.engine.metrics import read_metrics
 from data2vec.engine.trainer import pretrain
@@ -68,14 +68,7 @@ def raw_pixels(source: ImageSource, size: int, skips: SkipLog | None = None) -> 
     from data2vec.data.transforms import EvalTransform
 
     t = EvalTransform(size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    rows, idx = [], []
-    for i in range(len(source)):
-        try:
-            rows.append(t(source.load(i)).ravel())
-            idx.append(i)
-        except SkipError as exc:
-            if skips is not None:
-                skips.add(source.name(i), str(exc))
+    rows, idx = load_usable(source, lambda image: t(image).ravel(), skips)
     names = np.array([source.name(i) for i in idx])
     return Features(np.stack(rows), source.labels()[idx], names, list(source.classes))
 

@@ -19,7 +19,7 @@ import numpy as np
 from data2vec.config import load_config
 from data2vec.data.audio import AudioSource, open_audio_source
 from data2vec.data.mfcc import utterance_features
-from data2vec.data.skips import SkipError, SkipLog
+from data2vec.data.skips import SkipLog, load_usable
 from data2vec.demo import Recipe
 from data2vec.errors import UserError
 from data2vec.evaluate.features import Features
@@ -32,14 +32,7 @@ CTC_STEPS_PER_MINUTE = 80  # of pretraining budget: 400 CTC steps (~1.7 min) for
 
 def mfcc_features(source: AudioSource, cfg: object, skips: SkipLog | None = None) -> Features:
     """The MFCC baseline: one 78-d statistics vector per clip (unreadable clips skipped)."""
-    rows, kept = [], []
-    for i in range(len(source)):
-        try:
-            rows.append(utterance_features(source.load(i)))
-            kept.append(i)
-        except SkipError as exc:
-            if skips is not None:
-                skips.add(source.name(i), str(exc))
+    rows, kept = load_usable(source, utterance_features, skips)
     names = np.array([source.name(i) for i in kept])
     return Features(np.stack(rows), source.labels()[kept], names, list(source.classes))
 

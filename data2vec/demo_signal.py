@@ -28,7 +28,7 @@ from data2vec.data.signal import (
     resolve_from_data,
 )
 from data2vec.data.signal_pretrain import SignalCollate, input_grid, signal_masks
-from data2vec.data.skips import SkipError, SkipLog
+from data2vec.data.skips import SkipError, SkipLog, load_usable
 from data2vec.demo import Recipe
 from data2vec.errors import UserError
 from data2vec.evaluate.features import Features
@@ -60,14 +60,7 @@ def _fitted_rows(
     source: SignalSource, transform: SignalTransform, skips: SkipLog | None
 ) -> tuple[np.ndarray, list[int]]:
     """The fitted inputs of ``source`` stacked ``(N, C, ...)``, and the indices kept."""
-    rows, kept = [], []
-    for i in range(len(source)):
-        try:
-            rows.append(transform(source.load(i)))
-            kept.append(i)
-        except SkipError as exc:
-            if skips is not None:
-                skips.add(source.name(i), str(exc))
+    rows, kept = load_usable(source, transform, skips)
     if not rows:
         raise UserError("no usable signals for the baseline")
     return np.stack(rows), kept

@@ -190,3 +190,29 @@ def test_a_corpus_without_one_usable_file_stops_with_a_data_error(tmp_path):
         pretrain(cfg, root, tmp_path / "run")
     report = (tmp_path / "run" / "skipped.tsv").read_text().splitlines()
     assert len(report) == 5
+
+
+def test_load_usable__keeps_order_and_indices_and_records_each_skip():
+    from data2vec.data.skips import SkipError, SkipLog, load_usable
+
+    class Source:
+        def __len__(self):
+            return 5
+
+        def load(self, i):
+            if i == 1:
+                raise SkipError("unreadable")
+            return i
+
+        def name(self, i):
+            return f"item{i}"
+
+    def double(x):
+        if x == 3:
+            raise SkipError("too short")
+        return 2 * x
+
+    skips = SkipLog()
+    assert load_usable(Source(), double, skips) == ([0, 4, 8], [0, 2, 4])
+    assert sorted(skips.items()) == [("item1", "unreadable"), ("item3", "too short")]
+    assert load_usable(Source(), double, None, [4, 2, 1]) == ([8, 4], [4, 2])

@@ -9,13 +9,47 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
 
 class SkipError(Exception):
     """Raised by a loader for one unusable input; its message is the reason in the report."""
+
+
+class _Indexed(Protocol):
+    def __len__(self) -> int: ...
+    def load(self, index: int) -> Any: ...
+    def name(self, index: int) -> str: ...
+
+
+def load_usable(
+    source: _Indexed,
+    fn: Callable[[Any], T],
+    skips: SkipLog | None,
+    indices: Iterable[int] | None = None,
+) -> tuple[list[T], list[int]]:
+    """``fn(source.load(i))`` for each index (default: all), in order, and the indices kept.
+
+    An input whose load or ``fn`` raises :class:`SkipError` is left out and recorded in
+    ``skips`` (when given) with its reason.
+    """
+    rows: list[T] = []
+    kept: list[int] = []
+    for i in range(len(source)) if indices is None else indices:
+        try:
+            rows.append(fn(source.load(i)))
+        except SkipError as exc:
+            if skips is not None:
+                skips.add(source.name(i), str(exc))
+            continue
+        kept.append(i)
+    return rows, kept
 
 
 class SkipLog:

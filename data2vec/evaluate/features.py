@@ -16,7 +16,7 @@ from tqdm import tqdm
 from data2vec.config import Config
 from data2vec.data.audio import AudioSource, normalize, open_audio_source
 from data2vec.data.images import ImageSource, open_image_source
-from data2vec.data.skips import SkipError, SkipLog
+from data2vec.data.skips import SkipLog, load_usable
 from data2vec.data.transforms import EvalTransform
 from data2vec.engine import checkpoint as ckpt
 from data2vec.engine.runtime import autocast
@@ -181,14 +181,8 @@ def embed_images(
 
     def batches() -> Iterator[Batch]:
         for start in range(0, len(source), batch_size):
-            arrays, idx = [], []
-            for i in range(start, min(start + batch_size, len(source))):
-                try:
-                    arrays.append(transform(source.load(i)))
-                    idx.append(i)
-                except SkipError as exc:
-                    if skips is not None:
-                        skips.add(source.name(i), str(exc))
+            end = min(start + batch_size, len(source))
+            arrays, idx = load_usable(source, transform, skips, range(start, end))
             bar.update(min(batch_size, len(source) - start))
             if arrays:
                 yield idx, torch.from_numpy(np.stack(arrays)), None
@@ -220,18 +214,14 @@ def embed_audio(
     encoder = encoder.to(device).eval()
     order = np.argsort(source.lengths(skips), kind="stable")
 
+    def prepare(wave: np.ndarray) -> np.ndarray:
+        wave = wave[: cfg.data.max_samples]
+        return normalize(wave) if cfg.data.normalize else wave
+
     def batches() -> Iterator[Batch]:
         for start in range(0, len(order), batch_size):
-            waves, batch_idx = [], []
-            for i in order[start : start + batch_size]:
-                try:
-                    wave = source.load(int(i))[: cfg.data.max_samples]
-                except SkipError as exc:
-                    if skips is not None:
-                        skips.add(source.name(int(i)), str(exc))
-                    continue
-                waves.append(normalize(wave) if cfg.data.normalize else wave)
-                batch_idx.append(int(i))
+            chunk = [int(i) for i in order[start : start + batch_size]]
+            waves, batch_idx = load_usable(source, prepare, skips, chunk)
             bar.update(min(batch_size, len(order) - start))
             if not waves:
                 continue

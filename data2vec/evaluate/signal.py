@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from data2vec.config import Config
 from data2vec.data.signal import SignalSource, SignalTransform, pad_batch
-from data2vec.data.skips import SkipError, SkipLog
+from data2vec.data.skips import SkipLog, load_usable
 from data2vec.errors import UserError
 from data2vec.evaluate.features import Batch, Features, Pool, pooled_features
 from data2vec.models.encoder import Encoder
@@ -39,13 +38,8 @@ def embed_signals(
     encoder = encoder.to(device).eval()
     transform = SignalTransform(cfg)
     patch = cfg.encoder.patch_size[0]  # type: ignore[union-attr]
-    arrays: dict[int, np.ndarray] = {}
-    for i in range(len(source)):
-        try:
-            arrays[i] = transform(source.load(i))
-        except SkipError as exc:
-            if skips is not None:
-                skips.add(source.name(i), str(exc))
+    rows, kept = load_usable(source, transform, skips)
+    arrays = dict(zip(kept, rows))
     if not arrays:
         raise UserError("no usable signals to embed")
     order = sorted(arrays, key=lambda i: arrays[i].shape[1])
