@@ -27,9 +27,8 @@ small models notice: image-v2-tiny (500 MB) +15-20 % step time for 20 MB less; t
 tiny ViT (width 192, 224 px, 16 x 16 clones, 1.7 GB) 2.72-2.84 s without against 3.09-3.16 s
 with, for 20 MB less, because the next step reuses the same holes. So it only runs while the
 process holds more than ``TRIM_MIN_RSS`` (2 GiB; the base presets hold 2.4-6 GB where it
-is called). ``DATA2VEC_MALLOC_TRIM=0`` turns it
-off; with another allocator (``LD_PRELOAD`` jemalloc, tcmalloc, ...) or another C library it
-does nothing.
+is called). ``DATA2VEC_MALLOC_TRIM=0`` turns it off; with another allocator (``LD_PRELOAD``
+jemalloc, tcmalloc, ...) or another C library it does nothing.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from data2vec.data.signal import (
     resolve_from_data,
 )
 from data2vec.data.signal_pretrain import SignalCollate, input_grid, signal_masks
-from data2vec.data.skips import SkipError, SkipLog, load_usable
+from data2vec.data.skips import SkipLog, load_usable
 from data2vec.demo import Recipe
 from data2vec.errors import UserError
 from data2vec.evaluate.features import Features
@@ -99,12 +99,7 @@ def raw_values(
 def _median_length(source: SignalSource, limit: int = 2000) -> int:
     """Median first-axis length of the first ``limit`` loadable inputs (at least 9 samples,
     the kernel length)."""
-    lengths = []
-    for i in range(min(len(source), limit)):
-        try:
-            lengths.append(source.load(i).shape[-1])
-        except SkipError:
-            continue
+    lengths, _ = load_usable(source, lambda x: x.shape[-1], None, range(min(len(source), limit)))
     return max(int(np.median(lengths)) if lengths else 0, 9)
 
 

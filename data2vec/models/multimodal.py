@@ -164,6 +164,7 @@ class MultiData2Vec(nn.Module):
         cfgs: dict[str, Config],
         teacher_clock: str = "modality",
         weights: tuple[int, ...] | None = None,
+        lr_scales: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.encoder = encoder
@@ -173,8 +174,8 @@ class MultiData2Vec(nn.Module):
         weights = weights or (1,) * len(cfgs)
         self.rarest_share = min(weights) / sum(weights)
         self.trained: set[str] = set()  # modalities trained since the last teacher update
-        # learning-rate factor per modality (encoder.modality_lr; set by build_multi_model)
-        self.lr_scales: dict[str, float] = {}
+        # learning-rate factor per modality (encoder.modality_lr); empty: 1 for all
+        self.lr_scales = lr_scales or {}
         object.__setattr__(self, "teacher", teacher)  # not a submodule: see EMATeacher
         objectives = {
             name: Data2Vec2(
@@ -310,10 +311,8 @@ def build_multi_model(cfg: Config) -> MultiData2Vec:
     teacher = EMATeacher(encoder, e.decay, e.end_decay, e.anneal_steps, exclude=exclude)
     enc = cfg.encoder
     assert isinstance(enc, MultiEncoderConfig)
-    lr_scales = {n: c.optim.lr / cfg.optim.lr for n, c in cfgs.items()} if enc.modality_lr else {}
-    model = MultiData2Vec(encoder, decoders, teacher, cfgs, enc.teacher_clock, enc.weights)
-    model.lr_scales = lr_scales
-    return model
+    scales = {n: c.optim.lr / cfg.optim.lr for n, c in cfgs.items()} if enc.modality_lr else {}
+    return MultiData2Vec(encoder, decoders, teacher, cfgs, enc.teacher_clock, enc.weights, scales)
 
 
 def select_modality(cfg: Config, encoder: nn.Module, name: str) -> tuple[Config, Encoder]:
