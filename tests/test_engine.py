@@ -6,7 +6,7 @@ import torch
 
 from data2vec.engine import checkpoint as ckpt
 from data2vec.engine.metrics import read_metrics
-from data2vec.engine.optim import no_decay_names, param_groups
+from data2vec.engine.optim import adamw, keep_implementation, no_decay_names, param_groups
 from data2vec.engine.schedules import lr_at
 from data2vec.engine.trainer import pretrain
 from data2vec.errors import UserError
@@ -36,6 +36,61 @@ def test_weight_decay_groups__no_decay_on_bias_norm_and_cls():
     assert len(decay["params"]) + len(no_decay["params"]) == n
     # positions are a fixed buffer: never optimized
     assert "encoder.modality.pos_embed" not in dict(model.named_parameters())
+
+
+def _adam_params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in ((64, 32), (32,), (7, 3))]
+
+
+def _adam_steps(opt, params, steps=5):
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+        opt.step()
+
+
+def test_adamw__fused_on_cpu_and_the_same_updates_as_foreach():
+    hyper = {"lr": 1e-2, "betas": (0.9, 0.98), "eps": 1e-6}
+    fused_p, foreach_p = _adam_params(), _adam_params()
+    fused = adamw(lambda: [{"params": fused_p, "weight_decay": 0.05}], **hyper)
+    assert fused.defaults["fused"] is True  # PyTorch >= 2.4 has the CPU kernel
+    ref = torch.optim.AdamW([{"params": foreach_p, "weight_decay": 0.05}], foreach=True, **hyper)
+    _adam_steps(fused, fused_p)
+    _adam_steps(ref, foreach_p)
+    for a, b, start in zip(fused_p, foreach_p, _adam_params(), strict=True):
+        assert not torch.equal(a, start)  # it moved
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_adamw__falls_back_to_foreach_with_fresh_groups(monkeypatch):
+    real, calls = torch.optim.AdamW, []
+
+    def no_fused(groups, **kw):
+        calls.append(dict(groups[0]))
+        if kw.get("fused"):
+            groups[0]["fused"] = True  # what a constructor that fails late leaves behind
+            raise RuntimeError("`fused=True` requires all the params to be on supported devices")
+        return real(groups, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    opt = adamw(lambda: [{"params": _adam_params()}], lr=1e-3)
+    assert len(calls) == 2 and "fused" not in calls[1]
+    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+
+
+def test_keep_implementation__a_foreach_checkpoint_loads_into_a_fused_run():
+    old_p, new_p = _adam_params(), _adam_params()
+    old = torch.optim.AdamW(old_p, lr=1e-2, foreach=True)
+    _adam_steps(old, old_p, steps=2)
+    new = adamw(lambda: [{"params": new_p}], lr=1e-2)
+    with keep_implementation(new):
+        new.load_state_dict(old.state_dict())
+    assert new.param_groups[0]["fused"] is True and not new.param_groups[0]["foreach"]
+    assert torch.equal(new.state[new_p[0]]["exp_avg"], old.state[old_p[0]]["exp_avg"])
+    new.load_state_dict(old.state_dict())  # without it the saved flags come back
+    assert new.param_groups[0]["foreach"] is True
 
 
 def _history(run):

@@ -19,6 +19,7 @@ from data2vec.data.sampling import Coverage
 from data2vec.data.skips import SkipLog
 from data2vec.engine import checkpoint as ckpt
 from data2vec.engine import distributed, fsdp
+from data2vec.engine.optim import keep_implementation
 from data2vec.models.data2vec2 import Data2Vec2
 
 if TYPE_CHECKING:
@@ -85,10 +86,11 @@ def load_trainer_state(state: TrainState, found: Found, batch_size: int) -> None
     ``batch_size`` (per rank) converts the saved data position into this run's batches.
     """
     _, (_, _, trainer_state) = found
-    if trainer_state.get("optimizer_format", "index") == fsdp.OPTIMIZER_FORMAT:
-        fsdp.load_optimizer(state.model, state.optimizer, trainer_state["optimizer"])
-    else:
-        state.optimizer.load_state_dict(trainer_state["optimizer"])
+    with keep_implementation(state.optimizer):
+        if trainer_state.get("optimizer_format", "index") == fsdp.OPTIMIZER_FORMAT:
+            fsdp.load_optimizer(state.model, state.optimizer, trainer_state["optimizer"])
+        else:
+            state.optimizer.load_state_dict(trainer_state["optimizer"])
     if state.scaler is not None and trainer_state.get("scaler"):
         state.scaler.load_state_dict(trainer_state["scaler"])
     state.step = trainer_state["step"]

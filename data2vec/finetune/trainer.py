@@ -26,6 +26,7 @@ from tqdm import tqdm
 from data2vec.config import Config, _build_section, _parse_scalar
 from data2vec.data.skips import SkipLog
 from data2vec.engine.metrics import MetricsWriter
+from data2vec.engine.optim import adamw
 from data2vec.engine.runtime import autocast, configure_threads, resolve_device
 from data2vec.engine.schedules import lr_at
 from data2vec.errors import ConfigError, UserError
@@ -362,8 +363,9 @@ def finetune(
     if vocab is not None:
         info["vocab"] = vocab.to_dict()
     _prepare_run_dir(run_dir, cfg, encoder_config)
-    optimizer = torch.optim.AdamW(
-        layer_decay_groups(model.to(device), cfg.lr, cfg.weight_decay, cfg.layer_decay),
+    model.to(device)
+    optimizer = adamw(
+        lambda: layer_decay_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay),
         lr=cfg.lr,
         betas=cfg.betas,
     )
