@@ -50,6 +50,18 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def torch_dropout_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lean dropout layers draw their masks as PyTorch's CPU dropout does
+    (``bernoulli_(1 - p)`` on a tensor like the input), so that they can be compared bit for
+    bit with ``nn.Dropout`` and SDPA under one seed."""
+    import data2vec.nn.lean as lean
+
+    monkeypatch.setattr(
+        lean, "keep_mask", lambda like, p: torch.empty_like(like).bernoulli_(1 - p).bool()
+    )
+
+
 def make_image_folder(root: Path, n_per_class: int = 6, size: int = 20, classes: int = 2) -> Path:
     """Class folders of simple, class-dependent images: stripes (class 0) vs. blobs (class 1)."""
     rng = np.random.default_rng(0)

@@ -9,10 +9,12 @@ from data2vec.models.decoders import ConvDecoder
 from data2vec.nn.block import Mlp
 from data2vec.nn.lean import (
     LeanDropout,
+    _keep_threshold,
     checkpoint_elementwise,
     conv1d_after,
     dropout_attention,
     gelu_linear,
+    keep_mask,
 )
 from data2vec.targets import TopKTargets, regression_loss
 
@@ -81,7 +83,7 @@ def test_mlp__recomputing_path_matches_plain_path():
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_lean_dropout__same_draws_and_gradients_as_nn_dropout(p):
+def test_lean_dropout__with_pytorchs_draws_equals_nn_dropout(p, torch_dropout_draws):
     x = torch.randn(4, 9, 16, requires_grad=True)
     torch.manual_seed(3)
     plain, plain_bytes = _saved_bytes(nn.Dropout(p).train(), x)
@@ -92,6 +94,49 @@ def test_lean_dropout__same_draws_and_gradients_as_nn_dropout(p):
     assert lean_bytes == x.numel()  # one bool per element instead of a float32 noise tensor
     assert plain_bytes == 4 * x.numel()
     assert torch.equal(LeanDropout(p).eval()(x), x)
+
+
+def test_keep_threshold__hand_computed():
+    # kept when a uniform int32 is below the threshold: 2**32 * (1 - p) of the 2**32 values
+    assert _keep_threshold(0.5) == 0
+    assert _keep_threshold(0.75) == 2**30 - 2**31
+    assert _keep_threshold(0.1) == 3865470566 - 2**31  # round(0.9 * 2**32)
+    assert _keep_threshold(1e-12) == 2**31 - 1  # 2**32 does not fit: one value in 2**32 drops
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_keep_mask__rate_and_independent_neighbours(p):
+    torch.manual_seed(0)
+    n = 1_000_001  # odd: the last 64-bit draw gives one element
+    keep = keep_mask(torch.empty(n), p).double()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(keep.mean().item() - (1 - p)) < 5 * sigma
+    # the two halves of one 64-bit draw are independent: P(both kept) = (1 - p)**2
+    both = (keep[0:-1:2] * keep[1::2]).mean().item()
+    q = (1 - p) ** 2
+    assert abs(both - q) < 5 * (q * (1 - q) / (n // 2)) ** 0.5
+
+
+def test_keep_mask__shape_seed_and_fresh_draws():
+    like = torch.empty(6, 5, 7).transpose(0, 2)  # non-contiguous input: a contiguous mask
+    torch.manual_seed(4)
+    a, b = keep_mask(like, 0.3), keep_mask(like, 0.3)
+    torch.manual_seed(4)
+    assert torch.equal(keep_mask(like, 0.3), a)  # reproducible from the seed
+    assert a.shape == like.shape and a.dtype == torch.bool and a.is_contiguous()
+    assert not torch.equal(a, b)  # each call draws anew
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_lean_dropout__inverted_dropout_with_its_own_mask(p):
+    x = torch.randn(64, 33, requires_grad=True)
+    torch.manual_seed(9)
+    out = LeanDropout(p).train()(x)
+    torch.manual_seed(9)
+    keep = keep_mask(x, p)
+    assert torch.equal(out, torch.where(keep, x * (1 / (1 - p)), 0.0))
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    assert torch.equal(grad, keep.float() / (1 - p))
 
 
 def test_checkpoint_elementwise__same_gradients_fewer_saved_tensors():
@@ -148,7 +193,7 @@ def test_top_k_targets__checks_the_layer_count():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dropout_attention__bit_identical_to_sdpa_with_dropout(dtype):
+def test_dropout_attention__bit_identical_to_sdpa_with_dropout(dtype, torch_dropout_draws):
     q, k, v = (torch.randn(2, 3, 6, 4, requires_grad=True) for _ in range(3))
     bias = torch.randn(2, 3, 6, 6, requires_grad=True)  # e.g. ALiBi with a learned scale
     outs = []

@@ -84,7 +84,7 @@ def test_layer_norm_linear__only_through_the_linear_layer():
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_dropout_attention_proj__bit_identical_and_output_not_saved(bf16):
+def test_dropout_attention_proj__bit_identical_and_output_not_saved(bf16, torch_dropout_draws):
     torch.manual_seed(0)
     B, H, T, d = 2, 3, 6, 4
     proj = nn.Linear(H * d, 10)
@@ -140,7 +140,7 @@ def _sdpa_then_proj(q, k, v, attn_mask, p, proj):
 
 
 @pytest.mark.parametrize("drop", [0.0, 0.2])
-def test_post_ln_block__fused_path_equals_the_plain_one(drop, monkeypatch):
+def test_post_ln_block__fused_path_equals_the_plain_one(drop, monkeypatch, torch_dropout_draws):
     torch.manual_seed(0)
     block = PostLNBlock(16, 4, mlp_ratio=2.0, attn_drop=drop, proj_drop=drop).train()
     x = torch.randn(2, 7, 16, requires_grad=True)

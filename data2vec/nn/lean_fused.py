@@ -12,10 +12,10 @@ recomputed in backward from what the op before it keeps anyway:
   keep the product as well. Here the product is recomputed in backward (one batched matrix
   product of ``T x T x d`` per head, a few per cent of the block's arithmetic at T <= 128).
 
-Both compute bit-identical values and gradients to the plain composition, in float32 and under
-bf16 autocast (``tests/test_nn_lean_fused.py``): the recomputations are the same kernels on the
-same inputs, and the backward formulas are the ones autograd runs for ``aten::linear`` and
-``aten::native_layer_norm``.
+Both compute bit-identical values and gradients to the plain composition (given the same
+dropout mask), in float32 and under bf16 autocast (``tests/test_nn_lean_fused.py``): the
+recomputations are the same kernels on the same inputs, and the backward formulas are the ones
+autograd runs for ``aten::linear`` and ``aten::native_layer_norm``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data2vec.nn.lean import attention_probs, linear_grads
+from data2vec.nn import lean
+from data2vec.nn.lean import attention_probs, dropout_noise, linear_grads
 
 
 def _autocast_off(backward: Callable[..., tuple]) -> Callable[..., tuple]:
@@ -114,12 +115,12 @@ class _DropoutAttentionProj(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, probs, v, p, out_dtype, weight, bias):  # type: ignore[override]
-        noise = torch.empty_like(probs).bernoulli_(1.0 - p)  # aten::dropout's CPU draws
-        keep = noise.bool()
+        keep = lean.keep_mask(probs, p)
         B, H, T, S = probs.shape
         v3 = v.reshape(B * H, S, v.shape[-1])  # the copy aten::matmul makes
+        noise = dropout_noise(keep, p, probs.dtype)
         with torch.autocast(probs.device.type, enabled=False):  # the composite's float32 bmm
-            out = torch.bmm((probs * noise.div_(1.0 - p)).reshape(B * H, T, S), v3)
+            out = torch.bmm((probs * noise).reshape(B * H, T, S), v3)
         merged = _merge_heads(out, B, H, out_dtype)
         y = F.linear(merged, weight, bias)  # under the caller's autocast, as the plain layer
         ctx.save_for_backward(probs, keep, v3, weight)
@@ -134,7 +135,7 @@ class _DropoutAttentionProj(torch.autograd.Function):
         probs, keep, v3, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         B, H, T, S = probs.shape
-        noise = keep.to(probs.dtype).div_(1.0 - ctx.p)
+        noise = dropout_noise(keep, ctx.p, probs.dtype)
         dropped = (probs * noise).reshape(B * H, T, S)
         merged = _merge_heads(torch.bmm(dropped, v3), B, H, ctx.out_dtype)  # recomputed
         go = grad.reshape(-1, grad.shape[-1])
@@ -166,8 +167,8 @@ def dropout_attention_proj(
     """``proj(merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=p)))``.
 
     The CPU composite attention with dropout (as :func:`~data2vec.nn.lean.dropout_attention`,
-    same random draws) followed by the output projection, with the attention output recomputed
-    in backward instead of kept.
+    mask from :func:`~data2vec.nn.lean.keep_mask`) followed by the output projection, with the
+    attention output recomputed in backward instead of kept.
 
     Args:
         q, k, v: ``(B, H, T, d)``.
