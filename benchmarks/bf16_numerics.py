@@ -14,6 +14,11 @@ and ``mean_rel_diff`` (over all steps) must stay within 2 %. The final linear-pr
 within 1 point. Prints one JSON object and writes it to ``--out``.
 
 python benchmarks/bf16_numerics.py --steps 200 --out benchmarks/results/bf16_numerics.json
+python benchmarks/bf16_numerics.py --preset text-v2-tiny \
+    --out benchmarks/results/bf16_numerics_text.json
+
+Text presets pretrain on the WordNet demo corpus and probe on its 26-way gloss split (the whole
+split; ``--probe-train``/``--probe-test`` apply to images).
 """
 
 from __future__ import annotations
@@ -86,16 +91,15 @@ def probe(checkpoint: Path, sources) -> float:
     return float(evaluate_features(train, test, "linear")["accuracy"])
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="image-v2-tiny")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--window", type=int, default=20, help="moving-average window (steps)")
-    p.add_argument("--probe-train", type=int, default=10000)
-    p.add_argument("--probe-test", type=int, default=10000, help="10000 = the whole test split")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/bf16_numerics.json"))
-    args = p.parse_args()
+def _data(args: argparse.Namespace) -> tuple[str, str, list]:
+    """Pretraining data, probe data (for the record) and the two probe sources of the preset's
+    modality: Fashion-MNIST subsets for images, the WordNet demo split for text."""
+    if load_config(args.preset).model.modality == "text":
+        from data2vec.demo_text import text_recipe
 
+        recipe = text_recipe(None, args.cache)  # built once from the installed WordNet data
+        sources = [recipe.open_source(recipe.train), recipe.open_source(recipe.test)]
+        return recipe.pretrain, recipe.train, sources
     from time_to_accuracy import SourceSubset  # beside this script: a fixed labelled subset
 
     from data2vec.demo import image_recipe
@@ -105,10 +109,27 @@ def main() -> None:
         SourceSubset(recipe.open_source(recipe.train), args.probe_train, seed=0),
         SourceSubset(recipe.open_source(recipe.test), args.probe_test, seed=1),
     ]
+    return recipe.train, recipe.train, sources
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="image-v2-tiny")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--window", type=int, default=20, help="moving-average window (steps)")
+    p.add_argument("--probe-train", type=int, default=10000)
+    p.add_argument("--probe-test", type=int, default=10000, help="10000 = the whole test split")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/bf16_numerics.json"))
+    p.add_argument(
+        "--cache", type=Path, default=Path("out"), help="text: where the WordNet demo set is built"
+    )
+    args = p.parse_args()
+
+    pretrain_data, probe_data, sources = _data(args)
     runs: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for precision in ("fp32", "bf16"):
-            r = run(args.preset, precision, args.steps, recipe.train, Path(tmp) / precision)
+            r = run(args.preset, precision, args.steps, pretrain_data, Path(tmp) / precision)
             r["probe"] = probe(r["checkpoint"], sources)
             runs[precision] = r
     curves = compare_curves(runs["fp32"]["loss"], runs["bf16"]["loss"], args.window)
@@ -116,7 +137,8 @@ def main() -> None:
     result = {
         "preset": args.preset,
         "steps": args.steps,
-        "data": recipe.train,
+        "data": pretrain_data,
+        "probe_data": probe_data,
         "window": args.window,
         "probe_train": args.probe_train,
         "probe_test": args.probe_test,

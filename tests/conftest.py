@@ -62,6 +62,19 @@ def torch_dropout_draws(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+def reference_attention_bf16(q, k, v, attn_mask, p):
+    """Attention with dropout as fairseq's data2vec 2.0 ``AltAttention`` computes it under bf16
+    autocast, in plain autograd ops: both products in bf16, the mask and softmax in float32 (q
+    and k scaled by ``d**-0.25`` each, as PyTorch's composite does); the dropout mask drawn
+    like PyTorch's CPU dropout (use with ``torch_dropout_draws``). ``(B, H, T, d)`` bf16 out."""
+    s = (1.0 / q.shape[-1] ** 0.5) ** 0.5
+    with torch.autocast("cpu", enabled=False):
+        logits = ((q * s) @ (k * s).transpose(-2, -1)).float() + attn_mask.float()
+        probs = torch.softmax(logits, -1)
+        keep = torch.empty_like(probs).bernoulli_(1 - p).bool()
+        return (probs * keep.float().div(1 - p)).to(v.dtype) @ v
+
+
 def make_image_folder(root: Path, n_per_class: int = 6, size: int = 20, classes: int = 2) -> Path:
     """Class folders of simple, class-dependent images: stripes (class 0) vs. blobs (class 1)."""
     rng = np.random.default_rng(0)

@@ -17,6 +17,7 @@ from data2vec.nn.lean import (
     keep_mask,
 )
 from data2vec.targets import TopKTargets, regression_loss
+from tests.conftest import reference_attention_bf16
 
 
 def _saved_bytes(fn, *args):
@@ -193,23 +194,31 @@ def test_top_k_targets__checks_the_layer_count():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dropout_attention__bit_identical_to_sdpa_with_dropout(dtype, torch_dropout_draws):
+def test_dropout_attention__bit_identical_to_the_plain_composite(dtype, torch_dropout_draws):
+    """float32: SDPA's own CPU composite. bf16 autocast: the reference implementation's
+    attention (bf16 products, float32 softmax), close to SDPA's float32 composite."""
     q, k, v = (torch.randn(2, 3, 6, 4, requires_grad=True) for _ in range(3))
     bias = torch.randn(2, 3, 6, 6, requires_grad=True)  # e.g. ALiBi with a learned scale
+    bf16 = dtype == torch.bfloat16
     outs = []
-    for fn in (F.scaled_dot_product_attention, None):
+    for fn in ("sdpa", "reference", "lean"):
         torch.manual_seed(11)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             args = [t.to(dtype) for t in (q, k, v, bias)]
-            if fn is None:
+            if fn == "lean":
                 outs.append(dropout_attention(*args, 0.3))
+            elif fn == "sdpa":
+                outs.append(F.scaled_dot_product_attention(*args[:3], args[3], dropout_p=0.3))
             else:
-                outs.append(fn(*args[:3], attn_mask=args[3], dropout_p=0.3))
-    ref, lean = outs
-    assert lean.dtype == ref.dtype == dtype
+                outs.append(reference_attention_bf16(*args, 0.3) if bf16 else outs[0])
+    sdpa, ref, lean = outs
+    assert lean.dtype == ref.dtype == sdpa.dtype == dtype
     assert torch.equal(ref, lean)
     for a, b in zip(_grads(ref, q, k, v, bias), _grads(lean, q, k, v, bias)):
         assert torch.equal(a, b)
+    if bf16:  # the same attention, rounded differently
+        assert not torch.equal(sdpa, lean)
+        torch.testing.assert_close(lean, sdpa, rtol=2e-2, atol=2e-2)
 
 
 def _plain_norm_gelu(y, weight, bias):

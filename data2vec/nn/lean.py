@@ -178,7 +178,8 @@ class _DropoutMatmul(torch.autograd.Function):
         keep = keep_mask(probs, p)
         B, H, T, S = probs.shape
         v3 = v.reshape(B * H, S, v.shape[-1])  # the copy aten::matmul makes and keeps
-        out = torch.bmm((probs * dropout_noise(keep, p, probs.dtype)).reshape(B * H, T, S), v3)
+        dropped = (probs * dropout_noise(keep, p, probs.dtype)).to(v.dtype)  # product dtype
+        out = torch.bmm(dropped.reshape(B * H, T, S), v3)
         ctx.save_for_backward(probs, keep, v3)
         ctx.p = p
         return out.view(B, H, T, v.shape[-1])
@@ -188,10 +189,10 @@ class _DropoutMatmul(torch.autograd.Function):
         probs, keep, v3 = ctx.saved_tensors
         B, H, T, S = probs.shape
         noise = dropout_noise(keep, ctx.p, probs.dtype)
-        dropped = (probs * noise).reshape(B * H, T, S)
+        dropped = (probs * noise).to(v3.dtype).reshape(B * H, T, S)
         g3 = grad.reshape(B * H, T, -1)
         # bmm's own backward formulas, so the gradients are bit-identical to autograd's
-        grad_dropped = g3.bmm(v3.transpose(1, 2)).view(B, H, T, S)
+        grad_dropped = g3.bmm(v3.transpose(1, 2)).view(B, H, T, S).to(probs.dtype)
         grad_v = dropped.transpose(1, 2).bmm(g3).view(B, H, S, -1)
         return grad_dropped * noise, grad_v, None
 
@@ -209,9 +210,10 @@ def dropout_attention(
     """``F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=p)`` for CPU training.
 
     With dropout PyTorch's CPU attention falls back to a composite of matmul, softmax and
-    dropout (in float32 for bf16/fp16 inputs). This runs the same ops, so with the same dropout
-    mask the values and gradients are bit-identical, but keeps ~1.75 fewer ``(B, H, T, T)``
-    tensors for backward and draws the mask with :func:`keep_mask`.
+    dropout. For float32 inputs this runs the same ops, so with the same dropout mask the values
+    and gradients are bit-identical, but keeps ~1.75 fewer ``(B, H, T, T)`` tensors for backward
+    and draws the mask with :func:`keep_mask`. For bf16/fp16 inputs (autocast) the two products
+    stay in that dtype, see :func:`attention_probs`.
 
     Args:
         q, k, v: ``(B, H, T, d)``.
@@ -230,18 +232,23 @@ def dropout_attention(
 def attention_probs(
     q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """The attention probabilities of PyTorch's CPU composite attention, and ``v`` to apply
-    them to, both in float32 as the composite computes (``(B, H, T, T)``, ``(B, H, T, d)``)."""
-    if q.dtype in (torch.float16, torch.bfloat16):  # the composite computes in float32
-        q, k, v = q.float(), k.float(), v.float()
-        attn_mask = None if attn_mask is None else attn_mask.float()
-    # The composite runs inside one op, below autocast: its products stay in float32.
+    """Float32 attention probabilities ``(B, H, T, T)`` and the ``v`` to apply them to.
+
+    Float32 inputs: PyTorch's CPU composite attention, op for op. bf16/fp16 inputs (autocast):
+    the logits' product (and, in the callers, the product with ``v``) stays in that dtype and the
+    mask and softmax run in float32, as the reference implementation's attention computes under
+    autocast (fairseq data2vec 2.0 ``AltAttention``: ``q @ k^T`` and ``attn @ v`` in the input
+    dtype, ``softmax(dtype=float32)``). PyTorch's composite would instead upcast q, k and v to
+    float32 and run both products there, at under half the bf16 matmul rate on a CPU with
+    AVX512-BF16.
+    """
+    # Below autocast: the dtypes are chosen here, not by autocast's per-op policy.
     with torch.autocast(q.device.type, enabled=False):
         # q and k are each scaled by sqrt(1/sqrt(d)) before the product, as the composite does.
         s = math.sqrt(1.0 / math.sqrt(q.shape[-1]))
-        logits = torch.matmul(q * s, k.transpose(-2, -1) * s)  # (B, H, T, T)
+        logits = torch.matmul(q * s, k.transpose(-2, -1) * s).float()  # (B, H, T, T)
         if attn_mask is not None:
-            logits.add_(attn_mask)
+            logits.add_(attn_mask.float())
         return _softmax(logits), v
 
 

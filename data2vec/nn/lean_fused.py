@@ -118,9 +118,9 @@ class _DropoutAttentionProj(torch.autograd.Function):
         keep = lean.keep_mask(probs, p)
         B, H, T, S = probs.shape
         v3 = v.reshape(B * H, S, v.shape[-1])  # the copy aten::matmul makes
-        noise = dropout_noise(keep, p, probs.dtype)
-        with torch.autocast(probs.device.type, enabled=False):  # the composite's float32 bmm
-            out = torch.bmm((probs * noise).reshape(B * H, T, S), v3)
+        dropped = (probs * dropout_noise(keep, p, probs.dtype)).to(v.dtype)  # product dtype
+        with torch.autocast(probs.device.type, enabled=False):  # the product in v's dtype
+            out = torch.bmm(dropped.reshape(B * H, T, S), v3)
         merged = _merge_heads(out, B, H, out_dtype)
         y = F.linear(merged, weight, bias)  # under the caller's autocast, as the plain layer
         ctx.save_for_backward(probs, keep, v3, weight)
@@ -136,7 +136,7 @@ class _DropoutAttentionProj(torch.autograd.Function):
         need = ctx.needs_input_grad
         B, H, T, S = probs.shape
         noise = dropout_noise(keep, ctx.p, probs.dtype)
-        dropped = (probs * noise).reshape(B * H, T, S)
+        dropped = (probs * noise).to(v3.dtype).reshape(B * H, T, S)
         merged = _merge_heads(torch.bmm(dropped, v3), B, H, ctx.out_dtype)  # recomputed
         go = grad.reshape(-1, grad.shape[-1])
         x2d = merged.reshape(-1, merged.shape[-1]).to(ctx.compute_dtype)
@@ -146,11 +146,11 @@ class _DropoutAttentionProj(torch.autograd.Function):
         grad_probs = grad_v = None
         if grad_m is not None:
             d = v3.shape[-1]
-            # merge_heads backward, then the cast back to float32, then the product's backward
-            # exactly as lean._DropoutMatmul runs it
-            g = grad_m.view(B, T, H, d).transpose(1, 2).to(probs.dtype)
+            # merge_heads backward, then the cast back to the product's dtype, then the
+            # product's backward exactly as lean._DropoutMatmul runs it
+            g = grad_m.view(B, T, H, d).transpose(1, 2).to(v3.dtype)
             g3 = g.reshape(B * H, T, d)
-            grad_probs = g3.bmm(v3.transpose(1, 2)).view(B, H, T, S) * noise
+            grad_probs = g3.bmm(v3.transpose(1, 2)).view(B, H, T, S).to(probs.dtype) * noise
             grad_v = dropped.transpose(1, 2).bmm(g3).view(B, H, S, d)
         return grad_probs, grad_v, None, None, grad_w, grad_b
 
@@ -179,5 +179,5 @@ def dropout_attention_proj(
     Returns:
         ``(B, T, C_out)``.
     """
-    probs, v32 = attention_probs(q, k, v, attn_mask)
-    return _DropoutAttentionProj.apply(probs, v32, p, q.dtype, proj.weight, proj.bias)
+    probs, v = attention_probs(q, k, v, attn_mask)
+    return _DropoutAttentionProj.apply(probs, v, p, q.dtype, proj.weight, proj.bias)
