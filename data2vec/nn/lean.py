@@ -11,10 +11,6 @@ trades a cheap recomputation or a narrower dtype for a full-size saved tensor:
   keeps a bool mask (4x smaller).
 * :func:`dropout_attention` - the composite attention PyTorch runs on CPU when attention
   dropout is on, with a bool dropout mask and the dropped probabilities recomputed in backward.
-
-The dropout layers draw their masks with :func:`keep_mask` (32 random bits per element against
-a threshold), not with PyTorch's CPU ``bernoulli_``, which takes 64 bits and ~5.8 ns per element
-from its generator, one thread: in a text-v2-base step that was 0.8 s for the attention masks.
 * :func:`checkpoint_elementwise` - runs a chain of cheap elementwise modules (norm ->
   activation) without saving their intermediates (the decoder's LayerNorm + GELU).
 * :func:`conv1d_after` - ``conv(pre(x))`` for a cheap elementwise ``pre`` (norm -> GELU of the
@@ -22,8 +18,13 @@ from its generator, one thread: in a text-v2-base step that was 0.8 s for the at
   both the convolution's weight gradient and its own backward (the speech CNN and positional
   convolution keep one tensor per layer instead of three).
 
+The dropout layers draw their masks with :func:`keep_mask` (32 random bits per element against
+a threshold), not with PyTorch's CPU ``bernoulli_``, which takes 64 bits and ~5.8 ns per element
+from its generator, one thread: in a text-v2-base step that was 0.8 s for the attention masks.
+
 Given the same dropout mask, every function returns bit-identical values and gradients to the
-plain composition (``tests/test_nn_lean.py``).
+plain composition (``tests/test_nn_lean.py``); under bf16 autocast the attention's plain
+composition is the reference implementation's (see :func:`attention_probs`), not SDPA's.
 """
 
 from __future__ import annotations
