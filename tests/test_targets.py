@@ -59,3 +59,6 @@ def test_per_dim_std__matches_formula():
     x = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 1.0]])
     expected = (math.sqrt(4.0 + 1e-6) + math.sqrt(0.0 + 1e-6)) / 2
     assert float(per_dim_std(x)) == pytest.approx(expected)
+    # the unbiased variance torch computes, on large-mean data where one-pass formulas lose digits
+    y = torch.randn(3000, 7, generator=torch.Generator().manual_seed(0)) * 0.1 + 100.0
+    torch.testing.assert_close(per_dim_std(y), torch.sqrt(y.var(dim=0) + 1e-6).mean())
