@@ -167,6 +167,28 @@ def dropout_or_identity(p: float) -> nn.Module:
     return LeanDropout(p) if p > 0 else nn.Identity()
 
 
+def dropped_probs(
+    probs: Tensor, keep: Tensor, p: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """The inverted-dropout factor ``(B, H, T, S)`` and ``dropout(probs)`` in the product's
+    ``dtype``, shaped ``(B*H, T, S)`` for ``bmm``."""
+    B, H, T, S = probs.shape
+    noise = dropout_noise(keep, p, probs.dtype)
+    return noise, (probs * noise).to(dtype).reshape(B * H, T, S)
+
+
+def dropped_product_grads(
+    g3: Tensor, probs: Tensor, noise: Tensor, dropped: Tensor, v3: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Gradients of ``bmm(dropped, v3)`` for ``g3: (B*H, T, d)``, through the dropout to
+    ``probs``: ``(grad_probs (B, H, T, S), grad_v (B, H, S, d))``. bmm's own backward formulas,
+    so the gradients are bit-identical to autograd's."""
+    B, H, T, S = probs.shape
+    grad_probs = g3.bmm(v3.transpose(1, 2)).view(B, H, T, S).to(probs.dtype) * noise
+    grad_v = dropped.transpose(1, 2).bmm(g3).view(B, H, S, -1)
+    return grad_probs, grad_v
+
+
 class _DropoutMatmul(torch.autograd.Function):
     """``dropout(probs) @ v`` keeping ``probs`` (softmax keeps it anyway), a bool mask and ``v``.
 
@@ -179,8 +201,7 @@ class _DropoutMatmul(torch.autograd.Function):
         keep = keep_mask(probs, p)
         B, H, T, S = probs.shape
         v3 = v.reshape(B * H, S, v.shape[-1])  # the copy aten::matmul makes and keeps
-        dropped = (probs * dropout_noise(keep, p, probs.dtype)).to(v.dtype)  # product dtype
-        out = torch.bmm(dropped.reshape(B * H, T, S), v3)
+        out = torch.bmm(dropped_probs(probs, keep, p, v.dtype)[1], v3)  # in v's dtype
         ctx.save_for_backward(probs, keep, v3)
         ctx.p = p
         return out.view(B, H, T, v.shape[-1])
@@ -188,14 +209,12 @@ class _DropoutMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         probs, keep, v3 = ctx.saved_tensors
-        B, H, T, S = probs.shape
-        noise = dropout_noise(keep, ctx.p, probs.dtype)
-        dropped = (probs * noise).to(v3.dtype).reshape(B * H, T, S)
-        g3 = grad.reshape(B * H, T, -1)
-        # bmm's own backward formulas, so the gradients are bit-identical to autograd's
-        grad_dropped = g3.bmm(v3.transpose(1, 2)).view(B, H, T, S).to(probs.dtype)
-        grad_v = dropped.transpose(1, 2).bmm(g3).view(B, H, S, -1)
-        return grad_dropped * noise, grad_v, None
+        B, H, T = probs.shape[:3]
+        noise, dropped = dropped_probs(probs, keep, ctx.p, v3.dtype)
+        grad_probs, grad_v = dropped_product_grads(
+            grad.reshape(B * H, T, -1), probs, noise, dropped, v3
+        )
+        return grad_probs, grad_v, None
 
 
 def _softmax(x: Tensor) -> Tensor:

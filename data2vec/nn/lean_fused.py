@@ -29,7 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data2vec.nn import lean
-from data2vec.nn.lean import attention_probs, dropout_noise, linear_grads
+from data2vec.nn.lean import (
+    attention_probs,
+    dropped_probs,
+    dropped_product_grads,
+    linear_grads,
+)
 
 
 def _autocast_off(backward: Callable[..., tuple]) -> Callable[..., tuple]:
@@ -116,11 +121,11 @@ class _DropoutAttentionProj(torch.autograd.Function):
     @staticmethod
     def forward(ctx, probs, v, p, out_dtype, weight, bias):  # type: ignore[override]
         keep = lean.keep_mask(probs, p)
-        B, H, T, S = probs.shape
+        B, H, _, S = probs.shape
         v3 = v.reshape(B * H, S, v.shape[-1])  # the copy aten::matmul makes
-        dropped = (probs * dropout_noise(keep, p, probs.dtype)).to(v.dtype)  # product dtype
+        dropped = dropped_probs(probs, keep, p, v.dtype)[1]
         with torch.autocast(probs.device.type, enabled=False):  # the product in v's dtype
-            out = torch.bmm(dropped.reshape(B * H, T, S), v3)
+            out = torch.bmm(dropped, v3)
         merged = _merge_heads(out, B, H, out_dtype)
         y = F.linear(merged, weight, bias)  # under the caller's autocast, as the plain layer
         ctx.save_for_backward(probs, keep, v3, weight)
@@ -134,9 +139,8 @@ class _DropoutAttentionProj(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         probs, keep, v3, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        B, H, T, S = probs.shape
-        noise = dropout_noise(keep, ctx.p, probs.dtype)
-        dropped = (probs * noise).to(v3.dtype).reshape(B * H, T, S)
+        B, H, T = probs.shape[:3]
+        noise, dropped = dropped_probs(probs, keep, ctx.p, v3.dtype)
         merged = _merge_heads(torch.bmm(dropped, v3), B, H, ctx.out_dtype)  # recomputed
         go = grad.reshape(-1, grad.shape[-1])
         x2d = merged.reshape(-1, merged.shape[-1]).to(ctx.compute_dtype)
@@ -147,11 +151,9 @@ class _DropoutAttentionProj(torch.autograd.Function):
         if grad_m is not None:
             d = v3.shape[-1]
             # merge_heads backward, then the cast back to the product's dtype, then the
-            # product's backward exactly as lean._DropoutMatmul runs it
-            g = grad_m.view(B, T, H, d).transpose(1, 2).to(v3.dtype)
-            g3 = g.reshape(B * H, T, d)
-            grad_probs = g3.bmm(v3.transpose(1, 2)).view(B, H, T, S).to(probs.dtype) * noise
-            grad_v = dropped.transpose(1, 2).bmm(g3).view(B, H, S, d)
+            # product's backward, shared with lean._DropoutMatmul
+            g3 = grad_m.view(B, T, H, d).transpose(1, 2).to(v3.dtype).reshape(B * H, T, d)
+            grad_probs, grad_v = dropped_product_grads(g3, probs, noise, dropped, v3)
         return grad_probs, grad_v, None, None, grad_w, grad_b
 
 
