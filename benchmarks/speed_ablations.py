@@ -164,13 +164,7 @@ def mask_seconds(cfg, batch: int, reps: int = 5) -> float | None:
         return None
     grid = (cfg.encoder.image_size // cfg.encoder.patch_size,) * 2
     gen = ImageMaskGenerator(cfg, grid)
-    times = []
-    for r in range(reps):
-        t0 = time.perf_counter()
-        for i in range(batch):
-            gen(make_rng(cfg.train.seed, r * batch + i))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return _median_seconds(lambda: [gen(make_rng(cfg.train.seed, i)) for i in range(batch)], reps)
 
 
 def main() -> None:
