@@ -106,8 +106,11 @@ def test_ema_loop_equals_the_foreach_update(ablations):
         for p in [*a.encoder.parameters(), *b.encoder.parameters()]:
             p.add_(1.0)  # the students move away from their teachers alike
     a.update_teacher(1)
+    foreach = torch._foreach_lerp_
     with ablations._ema_loop():
+        assert torch._foreach_lerp_ is not foreach  # the loop really runs
         b.update_teacher(1)
+    assert torch._foreach_lerp_ is foreach
     for x, y in zip(a.teacher.model.parameters(), b.teacher.model.parameters(), strict=True):
         assert torch.equal(x, y)
     assert not torch.equal(next(a.teacher.model.parameters()), next(a.encoder.parameters()))
