@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from data2vec._runtime import heap_mode
 from data2vec.config import Config, load_config
 from data2vec.data.batch import PretrainBatch
 from data2vec.data.image_pretrain import ImageMaskGenerator
@@ -267,6 +268,8 @@ def bench(
             "device": str(device),
             "cpu": platform.processor() or platform.machine(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            # glibc heap mode of the timed steps (CPU only; data2vec/_runtime.py)
+            "heap": heap_mode() if device.type == "cpu" else None,
         },
     }
 

@@ -97,6 +97,7 @@ def test_train_step__releases_free_memory_before_backward_and_after_the_step(mon
 
     events = []
     monkeypatch.setattr(trainer, "release_free_memory", lambda: events.append("trim"))
+    monkeypatch.setattr(trainer, "choose_heap_mode", lambda: events.append("heap"))
     cfg = load_config("image-v2-tiny", ["encoder.image_size=32", "mask.clones=2"])
     device = torch.device("cpu")
     state = trainer.new_state(build_model(cfg), cfg, device)
@@ -109,4 +110,120 @@ def test_train_step__releases_free_memory_before_backward_and_after_the_step(mon
     monkeypatch.setattr(torch.Tensor, "backward", traced_backward)
     result = trainer.train_step(state, _synthetic_batch(cfg, 2, 1.0, 16), cfg, device)
     assert result.updated and state.step == 1
-    assert events == ["trim", "backward", "trim"]
+    assert events == ["trim", "backward", "heap", "trim"]
+
+
+GLIBC = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or "glibc" not in os.confstr("CS_GNU_LIBC_VERSION"),
+    reason="the heap modes are glibc's",
+)
+# In a fresh process (the mode is process-wide and chosen once): choose the mode, run "steps"
+# that each make and free three 50 MiB tensors (above glibc's 32 MiB mmap ceiling), and count
+# the page faults of the last one; then whether release_free_memory still trims. argv[1]
+# replaces the 2 GiB line; argv[2] = "shrink" puts the speed mode's RSS limit below the process
+# before the last step.
+HEAP_CODE = """
+import resource, sys, torch
+import data2vec._runtime as r
+if len(sys.argv) > 1:
+    r.SPEED_HEAP_MAX_RSS = int(sys.argv[1])
+mode = r.choose_heap_mode()
+assert r.choose_heap_mode() == mode == r.heap_mode()
+def step():
+    blocks = [torch.empty(50 * 2**20 // 4).fill_(1.0) for _ in range(3)]
+    del blocks
+for _ in range(8):  # a few steps to settle: see choose_heap_mode
+    step()
+limit = r._speed_rss_limit
+if sys.argv[2:] == ["shrink"]:
+    r._speed_rss_limit = 1
+    mode = r.choose_heap_mode()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+step()
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+print(mode, faults, r.release_free_memory(0), limit)
+"""
+HEAP_ENV = ("DATA2VEC_HEAP", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+FRESH_PAGES = 3 * 50 * 2**20 // 4096  # 38400: every page of the three blocks
+
+
+def _heap_run(env: dict[str, str], *args: str) -> tuple[str, int, str, str]:
+    base = {k: v for k, v in os.environ.items() if k not in (*HEAP_ENV, "LD_PRELOAD")}
+    out = subprocess.run(
+        [sys.executable, "-c", HEAP_CODE, *args],
+        env={**base, **env},
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    mode, faults, trimmed, limit = out.stdout.split()
+    return mode, int(faults), trimmed, limit
+
+
+@GLIBC
+def test_heap_speed_mode__reuses_large_blocks_without_page_faults():
+    mode, faults, trimmed, limit = _heap_run({})  # auto, and this process is far below 2 GiB
+    assert (mode, trimmed) == ("speed", "False")
+    assert faults < 100
+    assert 0 < int(limit) < 2 * 2**31  # twice the peak at the choice
+    # Forced: even a process above the line, and without a limit.
+    mode, faults, trimmed, limit = _heap_run({"DATA2VEC_HEAP": "speed"}, "0")
+    assert (mode, faults < 100, trimmed, limit) == ("speed", True, "False", "None")
+
+
+@GLIBC
+def test_heap_speed_mode__auto_leaves_it_when_the_process_outgrows_its_limit():
+    mode, faults, trimmed, _ = _heap_run({}, str(2**31), "shrink")
+    assert (mode, trimmed) == ("memory", "True")
+    assert faults >= FRESH_PAGES * 0.95  # large blocks are mapped afresh again
+
+
+@GLIBC
+@pytest.mark.parametrize(
+    "env,args",
+    [
+        ({"DATA2VEC_HEAP": "memory"}, ()),
+        ({}, ("0",)),  # auto in a process that peaked above the line: glibc as it is
+        ({"DATA2VEC_HEAP": "speed", "MALLOC_MMAP_THRESHOLD_": "33554432"}, ()),  # the user's own
+        ({"DATA2VEC_HEAP": "speed", "GLIBC_TUNABLES": "glibc.malloc.mmap_max=65536"}, ()),
+        ({"DATA2VEC_HEAP": "speed", "LD_PRELOAD": "libjemalloc.so.2"}, ()),  # not glibc's malloc
+    ],
+)
+def test_heap_memory_mode__leaves_glibc_as_it_is(env, args):
+    mode, faults, trimmed, limit = _heap_run(env, *args)
+    assert (mode, limit) == ("memory", "None")
+    if "LD_PRELOAD" not in env:  # a preloaded allocator that does not exist: glibc still serves
+        assert faults >= FRESH_PAGES * 0.95
+        assert trimmed == "True"
+
+
+def test_heap_mode__a_bad_setting_is_a_config_error_before_any_work(monkeypatch):
+    from data2vec.engine.runtime import configure_threads
+    from data2vec.errors import ConfigError
+
+    monkeypatch.setenv("DATA2VEC_HEAP", "fast")
+    with pytest.raises(ConfigError, match=r"DATA2VEC_HEAP='fast'.*auto, speed, memory"):
+        configure_threads(1)
+    monkeypatch.setenv("DATA2VEC_HEAP", " Memory ")
+    assert configure_threads(1) == 1
+    configure_threads(None)
+
+
+def test_finetune_step__chooses_the_heap_mode_on_cpu(monkeypatch):
+    import torch
+
+    import data2vec.finetune.trainer as ft
+    from data2vec.finetune.model import SupervisedBatch
+
+    class Tiny(torch.nn.Linear):
+        def set_encoder_frozen(self, frozen: bool) -> None:
+            pass
+
+    calls = []
+    monkeypatch.setattr(ft, "choose_heap_mode", lambda: calls.append(1))
+    monkeypatch.setattr(ft, "task_loss", lambda m, b, s: m(b.source).square().mean())
+    model = Tiny(3, 2)
+    opt = torch.optim.SGD([{"params": list(model.parameters()), "lr_scale": 1.0}], lr=0.1)
+    batch = SupervisedBatch(torch.ones(4, 3), None, torch.zeros(4, dtype=torch.long))
+    out = ft.train_step(model, opt, batch, 0, ft.FineTuneConfig(), torch.device("cpu"))  # type: ignore[arg-type]
+    assert calls == [1] and out.updated

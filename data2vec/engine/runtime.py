@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import torch
 
+from data2vec._runtime import requested_heap_mode
 from data2vec.errors import ConfigError
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -22,7 +23,12 @@ def available_cores() -> int:
 
 
 def configure_threads(threads: int | None) -> int:
-    """Use ``threads`` torch threads (default: the available cores); never more than the cores."""
+    """Use ``threads`` torch threads (default: the available cores); never more than the cores.
+
+    Every run calls it first, so it also checks ``DATA2VEC_HEAP`` before any work starts (the
+    heap mode itself is chosen after the first step: ``data2vec/_runtime.py``).
+    """
+    requested_heap_mode()
     n = min(threads or available_cores(), available_cores())
     torch.set_num_threads(max(1, n))
     return torch.get_num_threads()

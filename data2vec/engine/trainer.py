@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from data2vec._runtime import release_free_memory
+from data2vec._runtime import choose_heap_mode, release_free_memory
 from data2vec.compile import compile_model
 from data2vec.config import Config
 from data2vec.data.batch import PretrainBatch
@@ -182,6 +182,7 @@ def train_step(
     else:
         decay = model.update_teacher(state.step)
     if device.type == "cpu":
+        choose_heap_mode()  # once, now that the process's size is known (data2vec/_runtime.py)
         release_free_memory()  # the step's activations and gradients are all free
     return StepResult(loss_value, lr, grad_norm, decay, True, logs)
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data2vec._runtime import choose_heap_mode
 from data2vec.config import Config, _build_section, _parse_scalar
 from data2vec.data.skips import SkipLog
 from data2vec.engine.metrics import MetricsWriter
@@ -308,6 +309,8 @@ def train_step(
     else:
         log.warning("non-finite loss or gradient at step %d: update skipped", step)
     optimizer.zero_grad(set_to_none=True)
+    if device.type == "cpu":
+        choose_heap_mode()  # once, now that the process's size is known (data2vec/_runtime.py)
     return StepOutput(loss_value, lr, grad_norm, updated)
 
 
