@@ -37,12 +37,17 @@ by page, every time it is made. The issue's tiny ViT makes dozens per step (its 
 time per 2.6-2.8 s step. :func:`choose_heap_mode` therefore decides once, after the first
 training step, between two modes (``DATA2VEC_HEAP=auto|speed|memory``, default ``auto``):
 
-- ``speed`` (``auto`` picks it when the process peaked under 2 GiB): ``mallopt(M_MMAP_MAX, 0)``
-  keeps large blocks in the heap, where the next step reuses them, and no trims. The tiny ViT:
-  2.29-2.41 s per step, 66-85k faults, 0.2 s system time; peak RSS 2.18 instead of 1.9 GB.
+- ``speed`` (``auto`` picks it when the process peaked under 2 GiB): ``mallopt`` keeps large
+  blocks in the heap (no mmap, no trimming of its top), where the next step reuses them, and
+  :func:`release_free_memory` does nothing. The tiny ViT (``data2vec bench``, alternating):
+  2.20-2.25 s per step against 2.61-2.74 s, 0-4k faults and under 0.1 s system time per step
+  once the heap has settled (its second step); peak RSS 2.24-2.28 instead of 1.89-1.97 GB.
+  audio-v2-tiny 0.64-0.66 s against 0.71-0.76 s; image-v2-tiny, image-v1-tiny and
+  text-v2-tiny within noise.
 - ``memory`` (``auto`` above 2 GiB): glibc's default and the trims above. The base presets
-  stay here: without mmap image-v2-base b8 peaks at 6.3-6.4 GB instead of 5.5 GB, for 1 %
-  less time (text and audio b8/b4: about the same memory, -1 to +4 % time).
+  stay here: without mmap image-v2-base b8 peaks at 6.3-6.4 GB instead of 5.5 GB, for 1-2 %
+  less time; text-v2-base b8 about the same memory, 2-4 % less time; audio-v2-base b4 about
+  the same memory, 1-7 % more time.
 
 A user's own ``MALLOC_MMAP_MAX_``, ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_`` or
 ``GLIBC_TUNABLES`` malloc setting wins: the mode is then ``memory``, glibc as they set it.
