@@ -34,17 +34,17 @@ Small processes pay for page faults in another way too: glibc serves every alloc
 or more with a fresh ``mmap`` and unmaps it on free, so a tensor that size is faulted in, page
 by page, every time it is made. The issue's tiny ViT makes dozens per step (its decoder's
 ``(256, 192, 14, 14)`` activations are 38.5 MB): 360-500k page faults and 0.7-1.0 s of system
-time per 2.6-2.8 s step. :func:`choose_heap_mode` therefore decides once, after the first
+time per 2.6-2.8 s step. :func:`choose_heap_mode` therefore decides once, after the second
 training step, between two modes (``DATA2VEC_HEAP=auto|speed|memory``, default ``auto``):
 
-- ``speed`` (``auto`` picks it when the process peaked under 2 GiB): ``mallopt`` keeps large
+- ``speed`` (``auto`` picks it when the process peaked under 2.25 GiB): ``mallopt`` keeps large
   blocks in the heap (no mmap, no trimming of its top), where the next step reuses them, and
   :func:`release_free_memory` does nothing. The tiny ViT (``data2vec bench``, alternating):
   2.20-2.25 s per step against 2.61-2.74 s, 0-4k faults and under 0.1 s system time per step
   once the heap has settled (its second step); peak RSS 2.24-2.28 instead of 1.89-1.97 GB.
   audio-v2-tiny 0.64-0.66 s against 0.71-0.76 s; image-v2-tiny, image-v1-tiny and
   text-v2-tiny within noise.
-- ``memory`` (``auto`` above 2 GiB): glibc's default and the trims above. The base presets
+- ``memory`` (``auto`` from 2.25 GiB): glibc's default and the trims above. The base presets
   stay here: without mmap image-v2-base b8 peaks at 6.3-6.4 GB instead of 5.5 GB, for 1-2 %
   less time; text-v2-base b8 about the same memory, 2-4 % less time; audio-v2-base b4 about
   the same memory, 1-7 % more time.
@@ -127,7 +127,11 @@ def release_free_memory(min_rss: int = TRIM_MIN_RSS) -> bool:
 
 
 HEAP_MODES = ("auto", "speed", "memory")
-SPEED_HEAP_MAX_RSS = TRIM_MIN_RSS  # one line between "small" and "large" processes
+# auto picks speed below this peak RSS after the second step: between the nearest presets on
+# either side, the issue's tiny ViT (1.85-1.97 GB) and audio-v2-base b4 (2.8-3.0 GB).
+SPEED_HEAP_MAX_RSS = 2304 << 20
+# The first step's peak understates a run: the optimizer's state is made at its very end.
+HEAP_DECISION_STEP = 2
 SPEED_HEAP_GROWTH = 2.0  # auto's speed mode ends when RSS passes this times the peak at the choice
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's malloc.h
 _GLIBC_TRIM_THRESHOLD, _GLIBC_MMAP_MAX = 128 * 1024, 65536  # its defaults (DEFAULT_* in malloc.c)
@@ -135,6 +139,7 @@ _INT_MAX = 2**31 - 1
 # Environment variables through which a user sets what the speed mode would set.
 _USER_MALLOC_ENV = ("MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 _heap_mode: str | None = None  # decided by choose_heap_mode; None until then
+_steps_seen = 0
 _speed_rss_limit: int | None = None  # set while auto's speed mode holds
 
 
@@ -199,21 +204,25 @@ def _choose(requested: str) -> str:
     return "memory"
 
 
-def choose_heap_mode() -> str:
+def choose_heap_mode() -> str | None:
     """How glibc's heap serves large blocks in this process (see the module docs).
 
-    Called after every training step on CPU. The first call decides, when the process's peak
-    RSS shows how large it is: ``speed`` turns glibc's mmap and heap trimming off
+    Called after every training step on CPU. ``DATA2VEC_HEAP=speed|memory`` takes effect at the
+    first call, ``auto`` at the ``HEAP_DECISION_STEP``-th (None before), when the process's
+    peak RSS shows how large a step is: ``speed`` turns glibc's mmap and heap trimming off
     (``mallopt``) and :func:`release_free_memory` with them; ``memory`` changes nothing. Not
-    glibc, another allocator, or the user's own mmap settings: ``memory``. Later calls return
-    the same mode, except that a speed mode ``auto`` chose is left for good once the process
-    holds more than ``SPEED_HEAP_GROWTH`` times its peak at the choice: the heap keeps holes
-    that fit no later block (a pattern of same-sized blocks can take 4x their size before it
-    settles), and a process whose shapes keep changing must not grow without bound.
+    glibc, another allocator, or the user's own malloc settings: ``memory``. Later calls
+    return the same mode, except that a speed mode ``auto`` chose is left for good once the
+    process holds more than ``SPEED_HEAP_GROWTH`` times its peak at the choice: the heap keeps
+    holes that fit no later block (a pattern of same-sized blocks can take 4x their size before
+    it settles), and a process whose shapes keep changing must not grow without bound.
     """
-    global _heap_mode, _speed_rss_limit
+    global _heap_mode, _speed_rss_limit, _steps_seen
     if _heap_mode is None:
-        _heap_mode = _choose(requested_heap_mode())
+        _steps_seen += 1
+        requested = requested_heap_mode()
+        if requested != "auto" or _steps_seen >= HEAP_DECISION_STEP:
+            _heap_mode = _choose(requested)
     elif _speed_rss_limit is not None and (held := _resident_bytes()) > _speed_rss_limit:
         log.info(
             "glibc heap: %.2f GB resident, over the speed mode's %.2f GB; back to glibc's "

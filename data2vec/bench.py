@@ -163,7 +163,7 @@ def _synthetic_signals(cfg: Config, batch: int, rng: np.random.Generator) -> Pre
 def time_steps(
     cfg: Config,
     steps: int,
-    warmup: int = 1,
+    warmup: int = 2,
     count_flops: bool = True,
     seconds: float = 2.0,
     seq_len: int = 128,
@@ -216,7 +216,7 @@ def bench(
     preset: str,
     batch: int | None = None,
     steps: int = 3,
-    warmup: int = 1,
+    warmup: int = 2,
     precision: str = "fp32",
     image_size: int | None = None,
     overrides: list[str] | None = None,

@@ -127,7 +127,9 @@ import resource, sys, torch
 import data2vec._runtime as r
 if len(sys.argv) > 1:
     r.SPEED_HEAP_MAX_RSS = int(sys.argv[1])
-mode = r.choose_heap_mode()
+first = r.choose_heap_mode()  # after a first step: auto waits for the second
+assert first == r.heap_mode()
+mode = first or r.choose_heap_mode()
 assert r.choose_heap_mode() == mode == r.heap_mode()
 def step():
     blocks = [torch.empty(50 * 2**20 // 4).fill_(1.0) for _ in range(3)]
@@ -141,13 +143,13 @@ if sys.argv[2:] == ["shrink"]:
 f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 step()
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-print(mode, faults, r.release_free_memory(0), limit)
+print(mode, faults, r.release_free_memory(0), limit, first)
 """
 HEAP_ENV = ("DATA2VEC_HEAP", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
 FRESH_PAGES = 3 * 50 * 2**20 // 4096  # 38400: every page of the three blocks
 
 
-def _heap_run(env: dict[str, str], *args: str) -> tuple[str, int, str, str]:
+def _heap_run(env: dict[str, str], *args: str) -> tuple[str, int, str, str, str]:
     base = {k: v for k, v in os.environ.items() if k not in (*HEAP_ENV, "LD_PRELOAD")}
     out = subprocess.run(
         [sys.executable, "-c", HEAP_CODE, *args],
@@ -156,24 +158,24 @@ def _heap_run(env: dict[str, str], *args: str) -> tuple[str, int, str, str]:
         text=True,
     )
     assert out.returncode == 0, out.stderr
-    mode, faults, trimmed, limit = out.stdout.split()
-    return mode, int(faults), trimmed, limit
+    mode, faults, trimmed, limit, first = out.stdout.split()
+    return mode, int(faults), trimmed, limit, first
 
 
 @GLIBC
 def test_heap_speed_mode__reuses_large_blocks_without_page_faults():
-    mode, faults, trimmed, limit = _heap_run({})  # auto, and this process is far below 2 GiB
-    assert (mode, trimmed) == ("speed", "False")
+    mode, faults, trimmed, limit, first = _heap_run({})  # auto; this process is far below 2 GiB
+    assert (first, mode, trimmed) == ("None", "speed", "False")  # chosen at the second step
     assert faults < 100
     assert 0 < int(limit) < 2 * 2**31  # twice the peak at the choice
-    # Forced: even a process above the line, and without a limit.
-    mode, faults, trimmed, limit = _heap_run({"DATA2VEC_HEAP": "speed"}, "0")
-    assert (mode, faults < 100, trimmed, limit) == ("speed", True, "False", "None")
+    # Forced: from the first step, even in a process above the line, and without a limit.
+    mode, faults, trimmed, limit, first = _heap_run({"DATA2VEC_HEAP": "speed"}, "0")
+    assert (first, mode, faults < 100, trimmed, limit) == ("speed", "speed", True, "False", "None")
 
 
 @GLIBC
 def test_heap_speed_mode__auto_leaves_it_when_the_process_outgrows_its_limit():
-    mode, faults, trimmed, _ = _heap_run({}, str(2**31), "shrink")
+    mode, faults, trimmed, _, _ = _heap_run({}, str(2**31), "shrink")
     assert (mode, trimmed) == ("memory", "True")
     assert faults >= FRESH_PAGES * 0.95  # large blocks are mapped afresh again
 
@@ -190,8 +192,9 @@ def test_heap_speed_mode__auto_leaves_it_when_the_process_outgrows_its_limit():
     ],
 )
 def test_heap_memory_mode__leaves_glibc_as_it_is(env, args):
-    mode, faults, trimmed, limit = _heap_run(env, *args)
+    mode, faults, trimmed, limit, first = _heap_run(env, *args)
     assert (mode, limit) == ("memory", "None")
+    assert first == ("None" if "DATA2VEC_HEAP" not in env else "memory")  # auto waits a step
     if "LD_PRELOAD" not in env:  # a preloaded allocator that does not exist: glibc still serves
         assert faults >= FRESH_PAGES * 0.95
         assert trimmed == "True"

@@ -26,7 +26,7 @@ def configure_threads(threads: int | None) -> int:
     """Use ``threads`` torch threads (default: the available cores); never more than the cores.
 
     Every run calls it first, so it also checks ``DATA2VEC_HEAP`` before any work starts (the
-    heap mode itself is chosen after the first step: ``data2vec/_runtime.py``).
+    heap mode itself is chosen after the second step: ``data2vec/_runtime.py``).
     """
     requested_heap_mode()
     n = min(threads or available_cores(), available_cores())
