@@ -4,6 +4,8 @@ import sys
 
 import pytest
 
+from data2vec._runtime import _USER_MALLOC_ENV
+
 CODE = "import os, data2vec, torch; print(os.environ.get('OMP_WAIT_POLICY'))"
 
 
@@ -117,11 +119,13 @@ GLIBC = pytest.mark.skipif(
     not sys.platform.startswith("linux") or "glibc" not in os.confstr("CS_GNU_LIBC_VERSION"),
     reason="the heap modes are glibc's",
 )
+
+
 # In a fresh process (the mode is process-wide and chosen once): choose the mode, run "steps"
 # that each make and free three 50 MiB tensors (above glibc's 32 MiB mmap ceiling), and count
 # the page faults of the last one; then whether release_free_memory still trims. argv[1]
-# replaces the 2 GiB line; argv[2] = "shrink" puts the speed mode's RSS limit below the process
-# before the last step.
+# replaces SPEED_HEAP_MAX_RSS (the line); argv[2] = "shrink" puts the speed mode's RSS limit
+# below the process before the last step.
 HEAP_CODE = """
 import resource, sys, torch
 import data2vec._runtime as r
@@ -145,7 +149,7 @@ step()
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 print(mode, faults, r.release_free_memory(0), limit, first)
 """
-HEAP_ENV = ("DATA2VEC_HEAP", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+HEAP_ENV = ("DATA2VEC_HEAP", "GLIBC_TUNABLES", *_USER_MALLOC_ENV)
 FRESH_PAGES = 3 * 50 * 2**20 // 4096  # 38400: every page of the three blocks
 
 
@@ -164,7 +168,7 @@ def _heap_run(env: dict[str, str], *args: str) -> tuple[str, int, str, str, str]
 
 @GLIBC
 def test_heap_speed_mode__reuses_large_blocks_without_page_faults():
-    mode, faults, trimmed, limit, first = _heap_run({})  # auto; this process is far below 2 GiB
+    mode, faults, trimmed, limit, first = _heap_run({})  # auto; this process is far below the line
     assert (first, mode, trimmed) == ("None", "speed", "False")  # chosen at the second step
     assert faults < 100
     assert 0 < int(limit) < 2 * 2**31  # twice the peak at the choice
@@ -175,7 +179,7 @@ def test_heap_speed_mode__reuses_large_blocks_without_page_faults():
 
 @GLIBC
 def test_heap_speed_mode__auto_leaves_it_when_the_process_outgrows_its_limit():
-    mode, faults, trimmed, _, _ = _heap_run({}, str(2**31), "shrink")
+    mode, faults, trimmed, _, _ = _heap_run({}, str(2**31), "shrink")  # auto picks speed first
     assert (mode, trimmed) == ("memory", "True")
     assert faults >= FRESH_PAGES * 0.95  # large blocks are mapped afresh again
 
