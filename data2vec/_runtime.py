@@ -1,5 +1,6 @@
-"""Process-wide CPU defaults: the OpenMP wait policy (set before ``torch`` is imported) and
-giving glibc's free heap memory back to the system at a few points of a training step.
+"""Process-wide CPU defaults: the OpenMP wait policy (set before ``torch`` is imported),
+giving glibc's free heap memory back to the system at a few points of a training step, and
+how glibc's heap serves large blocks (a speed and a memory mode).
 
 libgomp (PyTorch's OpenMP runtime on Linux) spin-waits between parallel regions by default.
 Measured with ``benchmarks/omp_wait_policy.py`` (tiny preset, Fashion-MNIST, 2 cores, 100 steps):
@@ -41,7 +42,8 @@ training step, between two modes (``DATA2VEC_HEAP=auto|speed|memory``, default `
   blocks in the heap (no mmap, no trimming of its top), where the next step reuses them, and
   :func:`release_free_memory` does nothing. The tiny ViT (``data2vec bench``, alternating):
   2.20-2.25 s per step against 2.61-2.74 s, 0-4k faults and under 0.1 s system time per step
-  once the heap has settled (its second step); peak RSS 2.24-2.28 instead of 1.89-1.97 GB.
+  once the heap has settled (its first step in speed mode); peak RSS 2.17-2.33 instead of
+  1.89-1.97 GB.
   audio-v2-tiny 0.64-0.66 s against 0.71-0.76 s; image-v2-tiny, image-v1-tiny and
   text-v2-tiny within noise.
 - ``memory`` (``auto`` from 2.25 GiB): glibc's default and the trims above. The base presets
