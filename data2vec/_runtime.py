@@ -160,8 +160,9 @@ def requested_heap_mode() -> str:
     return value
 
 
-def _peak_resident_bytes() -> int:
-    """The process's peak RSS so far (``VmHWM``); 0 where ``/proc`` does not say."""
+def peak_resident_bytes() -> int:
+    """The process's peak RSS since it started or the kernel's counter was last reset
+    (``VmHWM``); 0 where ``/proc`` does not say."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -191,7 +192,7 @@ def _set_malloc(mmap_max: int, trim_threshold: int) -> bool:
 
 def _choose(requested: str) -> str:
     global _speed_rss_limit
-    peak = _peak_resident_bytes()
+    peak = peak_resident_bytes()
     limit = None
     if requested == "auto":
         if not 0 < peak < SPEED_HEAP_MAX_RSS:  # large, or of unknown size

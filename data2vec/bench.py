@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from data2vec._runtime import heap_mode
+from data2vec._runtime import heap_mode, peak_resident_bytes
 from data2vec.config import Config, load_config
 from data2vec.data.batch import PretrainBatch
 from data2vec.data.image_pretrain import ImageMaskGenerator
@@ -92,12 +92,9 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_mb() -> float:
     """Peak resident memory in MiB since the last :func:`reset_peak_rss` (or process start)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
+    peak = peak_resident_bytes()
+    if peak:
+        return peak / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
