@@ -6,29 +6,39 @@ script can sit in any checklist.
 1. **Agreement** (tiny image model, fp32, TF32 off): the same weights, input, masks and decoder
    noise on the CPU and on the GPU; loss, targets and every gradient are compared. Passes
    when the loss agrees to 1e-4 (relative) and the worst gradient to 1e-3 (relative to the
-   gradient's own scale).
-2. **Throughput**: ``data2vec bench`` of image-v2-base in bf16 autocast for each ``--batch``
-   (FLOPs from ``torch.utils.flop_counter``, MFU against the measured bf16 matmul peak of the
-   same GPU), plus the peak GPU memory.
-3. **Profile** (``--profile``): the top CUDA kernels of a few steps at the last batch size.
+   gradient's own scale). The same for audio-v2-base's 1-D decoder alone, with padding.
+   With Triton installed the GPU side runs the decoder's Triton convolution (``auto``).
+2. **Decoder convolution** (``--conv``): one 3x3 16-group convolution of image-v2-base's decoder
+   at ``batch x 16`` clones, bf16, Triton against cuDNN: agreement of output and gradients, and
+   milliseconds of forward and forward + backward; with ``--sweep``, each Triton kernel timed
+   under several tile settings.
+3. **Throughput**: ``data2vec bench`` of image-v2-base in bf16 autocast for each ``--batch`` and
+   ``--conv-impl`` (FLOPs from ``torch.utils.flop_counter``, MFU against the measured bf16
+   matmul peak of the same GPU), plus the peak GPU memory.
+4. **Profile** (``--profile``): the top CUDA kernels of a few steps at the last setting.
 
-python benchmarks/gpu_check.py [--batch 32 128] [--steps 10] [--profile]
+python benchmarks/gpu_check.py [--batch 32 128] [--conv-impl torch triton] [--steps 10]
+    [--conv] [--sweep] [--variants] [--audio BATCH] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from data2vec.bench import bench, matmul_peak_flops
+from data2vec.bench import _synthetic_batch, bench, matmul_peak_flops
 from data2vec.config import load_config
+from data2vec.engine.trainer import new_state, train_step
 from data2vec.masking import inverse_block_mask, make_rng
 from data2vec.models.registry import build_model
+from data2vec.nn import token_conv
 
 TINY = [
     "model.embed_dim=192",
@@ -86,39 +96,270 @@ def agreement(device: torch.device, batch: int = 4, seed: int = 0) -> dict[str, 
     }
 
 
-def throughput(batch: int, steps: int) -> dict[str, Any]:
-    """``data2vec bench`` of image-v2-base in bf16 on CUDA, with the peak GPU memory."""
+def decoder_agreement(preset: str, device: torch.device) -> dict[str, Any]:
+    """A preset's decoder alone, fp32 (TF32 off): CPU (torch ops) against ``device`` (the
+    Triton kernels where the decoder takes them), with padding on some rows (1-D decoders)."""
+    from data2vec.models.decoders import build_conv_decoder
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    cfg = load_config(preset)
+    grid = None
+    if cfg.model.modality == "image":
+        grid = (cfg.encoder.image_size // cfg.encoder.patch_size,) * 2
+    torch.manual_seed(0)
+    dec = build_conv_decoder(cfg.model.embed_dim, cfg.decoder, grid)
+    T = grid[0] * grid[1] if grid else 100
+    x = torch.randn(8, T, cfg.model.embed_dim)
+    mask = torch.rand(8, T) < 0.5
+    pad = None if grid else torch.arange(T).expand(8, T) >= torch.tensor([T, T - 10] * 4)[:, None]
+    results = []
+    for dev in (torch.device("cpu"), device):
+        dec.to(dev).zero_grad()
+        xs = x.to(dev, copy=True).requires_grad_()
+        out = dec(xs, mask.to(dev), None if pad is None else pad.to(dev))
+        out.square().sum().backward()
+        grads = [xs.grad] + [p.grad for p in dec.parameters()]
+        results.append([t.detach().double().cpu() for t in (out, *grads)])
+    diffs = [float((b - a).abs().max() / a.abs().max()) for a, b in zip(*results)]
+    uses = "triton" if dec._use_triton(x.to(device)) else "torch"
+    return {"preset": preset, "decoder_conv": uses, "out_rel_diff": diffs[0],
+            "grad_max_rel_diff": max(diffs[1:]), "pass": max(diffs) < 1e-3}  # fmt: skip
+
+
+def _ms(fn, reps: int = 10) -> float:
+    """Median milliseconds of ``fn()`` on the GPU (CUDA events), after 3 warm-up calls."""
+    if not torch.cuda.is_available():  # a dry run of the logic (TRITON_INTERPRET=1 on the CPU)
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def conv_check(
+    batch: int, sweep: bool, clones: int = 16, dev: torch.device | None = None
+) -> dict[str, Any]:
+    """image-v2-base's decoder convolution alone, bf16: Triton vs cuDNN (see module doc)."""
+    import torch.nn.functional as F
+
+    dev = dev or torch.device("cuda")
+    N, C, G, H = batch * clones, 768, 16, 14
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(N, H * H, C, device=dev, dtype=dtype, generator=gen)
+    w = 0.05 * torch.randn(C, C // G, 3, 3, device=dev, generator=gen)
+    b = 0.1 * torch.randn(C, device=dev, generator=gen)
+    gy = torch.randn(N, H * H, C, device=dev, dtype=dtype, generator=gen)
+    flops = 2 * N * H * H * C * (C // G) * 9  # one product (forward, input or weight grad)
+
+    def cudnn(xx, ww, bb):  # the decoder's torch path: channels-last view of the tokens
+        img = xx.view(N, H, H, C).permute(0, 3, 1, 2)
+        y = F.conv2d(img, ww.to(xx.dtype), bb.to(xx.dtype), padding=1, groups=G)
+        return y.permute(0, 2, 3, 1).reshape(N, H * H, C)
+
+    def triton_conv(xx, ww, bb):
+        return token_conv.conv_tokens(xx, ww.to(xx.dtype), bb, (H, H))
+
+    out: dict[str, Any] = {"shape": f"{N} x {H}x{H} x {C}, {G} groups, 3x3", "gflop": flops / 1e9}
+    grads = {}
+    for name, fn in (("cudnn", cudnn), ("triton", triton_conv)):
+        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        y = fn(xs, ws, bs)
+        y.backward(gy)
+        grads[name] = (y.detach().float(), xs.grad.float(), ws.grad.float(), bs.grad.float())
+        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        out[f"{name}_forward_ms"] = _ms(lambda: fn(x, w, b))  # noqa: B023
+        out[f"{name}_forward_backward_ms"] = _ms(lambda: fn(xs, ws, bs).backward(gy))  # noqa: B023
+        out[f"{name}_forward_backward_tflops"] = (
+            3 * flops / out[f"{name}_forward_backward_ms"] / 1e9
+        )
+    for i, part in enumerate(("out", "grad_x", "grad_w", "grad_b")):
+        ref, got = grads["cudnn"][i], grads["triton"][i]
+        out[f"rel_diff_{part}"] = float((got - ref).abs().max() / ref.abs().max())
+    if sweep:
+        out["sweep"] = _sweep(x, w, gy, (H, H))
+    return out
+
+
+def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
+    """Each Triton kernel (forward, weight gradient) timed under several launch settings."""
+    G = x.shape[-1] // w.shape[1]
+    rows, cout = x.reshape(-1, x.shape[-1]), w.shape[0]
+    w_t = w.to(x.dtype).reshape(G, cout // G, w.shape[1], 3, 3).permute(0, 3, 4, 2, 1).contiguous()
+    flops = 2 * rows.shape[0] * cout * w.shape[1] * 9
+    results = []
+    default_f, default_w = dict(token_conv.FORWARD), dict(token_conv.WEIGHT_GRAD)
+    for bm, bk, warps, stages in [(64, 16, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3),
+                                  (128, 64, 4, 3), (128, 64, 8, 4), (256, 64, 8, 3),
+                                  (128, 64, 8, 2)]:  # fmt: skip
+        token_conv.FORWARD.update(BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        try:
+            ms = _ms(lambda: token_conv.conv_tokens_forward(rows, w_t, None, hw, cout))
+            results.append({"kernel": "forward", **token_conv.FORWARD, "ms": ms,
+                            "tflops": flops / ms / 1e9})  # fmt: skip
+        except Exception as exc:  # a setting the compiler rejects: report, go on
+            results.append({"kernel": "forward", **token_conv.FORWARD, "error": str(exc)[:200]})
+    token_conv.FORWARD.update(default_f)
+    shape = (G, 3, 3, w.shape[1], cout // G)
+    grow = gy.reshape(-1, cout)
+    for bm, warps, stages, per_sm in [(64, 4, 3, 16), (64, 4, 3, 64), (64, 4, 3, 128),
+                                      (64, 8, 3, 64), (128, 8, 3, 64), (32, 4, 3, 64),
+                                      (64, 4, 4, 64)]:  # fmt: skip
+        token_conv.WEIGHT_GRAD.update(
+            BLOCK_M=bm, num_warps=warps, num_stages=stages, programs_per_sm=per_sm
+        )
+        try:
+            ms = _ms(lambda: token_conv.conv_tokens_weight_grad(rows, grow, hw, shape))
+            results.append({"kernel": "weight_grad", **token_conv.WEIGHT_GRAD, "ms": ms,
+                            "tflops": flops / ms / 1e9})  # fmt: skip
+        except Exception as exc:
+            results.append({"kernel": "weight_grad", **token_conv.WEIGHT_GRAD,
+                            "error": str(exc)[:200]})  # fmt: skip
+    token_conv.WEIGHT_GRAD.update(default_w)
+    return results
+
+
+DRY_RUN: list[str] = []  # overrides for a dry run of this script's logic on the CPU
+
+
+def _overrides(conv_impl: str) -> list[str]:
+    return ["train.device=cuda", f"decoder.conv_impl={conv_impl}"]
+
+
+def throughput(
+    batch: int, steps: int, conv_impl: str = "auto", preset: str = "image-v2-base"
+) -> dict[str, Any]:
+    """``data2vec bench`` of ``preset`` in bf16 on CUDA, with the peak GPU memory."""
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    r = bench("image-v2-base", batch=batch, steps=steps, warmup=2, precision="bf16",
-              overrides=["train.device=cuda"])  # fmt: skip
+    r = bench(preset, batch=batch, steps=steps, warmup=2, precision="bf16",
+              overrides=_overrides(conv_impl))  # fmt: skip
     r["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return r
 
 
-def profile(batch: int, steps: int = 3, top: int = 15) -> list[dict[str, Any]]:
-    """The ``top`` CUDA kernels by total time over ``steps`` bench steps."""
+def _runner(batch: int, conv_impl: str, extra: tuple[str, ...] = ()):
+    """(model, one bf16 training step of image-v2-base on CUDA) on a fixed synthetic batch."""
+    cfg = load_config("image-v2-base", [*_overrides(conv_impl), *extra, "train.precision=bf16",
+                                        f"data.batch_size={batch}", *DRY_RUN])  # fmt: skip
+    device = torch.device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg).to(device)
+    state = new_state(model, cfg, device)
+    data = _synthetic_batch(cfg, batch, 2.0, 128)
+    data = data.pin_memory() if device.type == "cuda" else data
+    return model, lambda: train_step(state, data, cfg, device)
+
+
+def _median_step(step, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def variants(batch: int, steps: int, conv_impl: str) -> list[dict[str, Any]]:
+    """Step time with the memory-lean layers plain, and with ``train.compile=true``."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from saved_activations import CHANGES, plain
+
+    out = []
+    model, step = _runner(batch, conv_impl)
+    base = _median_step(step, steps)
+    with plain(model, set(CHANGES)):
+        plain_s = _median_step(step, steps)
+    out.append({"variant": "lean layers (default)", "step_time_s": base})
+    out.append({"variant": "plain layers", "step_time_s": plain_s})
+    del model, step
+    torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    _, step = _runner(batch, conv_impl, ("train.compile=true",))
+    step()
+    out.append({"variant": "train.compile=true", "step_time_s": _median_step(step, steps),
+                "first_step_s": time.perf_counter() - t0})  # fmt: skip
+    return out
+
+
+def profile(batch: int, conv_impl: str, steps: int = 3, top: int = 20) -> dict[str, Any]:
+    """Where a step's time goes: GPU busy time against wall time, the top CUDA kernels, the
+    aten ops that launched the most GPU time, and the top CPU ops (ms per step)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-        bench("image-v2-base", batch=batch, steps=steps, warmup=1, precision="bf16",
-              overrides=["train.device=cuda"])  # fmt: skip
-    events = sorted(prof.key_averages(), key=lambda e: e.self_device_time_total, reverse=True)
-    total = sum(e.self_device_time_total for e in events) or 1.0
-    return [
-        {"kernel": e.key[:90], "share": e.self_device_time_total / total, "calls": e.count}
-        for e in events[:top]
-    ]
+    _, step = _runner(batch, conv_impl)
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with torch_profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / steps
+    events = list(prof.key_averages())
+    gpu = [e for e in events if e.device_type == DeviceType.CUDA]
+    cpu = [e for e in events if e.device_type == DeviceType.CPU]
+
+    def rows(evs, attr: str) -> list[dict[str, Any]]:
+        evs = sorted(evs, key=lambda e: getattr(e, attr), reverse=True)[:top]
+        return [{"name": e.key[:80], "ms": getattr(e, attr) / 1e3 / steps,
+                 "calls": e.count / steps} for e in evs]  # fmt: skip
+
+    return {
+        "wall_ms_profiled": 1e3 * wall,
+        "gpu_busy_ms": sum(e.self_device_time_total for e in gpu) / 1e3 / steps,
+        "kernels": rows(gpu, "self_device_time_total"),
+        "ops_by_gpu_time": rows(cpu, "self_device_time_total"),
+        "ops_by_cpu_time": rows(cpu, "self_cpu_time_total"),
+    }
 
 
 _SHOW = ("batch", "step_time_s", "mfu", "peak_gpu_memory_gb", "error")
 
 
+def _guarded(fn, *args, **kwargs) -> Any:
+    """``fn(...)``, or ``{"error": ...}`` when it fails: the optional parts must not cost the
+    measurements already made (a GPU session is short)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # report it in the JSON and go on
+        torch.cuda.empty_cache()
+        return {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
+def _print(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj), file=sys.stderr, flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, nargs="+", default=[32, 128])
+    p.add_argument("--conv-impl", nargs="+", default=["torch", "triton"],
+                   choices=["torch", "triton", "auto"], help="decoder convs to time")  # fmt: skip
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--conv", action="store_true", help="time the decoder convolution alone")
+    p.add_argument("--sweep", action="store_true", help="with --conv: Triton tile settings")
+    p.add_argument("--variants", action="store_true", help="lean layers off; train.compile")
+    p.add_argument("--audio", type=int, default=0, metavar="BATCH",
+                   help="also audio-v2-base (2 s clips) at this batch")  # fmt: skip
     p.add_argument("--profile", action="store_true", help="top kernels of the last setting")
     args = p.parse_args()
     result: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
@@ -129,23 +370,42 @@ def main() -> None:
     device = torch.device("cuda")
     result["device"] = torch.cuda.get_device_name(device)
     start = time.perf_counter()
+    result["triton"] = token_conv.triton.__version__ if token_conv.triton else None
     result["agreement"] = agreement(device)
+    _print({"agreement": result["agreement"]})
+    result["decoder_agreement"] = [decoder_agreement(p, device) for p in ("audio-v2-base",)]
+    _print({"decoder_agreement": result["decoder_agreement"]})
     torch.backends.cuda.matmul.allow_tf32 = True  # throughput runs as users would
+    torch.backends.cudnn.allow_tf32 = True
     result["bf16_matmul_peak_flops"] = matmul_peak_flops(torch.bfloat16, device, n=8192)
+    if args.conv:
+        result["conv"] = _guarded(conv_check, args.batch[-1], args.sweep)
+        _print({"conv": result["conv"]})
     result["throughput"] = []
     for batch in args.batch:
-        try:
-            r = throughput(batch, args.steps)
-        except torch.OutOfMemoryError as exc:  # report and keep the other sizes
-            r = {"batch": batch, "error": str(exc).splitlines()[0]}
-            torch.cuda.empty_cache()
+        for impl in args.conv_impl:
+            try:
+                r = throughput(batch, args.steps, impl)
+            except torch.OutOfMemoryError as exc:  # report and keep the other sizes
+                r = {"batch": batch, "error": str(exc).splitlines()[0]}
+                torch.cuda.empty_cache()
+            r["conv_impl"] = impl
+            result["throughput"].append(r)
+            _print({k: r.get(k) for k in ("conv_impl", *_SHOW)})
+    for impl in args.conv_impl if args.audio else ():
+        r = _guarded(throughput, args.audio, args.steps, impl, preset="audio-v2-base")
+        r["conv_impl"] = impl
         result["throughput"].append(r)
-        print(json.dumps({k: r.get(k) for k in _SHOW}), file=sys.stderr, flush=True)
+        _print({k: r.get(k) for k in ("preset", "conv_impl", *_SHOW)})
+    if args.variants:
+        result["variants"] = _guarded(variants, args.batch[-1], args.steps, args.conv_impl[-1])
+        _print({"variants": result["variants"]})
     if args.profile:
-        result["profile"] = profile(args.batch[-1])
+        result["profile"] = _guarded(profile, args.batch[-1], args.conv_impl[-1])
     result["seconds"] = time.perf_counter() - start
     print(json.dumps(result))
-    sys.exit(0 if result["agreement"]["pass"] else 1)
+    passed = [result["agreement"]["pass"]] + [r["pass"] for r in result["decoder_agreement"]]
+    sys.exit(0 if all(passed) else 1)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from data2vec.engine.runtime import check_precision, configure_threads, resolve_
 from data2vec.engine.trainer import new_state, train_step
 from data2vec.masking import make_rng, random_mask
 from data2vec.models.registry import build_model
+from data2vec.nn import token_conv
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -181,12 +182,17 @@ def time_steps(
     model = build_model(cfg).to(device)
     state = new_state(model, cfg, device)
     data = _synthetic_batch(cfg, cfg.data.batch_size, seconds, seq_len)
+    if device.type == "cuda":
+        data = data.pin_memory()  # as the pretraining loader delivers batches for CUDA
     for _ in range(warmup):
         train_step(state, data, cfg, device)
     flops = None
     if count_flops:
         mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops}
-        with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        # The counter cannot see into Triton kernels: the decoder counts with the torch
+        # convolution (the same products) for this step.
+        counter = FlopCounterMode(display=False, custom_mapping=mapping)
+        with token_conv.suspended(), counter:
             train_step(state, data, cfg, device)
         flops = counter.get_total_flops()
     times = []
@@ -267,8 +273,18 @@ def bench(
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             # glibc heap mode of the timed steps (CPU only; data2vec/_runtime.py)
             "heap": heap_mode() if device.type == "cpu" else None,
+            "decoder_conv": _decoder_conv(cfg, device),
         },
     }
+
+
+def _decoder_conv(cfg: Config, device: torch.device) -> str | None:
+    """Which convolution the data2vec 2.0 decoder ran: "triton" or "torch" (None for 1.0)."""
+    if cfg.model.algorithm != "v2":
+        return None
+    impl = cfg.decoder.conv_impl
+    triton_ok = token_conv.triton is not None and device.type == "cuda"
+    return "triton" if impl != "torch" and triton_ok else "torch"
 
 
 def _describe_input(cfg: Config, seconds: float, seq_len: int) -> str:

@@ -201,6 +201,7 @@ def test_bench_json_has_contract_keys(capsys):
     ):
         assert key in r
     assert r["batch"] == 4 and r["flops_per_step"] > 1e8 and 0 < r["mfu"] < 2
+    assert r["env"]["decoder_conv"] == "torch"  # "auto" picks Triton on CUDA only
 
 
 def test_demo_end_to_end_on_a_folder(tmp_path, capsys):

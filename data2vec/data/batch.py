@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import Tensor
 
@@ -29,3 +29,14 @@ class PretrainBatch:
 
     def __len__(self) -> int:
         return int(self.source.shape[0])
+
+    def pin_memory(self) -> PretrainBatch:
+        """A copy in page-locked memory (``DataLoader(pin_memory=True)`` calls this), so that
+        ``.to("cuda", non_blocking=True)`` copies without stalling the host."""
+        pad = self.padding_mask
+        return replace(
+            self,
+            source=self.source.pin_memory(),
+            mask=self.mask.pin_memory(),
+            padding_mask=None if pad is None else pad.pin_memory(),
+        )

@@ -242,8 +242,13 @@ def _collapsed(cfg: Config, step: int, logs: dict[str, float]) -> str | None:
 
 
 def make_loader(
-    data: PretrainData, cfg: Config, start_batch: int, info: DistInfo | None = None
+    data: PretrainData,
+    cfg: Config,
+    start_batch: int,
+    info: DistInfo | None = None,
+    pin_memory: bool = False,
 ) -> DataLoader:
+    """The pretraining loader; ``pin_memory`` for CUDA, so batches copy asynchronously."""
     info = info or DistInfo()
     workers = cfg.data.num_workers
     if data.make_stream is not None:  # tar shards: the stream batches itself per worker
@@ -260,6 +265,7 @@ def make_loader(
         num_workers=workers,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        pin_memory=pin_memory,
         # The loader draws its workers' base seed from this generator, not the global RNG, so
         # starting a loader on resume does not shift the model's random stream (dropout, noise).
         generator=torch.Generator().manual_seed(cfg.train.seed),
@@ -358,7 +364,9 @@ def _pretrain(
     if cfg.train.max_steps == 0 or state.step >= cfg.train.max_steps:
         path = save(state, run_dir, cfg, skips)
         return TrainResult(run_dir, state.step, "max_steps", 0.0, path, len(skips))
-    loader = make_loader(pretrain_data, cfg, state.batches_seen, info)
+    loader = make_loader(
+        pretrain_data, cfg, state.batches_seen, info, pin_memory=device.type == "cuda"
+    )
     coverage = Coverage(loader.batch_sampler, _length(pretrain_data.dataset))
     return _loop(state, cfg, run_dir, loader, skips, device, coverage)
 

@@ -6,15 +6,24 @@ linear projection back to the model width (text uses a 2-layer projection). Imag
 convolutions over the patch grid, audio and text 1-D convolutions over time.
 
 Module names (``blocks.{i}.0`` = the conv, ``proj``) match fairseq's ``Decoder1d/2d``.
+
+With ``conv_impl`` "triton" (or "auto" on CUDA), the stack runs on the ``(N, T, C)`` tokens
+as they are, each layer as Triton kernels (:mod:`data2vec.nn.token_layer`): the same function
+of the same weights, without the layout changes cuDNN's grouped convolutions spend their
+time on, and with one pass over the activations where the plain elementwise ops take five.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data2vec.config import DecoderConfig
+from data2vec.nn import token_conv
 from data2vec.nn.lean import checkpoint_elementwise
+from data2vec.nn.token_layer import decoder_layer
 
 
 class ChannelLayerNorm(nn.Module):
@@ -27,6 +36,10 @@ class ChannelLayerNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = x.movedim(1, -1)
         return F.layer_norm(y, y.shape[-1:], eps=self.eps).movedim(-1, 1)
+
+    def forward_last(self, x: Tensor) -> Tensor:
+        """The same normalization over the last dim of channels-last ``(N, *, C)``."""
+        return F.layer_norm(x, x.shape[-1:], eps=self.eps)
 
 
 def _projection(dim: int, out_dim: int, layers: int, ratio: float) -> nn.Module:
@@ -53,6 +66,7 @@ class ConvDecoder(nn.Module):
         grid: ``(H, W)`` patch grid for a 2-D decoder, None for 1-D over the sequence.
         residual: add residuals where widths match.
         projection_layers, projection_ratio: output projection shape.
+        conv_impl: "torch", "triton" or "auto" (Triton on CUDA when installed).
     """
 
     def __init__(
@@ -66,10 +80,12 @@ class ConvDecoder(nn.Module):
         residual: bool = True,
         projection_layers: int = 1,
         projection_ratio: float = 2.0,
+        conv_impl: Literal["auto", "torch", "triton"] = "auto",
     ) -> None:
         super().__init__()
         self.grid = grid
         self.residual = residual
+        self.conv_impl = conv_impl
         conv = nn.Conv2d if grid is not None else nn.Conv1d
         self.blocks = nn.Sequential(
             *[
@@ -97,6 +113,8 @@ class ConvDecoder(nn.Module):
         ``padding_mask: (N, T)`` (1-D only): padded positions are zeroed before every conv, so
         they cannot leak into valid positions.
         """
+        if self._use_triton(x):
+            return self._forward_tokens(x, padding_mask)
         N, T, D = x.shape
         h = x.transpose(1, 2)  # (N, D, T)
         if self.grid is not None:
@@ -111,6 +129,36 @@ class ConvDecoder(nn.Module):
             out = checkpoint_elementwise(conv(h), norm, act)
             h = out + h if self.residual and out.shape[1] == h.shape[1] else out
         return h.reshape(N, h.shape[1], T).transpose(1, 2)
+
+    def _use_triton(self, x: Tensor) -> bool:
+        if self.conv_impl == "torch" or token_conv.is_suspended():
+            return False
+        convs = [layer[0] for layer in self.blocks]
+        ok = token_conv.available(x) and all(token_conv.supports(c.weight, c.groups) for c in convs)
+        if self.conv_impl == "triton" and not ok:
+            raise RuntimeError(
+                "decoder.conv_impl=triton needs Triton, a CUDA input (or TRITON_INTERPRET=1 on "
+                "the CPU) and at most 128 channels per group; use decoder.conv_impl=torch"
+            )
+        return ok if self.conv_impl == "triton" else ok and x.is_cuda
+
+    def _forward_tokens(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """:meth:`forward_features` on ``(N, T, C)`` tokens with the Triton kernels."""
+        hw = self.grid if self.grid is not None else (1, x.shape[1])
+        keep = None if padding_mask is None else (~padding_mask).unsqueeze(-1).to(x.dtype)
+        h, h_low = x, None  # h_low: h in the compute dtype, from the previous fused layer
+        for layer in self.blocks:
+            if keep is not None:
+                h, h_low = h * keep, None
+            conv, norm, act = layer
+            residual = self.residual and conv.out_channels == h.shape[-1]
+            if isinstance(act, nn.GELU) and act.approximate == "none":
+                h, h_low = decoder_layer(h, h_low, conv.weight, conv.bias, hw, norm.eps, residual)
+            else:
+                y = token_conv.conv_tokens(h, conv.weight, conv.bias, hw)  # (N, T, dim)
+                out = checkpoint_elementwise(y, norm.forward_last, act)
+                h, h_low = (out + h if residual else out), None
+        return h
 
     def forward(
         self, x: Tensor, mask: Tensor | None = None, padding_mask: Tensor | None = None
@@ -143,4 +191,5 @@ def build_conv_decoder(
         residual=cfg.residual,
         projection_layers=cfg.projection_layers,
         projection_ratio=cfg.projection_ratio,
+        conv_impl=cfg.conv_impl,
     )

@@ -1,0 +1,420 @@
+"""Grouped "same" convolution over channels-last tokens, as Triton kernels (for CUDA).
+
+The data2vec 2.0 decoder's convolutions have few channels per group (768 / 16 = 48 in the base
+presets). On an H100, cuDNN ran them at about 35 TFLOP/s in bf16 (forward + backward), much
+of it in layout transforms; these kernels run them at about 120 TFLOP/s (``benchmarks/README.md``,
+"GPU, second pass"). Each one is an implicit GEMM that reads the decoder's own
+``(N, H*W, C)`` token layout directly:
+
+* **forward**: every program computes ``BLOCK_M`` output positions x ``BLOCK_N`` output
+  channels of one group, summing ``KH*KW`` taps x ``C_in/G`` input channels with ``tl.dot``;
+  positions whose tap falls outside the image read zeros (the zero padding);
+* **input gradient**: the same kernel on the output gradient, with the weight's taps flipped
+  and its in/out channels swapped;
+* **weight gradient**: one program per (group, tap, slice of positions) computes
+  ``grad_out^T @ shifted_input``; the slices' partial sums (float32) are added on the host, so
+  the result does not depend on the order programs finish in.
+
+The 1-D convolutions of audio and text are the case ``H = 1``, ``KH = 1``. The products run in
+the weight's dtype (a float32 input is rounded to it as the kernel reads it, which is what
+autocast's cast would do), sums in float32; the output has the weight's dtype unless asked
+otherwise (the input gradient comes back in the input's dtype).
+Triton's interpreter (``TRITON_INTERPRET=1``) runs the same kernels on the CPU, which is how
+the tests check them against ``F.conv2d`` on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+try:  # Triton ships with CUDA builds of PyTorch; CPU builds do without it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where Triton is absent
+    triton = None
+    tl = None
+
+
+_suspended = False
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Run decoders with the torch convolution inside this block, whatever their setting.
+
+    ``torch.utils.flop_counter`` cannot see into Triton kernels; ``data2vec bench`` counts a
+    step's FLOPs in this block (the same products, so the same count).
+    """
+    global _suspended
+    before, _suspended = _suspended, True
+    try:
+        yield
+    finally:
+        _suspended = before
+
+
+def is_suspended() -> bool:
+    """Whether a :func:`suspended` block is active."""
+    return _suspended
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def supports(weight: Tensor, groups: int) -> bool:
+    """Whether the kernels handle a Conv1d/Conv2d ``weight`` of ``groups`` groups: odd kernel
+    sizes and at most 128 channels per group (the weight-gradient kernel holds a group's
+    whole block)."""
+    odd = all(k % 2 for k in weight.shape[2:])
+    return odd and weight.shape[1] <= 128 and weight.shape[0] // groups <= 128
+
+
+def available(x: Tensor) -> bool:
+    """Whether the Triton kernels can run on ``x``'s device."""
+    if triton is None:
+        return False
+    return x.is_cuda or (x.device.type == "cpu" and interpreting())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _conv_kernel(
+        x_ptr,
+        w_ptr,
+        b_ptr,
+        add_ptr,
+        out_ptr,
+        M,
+        H,
+        W,
+        C_IN: tl.constexpr,
+        C_OUT: tl.constexpr,
+        CIN_G: tl.constexpr,
+        COUT_G: tl.constexpr,
+        KH: tl.constexpr,
+        KW: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_ADD: tl.constexpr,
+        IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """``out[m, g*COUT_G + o] = sum_{tap, i} x[m + shift(tap), g*CIN_G + i] w[g, tap, i, o]``.
+
+        ``x: (M, C_IN)``, ``w: (G, KH*KW, CIN_G, COUT_G)``, ``out: (M, C_OUT)``, all
+        contiguous; rows are ``(n, y, x)`` positions of ``H x W`` images, row-major. Plus
+        ``bias[c]`` (``HAS_BIAS``) and ``add[m, c]`` (``HAS_ADD``, e.g. a residual's gradient).
+        """
+        # Programs of one row tile run side by side (group fastest), so the rows they read
+        # are fetched from memory once and then served from the cache.
+        n_tiles = tl.cdiv(COUT_G, BLOCK_N)
+        pid = tl.program_id(0)
+        pid_gn = pid % ((C_OUT // COUT_G) * n_tiles)
+        pid_m = pid // ((C_OUT // COUT_G) * n_tiles)
+        g = pid_gn // n_tiles
+        cols = (pid_gn % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        in_rows = rows < M
+        pos = rows % (H * W)
+        yy = pos // W
+        xx = pos % W
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ky in tl.static_range(KH):
+            for kx in tl.static_range(KW):
+                dy = ky - KH // 2
+                dx = kx - KW // 2
+                ok = in_rows & (yy + dy >= 0) & (yy + dy < H) & (xx + dx >= 0) & (xx + dx < W)
+                src = (rows + dy * W + dx).to(tl.int64) * C_IN + g * CIN_G
+                tap_w = w_ptr + (g * KH * KW + ky * KW + kx) * CIN_G * COUT_G
+                for k0 in tl.static_range(0, CIN_G, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    b = tl.load(
+                        tap_w + ks[:, None] * COUT_G + cols[None, :],
+                        mask=(ks[:, None] < CIN_G) & (cols[None, :] < COUT_G),
+                        other=0.0,
+                    )
+                    # float32 activations are rounded to the weight's dtype here, in
+                    # registers, rather than by a separate cast over the whole tensor.
+                    a = tl.load(
+                        x_ptr + src[:, None] + ks[None, :],
+                        mask=ok[:, None] & (ks[None, :] < CIN_G),
+                        other=0.0,
+                    ).to(b.dtype)
+                    if IEEE:
+                        acc = tl.dot(a, b, acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(a, b, acc)
+        if HAS_BIAS:
+            bias = tl.load(b_ptr + g * COUT_G + cols, mask=cols < COUT_G, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
+        dst = rows.to(tl.int64)[:, None] * C_OUT + g * COUT_G + cols[None, :]
+        ok_out = in_rows[:, None] & (cols[None, :] < COUT_G)
+        if HAS_ADD:
+            acc += tl.load(add_ptr + dst, mask=ok_out, other=0.0).to(tl.float32)
+        tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=ok_out)
+
+    @triton.jit
+    def _wgrad_kernel(
+        x_ptr,
+        gy_ptr,
+        ws_ptr,
+        M,
+        H,
+        W,
+        C_IN: tl.constexpr,
+        C_OUT: tl.constexpr,
+        CIN_G: tl.constexpr,
+        COUT_G: tl.constexpr,
+        KH: tl.constexpr,
+        KW: tl.constexpr,
+        IEEE: tl.constexpr,
+        ITERS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_O: tl.constexpr,
+        BLOCK_I: tl.constexpr,
+    ):
+        """Partial weight gradients, one per slice of rows.
+
+        ``ws[s, g, tap, o, i] = sum_{m in slice s} gy[m, g*COUT_G + o] x[m + shift, g*CIN_G + i]``;
+        ``ws: (S, G, KH*KW, COUT_G, CIN_G)`` float32, one slice ``s`` of ``ITERS * BLOCK_M``
+        rows per program; ``BLOCK_O >= COUT_G`` and ``BLOCK_I >= CIN_G``.
+        """
+        # Taps fastest, then groups: the programs of one slice run together and share its rows.
+        pid = tl.program_id(0)
+        tap = pid % (KH * KW)
+        g = (pid // (KH * KW)) % (C_OUT // COUT_G)
+        s = pid // (KH * KW * (C_OUT // COUT_G))
+        dy = tap // KW - KH // 2
+        dx = tap % KW - KW // 2
+        outs = tl.arange(0, BLOCK_O)
+        ins = tl.arange(0, BLOCK_I)
+        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        # A compile-time trip count (a power of two, so few variants get compiled) and the
+        # same loop in every program.
+        for it in range(ITERS):
+            rows = (s * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
+            in_rows = rows < M
+            pos = rows % (H * W)
+            yy = pos // W + dy
+            xx = pos % W + dx
+            ok = in_rows & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            gy = tl.load(
+                gy_ptr + rows.to(tl.int64)[:, None] * C_OUT + g * COUT_G + outs[None, :],
+                mask=in_rows[:, None] & (outs[None, :] < COUT_G),
+                other=0.0,
+            )
+            src = (rows + dy * W + dx).to(tl.int64) * C_IN + g * CIN_G
+            xs = tl.load(
+                x_ptr + src[:, None] + ins[None, :],
+                mask=ok[:, None] & (ins[None, :] < CIN_G),
+                other=0.0,
+            ).to(gy.dtype)
+            if IEEE:
+                acc = tl.dot(tl.trans(gy), xs, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(tl.trans(gy), xs, acc)
+        dst = ((s * (C_OUT // COUT_G) + g) * KH * KW + tap) * COUT_G * CIN_G
+        tl.store(
+            ws_ptr + dst + outs[:, None] * CIN_G + ins[None, :],
+            acc,
+            mask=(outs[:, None] < COUT_G) & (ins[None, :] < CIN_G),
+        )
+
+
+# Launch settings, module-level so that benchmarks can sweep them (``gpu_check.py``).
+# Defaults: the fastest of gpu_check.py's sweep on an H100 (bf16, image-v2-base's decoder at
+# batch 128 x 16 clones; benchmarks/README.md). BLOCK_K 0 = the channels per group rounded up
+# to a power of two (at most 64): 48 -> 64 beat three exact steps of 16 (1.77 vs 2.06 ms).
+FORWARD = {"BLOCK_M": 128, "BLOCK_K": 0, "num_warps": 8, "num_stages": 3}
+WEIGHT_GRAD = {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 64}
+
+
+def _launch(settings: dict[str, int]) -> dict[str, int]:
+    """Warps and pipeline stages for a GPU launch; the interpreter takes neither."""
+    if interpreting():
+        return {}
+    return {k: settings[k] for k in ("num_warps", "num_stages")}
+
+
+def _block(n: int, cap: int) -> int:
+    """The smallest power of two >= ``n`` (and >= 16, ``tl.dot``'s least size), at most ``cap``."""
+    return max(16, min(cap, triton.next_power_of_2(n)))
+
+
+def _ieee(w: Tensor) -> bool:
+    """float32 operands multiply in full precision unless the user allowed TF32 for cuDNN."""
+    return w.dtype == torch.float32 and not (w.is_cuda and torch.backends.cudnn.allow_tf32)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def conv_tokens_forward(
+    x: Tensor,
+    w_t: Tensor,
+    bias: Tensor | None,
+    hw: tuple[int, int],
+    cout: int,
+    out_dtype: torch.dtype | None = None,
+    add: Tensor | None = None,
+) -> Tensor:
+    """One launch of the conv kernel.
+
+    Args:
+        x: ``(M, C_in)`` contiguous rows of ``H x W`` images (rounded to ``w_t``'s dtype
+            as they are read).
+        w_t: ``(G, KH, KW, C_in/G, C_out/G)`` contiguous.
+        bias: ``(C_out,)`` or None.
+        hw: ``(H, W)``.
+        cout: ``C_out``.
+        out_dtype: the output's dtype (default ``w_t``'s); sums are float32 either way.
+        add: ``(M, C_out)`` contiguous, added to the result in float32 before it is stored.
+
+    Returns:
+        ``(M, C_out)``.
+    """
+    G, KH, KW, cin_g, cout_g = w_t.shape
+    M, cin = x.shape
+    out = torch.empty(M, cout, device=x.device, dtype=out_dtype or w_t.dtype)
+    # Tiles of all a group's output channels (48 fill 3/4 of 64 columns, but every input
+    # row is read once per group).
+    block_m, block_n = FORWARD["BLOCK_M"], _block(cout_g, 64)
+    block_k = FORWARD["BLOCK_K"] or _block(cin_g, 64)
+    grid = (triton.cdiv(M, block_m) * G * triton.cdiv(cout_g, block_n),)
+    _conv_kernel[grid](
+        x, w_t, bias if bias is not None else x, add if add is not None else x, out, M,
+        hw[0], hw[1], C_IN=cin, C_OUT=cout, CIN_G=cin_g, COUT_G=cout_g, KH=KH, KW=KW,
+        HAS_BIAS=bias is not None, HAS_ADD=add is not None, IEEE=_ieee(w_t),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_launch(FORWARD),
+    )  # fmt: skip
+    return out
+
+
+def conv_tokens_weight_grad(
+    x: Tensor,
+    gy: Tensor,
+    hw: tuple[int, int],
+    shape: tuple[int, int, int, int, int],
+    splits: int | None = None,
+) -> Tensor:
+    """Weight gradient ``(G, KH*KW, C_out/G, C_in/G)`` float32 of :func:`conv_tokens_forward`.
+
+    ``x: (M, C_in)`` the forward's input (rounded to ``gy``'s dtype as it is read),
+    ``gy: (M, C_out)`` the output gradient in the convolution's compute dtype,
+    ``shape = (G, KH, KW, C_in/G, C_out/G)``; ``splits``: slices of rows summed separately
+    (default: ``WEIGHT_GRAD["programs_per_sm"]`` programs per multiprocessor).
+    """
+    G, KH, KW, cin_g, cout_g = shape
+    M = x.shape[0]
+    block_m = WEIGHT_GRAD["BLOCK_M"]
+    programs = G * KH * KW
+    if splits is None:
+        # Many programs per multiprocessor balance the load; the slices' partial sums cost
+        # S x G x KH*KW x C_out/G x C_in/G floats (65 MB for the base decoder at batch 128).
+        sms = _sm_count(x.device.index or 0) if x.is_cuda else 2
+        per_sm = WEIGHT_GRAD["programs_per_sm"]
+        splits = min(triton.cdiv(per_sm * sms, programs), triton.cdiv(M, 8 * block_m))
+    splits = max(1, splits)
+    iters = triton.next_power_of_2(triton.cdiv(M, splits * block_m))
+    splits = triton.cdiv(M, iters * block_m)
+    ws = torch.empty(splits, G, KH * KW, cout_g, cin_g, device=x.device, dtype=torch.float32)
+    _wgrad_kernel[(splits * programs,)](
+        x, gy, ws, M, hw[0], hw[1],
+        C_IN=x.shape[1], C_OUT=gy.shape[1], CIN_G=cin_g, COUT_G=cout_g, KH=KH, KW=KW,
+        IEEE=_ieee(gy), ITERS=iters, BLOCK_M=block_m, BLOCK_O=_block(cout_g, 128),
+        BLOCK_I=_block(cin_g, 128), **_launch(WEIGHT_GRAD),
+    )  # fmt: skip
+    return ws.sum(0)
+
+
+def forward_weight(weight: Tensor, groups: int) -> Tensor:
+    """``(C_out, C_in/G, KH, KW)`` -> ``(G, KH, KW, C_in/G, C_out/G)``: each tap's block is a
+    ready ``(K, N)`` operand of the kernel's matrix products."""
+    cout, cin_g, KH, KW = weight.shape
+    w5 = weight.reshape(groups, cout // groups, cin_g, KH, KW)
+    return w5.permute(0, 3, 4, 2, 1).contiguous()
+
+
+def input_grad_weight(weight: Tensor, groups: int) -> Tensor:
+    """The weight that turns the forward kernel into the input gradient (the convolution's
+    transpose): taps mirrored, channel roles swapped, ``(G, KH, KW, C_out/G, C_in/G)``."""
+    cout, cin_g, KH, KW = weight.shape
+    w5 = weight.reshape(groups, cout // groups, cin_g, KH, KW)
+    return w5.flip(3, 4).permute(0, 3, 4, 1, 2).contiguous()
+
+
+def weight_grad(x: Tensor, gy: Tensor, hw: tuple[int, int], weight: Tensor, groups: int) -> Tensor:
+    """The gradient of ``weight`` (its shape and dtype) from the input and output gradient."""
+    cout, cin_g, KH, KW = weight.shape
+    ws = conv_tokens_weight_grad(x, gy, hw, (groups, KH, KW, cin_g, cout // groups))
+    gw = ws.reshape(groups, KH, KW, cout // groups, cin_g).permute(0, 3, 4, 1, 2)
+    return gw.reshape(cout, cin_g, KH, KW).to(weight.dtype)
+
+
+class _TokenConv(torch.autograd.Function):
+    """Autograd for the kernels above; saves the input and the weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, hw):  # type: ignore[override]
+        groups = x.shape[1] // weight.shape[1]
+        ctx.save_for_backward(x, weight)
+        ctx.hw, ctx.has_bias = hw, bias is not None
+        return conv_tokens_forward(x, forward_weight(weight, groups), bias, hw, weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        gy = gy.to(weight.dtype).contiguous()
+        groups = x.shape[1] // weight.shape[1]
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            w_back = input_grad_weight(weight, groups)
+            gx = conv_tokens_forward(gy, w_back, None, ctx.hw, x.shape[1], out_dtype=x.dtype)
+        if ctx.needs_input_grad[1]:
+            gw = weight_grad(x, gy, ctx.hw, weight, groups)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum(0, dtype=torch.float32)
+        return gx, gw, gb, None
+
+
+def conv_tokens(x: Tensor, weight: Tensor, bias: Tensor | None, hw: tuple[int, int]) -> Tensor:
+    """Grouped "same" convolution of ``(N, H*W, C_in)`` tokens with a Conv1d/Conv2d weight.
+
+    Equal to ``conv2d`` over the ``(N, C_in, H, W)`` view with padding ``k // 2`` (``conv1d``
+    when ``H = 1`` and the weight is 3-D), returned as ``(N, H*W, C_out)`` tokens. Under
+    autocast the products run in the autocast dtype, as autocast does for convolutions (the
+    input is rounded as the kernel reads it), the output has that dtype and the bias is added
+    in float32; the input's gradient comes back in the input's dtype.
+
+    Args:
+        x: ``(N, T, C_in)`` with ``T = H * W``.
+        weight: ``(C_out, C_in / G, KH, KW)`` or ``(C_out, C_in / G, K)`` (then ``H`` must be
+            1); odd kernel sizes.
+        bias: ``(C_out,)`` or None.
+        hw: ``(H, W)``.
+    """
+    if triton is None:
+        raise RuntimeError("conv_tokens needs Triton (pip install triton)")
+    if weight.dim() == 3:
+        weight = weight.unsqueeze(2)
+    N, T, cin = x.shape
+    if hw[0] * hw[1] != T or cin % weight.shape[1] or weight.shape[2] % 2 == 0:
+        raise ValueError(f"conv_tokens: bad shapes x={tuple(x.shape)} w={tuple(weight.shape)}")
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    weight = weight.to(dtype)
+    rows = x.reshape(N * T, cin).contiguous()
+    out = _TokenConv.apply(rows, weight, bias, hw)
+    return out.view(N, T, -1)

@@ -1,0 +1,204 @@
+"""One data2vec 2.0 decoder layer on tokens: ``h + GELU(LayerNorm(conv(h)))``, fused for CUDA.
+
+In the image decoder every layer's activations are ``N x 196 x 768`` (``N`` = batch x clones,
+2048 at batch 128): five times the student encoder's tokens. Run as separate ops (a float32
+LayerNorm under autocast, GELU, the residual add, a bf16 copy for the next convolution, and in
+backward a recomputation, three backward ops and the residual gradient's sum), each pass over
+these tensors costs about a millisecond on an H100, and together they took more GPU time than
+the convolutions (``benchmarks/README.md``, GPU section). Here a layer is:
+
+* **forward**: the Triton convolution (:mod:`data2vec.nn.token_conv`) reads the layer input's
+  bf16 copy and writes ``y`` (bf16); one row-wise kernel normalizes whole rows (a token's
+  channels) in registers, applies GELU, adds the float32 residual and writes the float32
+  output and its bf16 copy for the next layer;
+* **backward**: one row-wise kernel recomputes the row statistics and GELU from ``y`` and
+  writes ``y``'s gradient; the convolution's input gradient adds the residual's gradient as
+  it stores; the weight gradient reads the saved bf16 input.
+
+Only ``y`` and the bf16 input are kept for backward (``checkpoint_elementwise`` keeps the
+same two on the plain path). The float32 residual stream and the autocast rounding of the
+convolution's operands are those of the plain ops; the LayerNorm has no affine parameters
+(``ChannelLayerNorm``) and the GELU is the exact (erf) one, as ``nn.GELU()``. Triton's
+interpreter runs the kernels on the CPU for the tests (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from data2vec.nn import token_conv
+from data2vec.nn.token_conv import triton
+
+if triton is not None:
+    import triton.language as tl
+
+    # The two kernels below start alike (the row statistics); they are kept as the separate
+    # bodies that were measured on the GPU rather than sharing a helper function.
+    @triton.jit
+    def _forward_kernel(
+        y_ptr,
+        r_ptr,
+        out_ptr,
+        low_ptr,
+        M,
+        eps,
+        C: tl.constexpr,
+        HAS_RES: tl.constexpr,
+        HAS_LOW: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """``out = gelu(layer_norm(y)) (+ r)`` over rows of ``C`` channels, and ``low``, its
+        copy in ``low``'s (lower) precision."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        ok = (rows < M)[:, None] & (cols < C)[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        mean = tl.sum(y, axis=1) / C
+        d = tl.where(ok, y - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+        n = d * rstd[:, None]
+        out = 0.5 * n * (1.0 + tl.math.erf(n * 0.7071067811865476))
+        if HAS_RES:
+            out += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
+        if HAS_LOW:
+            tl.store(low_ptr + offs, out.to(low_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _backward_kernel(
+        y_ptr,
+        g_ptr,
+        gy_ptr,
+        M,
+        eps,
+        C: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        """Gradient of ``gelu(layer_norm(y))`` w.r.t. ``y`` from the output gradient ``g``."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.arange(0, BLOCK_C)
+        ok = (rows < M)[:, None] & (cols < C)[None, :]
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        mean = tl.sum(y, axis=1) / C
+        d = tl.where(ok, y - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
+        n = d * rstd[:, None]
+        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        # d gelu(n) / dn = Phi(n) + n phi(n), with phi the standard normal density
+        cdf = 0.5 * (1.0 + tl.math.erf(n * 0.7071067811865476))
+        gn = tl.where(ok, g * (cdf + n * tl.exp(-0.5 * n * n) * 0.3989422804014327), 0.0)
+        # LayerNorm without affine: dy = rstd * (gn - mean(gn) - n * mean(gn * n))
+        m1 = tl.sum(gn, axis=1) / C
+        m2 = tl.sum(gn * n, axis=1) / C
+        gy = rstd[:, None] * (gn - m1[:, None] - n * m2[:, None])
+        tl.store(gy_ptr + offs, gy.to(gy_ptr.dtype.element_ty), mask=ok)
+
+
+def _rows_launch(M: int, C: int) -> tuple[tuple[int], dict[str, int]]:
+    """Grid and block sizes of the row-wise kernels: a few whole rows per program."""
+    block_c = triton.next_power_of_2(C)
+    block_r = max(1, min(8, 4096 // block_c))
+    return (triton.cdiv(M, block_r),), {"BLOCK_R": block_r, "BLOCK_C": block_c}
+
+
+class _DecoderLayer(torch.autograd.Function):
+    """``(h, h_low) -> (out, out_low)``; ``h_low`` (``h`` in the compute dtype, or None to
+    read ``h`` itself) gets no gradient: it stands for ``h`` (autocast's cast, whose
+    gradient passes straight through)."""
+
+    @staticmethod
+    def forward(ctx, h, h_low, weight, bias, hw, eps, residual, out_dtype):  # type: ignore[override]
+        groups = h.shape[1] // weight.shape[1]
+        x = h if h_low is None else h_low
+        y = token_conv.conv_tokens_forward(
+            x, token_conv.forward_weight(weight, groups), bias, hw, weight.shape[0]
+        )
+        M, C = y.shape
+        out = torch.empty(M, C, device=y.device, dtype=out_dtype)
+        low = torch.empty(M, C, device=y.device, dtype=weight.dtype)
+        grid, blocks = _rows_launch(M, C)
+        _forward_kernel[grid](
+            y, h, out, low, M, eps, C=C, HAS_RES=residual, HAS_LOW=True, **blocks
+        )  # fmt: skip
+        ctx.save_for_backward(x, y, weight)
+        ctx.hw, ctx.eps, ctx.residual = hw, eps, residual
+        ctx.has_bias, ctx.h_dtype = bias is not None, h.dtype
+        ctx.mark_non_differentiable(low)
+        return out, low
+
+    @staticmethod
+    def backward(ctx, g: Tensor, _g_low: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, y, weight = ctx.saved_tensors
+        g = g.contiguous()
+        M, C = y.shape
+        gy = torch.empty_like(y)
+        grid, blocks = _rows_launch(M, C)
+        _backward_kernel[grid](y, g, gy, M, ctx.eps, C=C, **blocks)
+        groups = x.shape[1] // weight.shape[1]
+        gh = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            # conv^T(gy), plus the residual branch's gradient g added as the result is stored
+            gh = token_conv.conv_tokens_forward(
+                gy, token_conv.input_grad_weight(weight, groups), None, ctx.hw, x.shape[1],
+                out_dtype=ctx.h_dtype, add=g if ctx.residual else None,
+            )  # fmt: skip
+        if ctx.needs_input_grad[2]:
+            gw = token_conv.weight_grad(x, gy, ctx.hw, weight, groups)
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gb = gy.sum(0, dtype=torch.float32)
+        return gh, None, gw, gb, None, None, None, None
+
+
+def decoder_layer(
+    h: Tensor,
+    h_low: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    hw: tuple[int, int],
+    eps: float = 1e-5,
+    residual: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """``gelu(layer_norm(conv(h))) (+ h)`` on ``(N, T, C)`` tokens, as the plain decoder layer.
+
+    The same function as ``ConvDecoder``'s plain layer (conv with ``k // 2`` zero padding and
+    ``G = C_in / weight.shape[1]`` groups, LayerNorm over channels without affine parameters,
+    exact GELU, the residual when ``residual``), with its dtypes: the products in the autocast
+    dtype when autocast is on (else in ``h``'s); the output float32 under autocast (autocast
+    runs LayerNorm in float32), else ``h``'s dtype.
+
+    Args:
+        h: ``(N, T, C_in)`` with ``T = H * W``, contiguous.
+        h_low: ``h`` already in the compute dtype (the previous layer's second output), or
+            None (the first layer: the kernel rounds ``h`` as it reads it).
+        weight: ``(C_out, C_in / G, KH, KW)`` or ``(C_out, C_in / G, K)`` (``H = 1``).
+        bias: ``(C_out,)`` or None.
+        hw: ``(H, W)``.
+        eps: the LayerNorm's epsilon.
+        residual: add ``h`` (needs ``C_out == C_in``).
+
+    Returns:
+        ``(out, out_low)``: ``(N, T, C_out)``, and its copy in the compute
+        dtype for the next layer (no gradient flows through the copy; see ``_DecoderLayer``).
+    """
+    if triton is None:
+        raise RuntimeError("decoder_layer needs Triton (pip install triton)")
+    if weight.dim() == 3:
+        weight = weight.unsqueeze(2)
+    N, T, cin = h.shape
+    if hw[0] * hw[1] != T or cin % weight.shape[1] or (residual and weight.shape[0] != cin):
+        raise ValueError(f"decoder_layer: bad shapes h={tuple(h.shape)} w={tuple(weight.shape)}")
+    device = h.device.type
+    autocast = torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocast else h.dtype
+    out_dtype = torch.promote_types(h.dtype, torch.float32) if autocast else h.dtype
+    rows = h.reshape(N * T, cin).contiguous()
+    low = None if h_low is None else h_low.reshape(N * T, cin).to(dtype).contiguous()
+    out, out_low = _DecoderLayer.apply(
+        rows, low, weight.to(dtype), bias, hw, eps, residual, out_dtype
+    )
+    return out.view(N, T, -1), out_low.view(N, T, -1)

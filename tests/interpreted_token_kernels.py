@@ -1,0 +1,151 @@
+"""The Triton decoder kernels against the plain PyTorch ops, run by Triton's CPU interpreter.
+
+Collected only by ``test_token_kernels.py``, which runs this file in a fresh process with
+``TRITON_INTERPRET=1`` (Triton picks interpreter or GPU compiler when the kernels are defined,
+at import). float32 throughout: the interpreter multiplies in full precision, so the kernels
+must agree with ``F.conv2d`` to rounding.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data2vec.models.decoders import ConvDecoder
+from data2vec.nn import token_conv
+from data2vec.nn.token_layer import decoder_layer
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_token_kernels.py"
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to the reference's largest magnitude."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def plain_conv(x: torch.Tensor, w: torch.Tensor, b, hw: tuple[int, int]) -> torch.Tensor:
+    """The reference: ``F.conv2d`` on the ``(N, C, H, W)`` view, back to tokens."""
+    N, T, C = x.shape
+    w4 = w if w.dim() == 4 else w.unsqueeze(2)
+    img = x.reshape(N, *hw, C).permute(0, 3, 1, 2)
+    pad = (w4.shape[2] // 2, w4.shape[3] // 2)
+    y = F.conv2d(img, w4, b, padding=pad, groups=C // w4.shape[1])
+    return y.permute(0, 2, 3, 1).reshape(N, T, -1)
+
+
+# (N, H, W, C_in, C_out, groups, kernel, bias): channels per group 12 (not a power of two),
+# 8 in / 12 out, and a 1-D kernel of 5 (H = 1, as audio and text decoders)
+SHAPES = [
+    (2, 5, 7, 24, 24, 2, (3, 3), True),
+    (3, 6, 4, 32, 48, 4, (3, 3), False),
+    (2, 1, 19, 24, 24, 4, (5,), True),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_conv_tokens_matches_conv2d(shape):
+    N, H, W, cin, cout, G, k, has_bias = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, H * W, cin, generator=g, requires_grad=True)
+    w = (0.2 * torch.randn(cout, cin // G, *k, generator=g)).requires_grad_()
+    b = torch.randn(cout, generator=g, requires_grad=True) if has_bias else None
+    params = [x, w] + ([b] if has_bias else [])
+    gy = torch.randn(N, H * W, cout, generator=g)
+    got = token_conv.conv_tokens(x, w, b, (H, W))
+    ref = plain_conv(x, w, b, (H, W))
+    assert got.shape == ref.shape == (N, H * W, cout)
+    assert rel(got, ref) < 1e-5
+    for a, r in zip(torch.autograd.grad(got, params, gy), torch.autograd.grad(ref, params, gy)):
+        assert a.shape == r.shape and rel(a, r) < 1e-5
+
+
+@pytest.mark.parametrize("splits", [1, 3, 7])
+def test_weight_gradient_slices_sum_to_the_same(splits):
+    """Rows split into slices summed separately (the GPU's load balance) change nothing; 150
+    rows are not a multiple of the kernel's 64-row blocks."""
+    g = torch.Generator().manual_seed(1)
+    N, H, W, C, G = 3, 5, 10, 16, 2
+    x = torch.randn(N * H * W, C, generator=g)
+    gy = torch.randn(N * H * W, C, generator=g)
+    w = torch.randn(C, C // G, 3, 3, requires_grad=True)
+    ref = plain_conv(x.view(N, H * W, C), w, None, (H, W))
+    (ref_gw,) = torch.autograd.grad(ref, [w], gy.view(N, H * W, C))
+    ws = token_conv.conv_tokens_weight_grad(x, gy, (H, W), (G, 3, 3, C // G, C // G), splits)
+    gw = ws.reshape(G, 3, 3, C // G, C // G).permute(0, 3, 4, 1, 2).reshape(C, C // G, 3, 3)
+    assert rel(gw, ref_gw) < 1e-5
+
+
+def plain_layer(h, w, b, hw, residual):
+    y = plain_conv(h, w, b, hw)
+    out = F.gelu(F.layer_norm(y, y.shape[-1:], eps=1e-5))
+    return out + h if residual else out
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_decoder_layer_matches_plain_ops(residual):
+    """Two stacked fused layers (the second reads the first's low-precision copy, through
+    which no gradient flows) against the plain composition: values and every gradient."""
+    g = torch.Generator().manual_seed(2)
+    N, H, W, C, G = 2, 4, 6, 32, 4
+    h = (2 * torch.randn(N, H * W, C, generator=g)).requires_grad_()
+    ws = [(0.3 * torch.randn(C, C // G, 3, 3, generator=g)).requires_grad_() for _ in range(2)]
+    bs = [torch.randn(C, generator=g, requires_grad=True) for _ in range(2)]
+    gout = torch.randn(N, H * W, C, generator=g)
+    out, low = decoder_layer(h, None, ws[0], bs[0], (H, W), residual=residual)
+    assert torch.equal(low, out)  # float32 compute: the "low" copy is exact
+    out, _ = decoder_layer(out, low, ws[1], bs[1], (H, W), residual=residual)
+    ref = plain_layer(
+        plain_layer(h, ws[0], bs[0], (H, W), residual), ws[1], bs[1], (H, W), residual
+    )
+    assert rel(out, ref) < 1e-5
+    params = [h, *ws, *bs]
+    got_g = torch.autograd.grad(out, params, gout)
+    ref_g = torch.autograd.grad(ref, params, gout)
+    for name, a, r in zip(["h", "w0", "w1", "b0", "b1"], got_g, ref_g):
+        assert rel(a, r) < 1e-5, name
+
+
+def _run(dec: ConvDecoder, x, mask, pad):
+    dec.zero_grad()
+    xs = x.detach().clone().requires_grad_()
+    out = dec(xs, mask, pad)
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    return [out.detach(), xs.grad] + [p.grad.clone() for p in dec.parameters()]
+
+
+@pytest.mark.parametrize("grid", [(4, 5), None])
+@pytest.mark.parametrize("act", ["erf", "tanh"])
+def test_decoder_triton_matches_torch(grid, act):
+    """The whole decoder, Triton path against the torch path with the same weights: 2-D with
+    a first layer that widens (no residual there), 1-D with padding; the exact GELU runs
+    the fused layer, another activation the convolution alone (LayerNorm/GELU as torch ops)."""
+    torch.manual_seed(0)
+    T = 20 if grid else 11
+    dec = ConvDecoder(24, 32, 3, 3 if grid else 5, 4, grid=grid, conv_impl="torch")
+    if act == "tanh":
+        for layer in dec.blocks:
+            layer[2] = nn.GELU(approximate="tanh")
+    x = torch.randn(2, T, 24)
+    mask = torch.rand(2, T) < 0.5
+    pad = None if grid else torch.arange(T).expand(2, T) >= torch.tensor([[T], [T - 3]])
+    ref = _run(dec, x, mask, pad)
+    dec.conv_impl = "triton"
+    assert dec._use_triton(x)
+    got = _run(dec, x, mask, pad)
+    for i, (a, r) in enumerate(zip(got, ref)):
+        assert a.shape == r.shape and rel(a, r) < 1e-5, i
+
+
+def test_suspended_runs_the_torch_convolution():
+    """``data2vec bench`` counts FLOPs inside ``suspended()``: the torch path runs there."""
+    dec = ConvDecoder(8, 8, 1, 3, 2, grid=(2, 2), conv_impl="triton")
+    x = torch.randn(1, 4, 8)
+    assert dec._use_triton(x)
+    with token_conv.suspended():
+        assert not dec._use_triton(x)
+    assert dec._use_triton(x)

@@ -1,0 +1,57 @@
+"""The decoder's Triton kernels (``data2vec/nn/token_conv.py``, ``token_layer.py``).
+
+The kernels themselves are checked against the plain PyTorch ops in a fresh process under
+Triton's CPU interpreter (``interpreted_token_kernels.py``); here, what runs without it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data2vec.config import load_config
+from data2vec.errors import ConfigError
+from data2vec.models.decoders import ConvDecoder
+from data2vec.nn import token_conv
+
+HERE = Path(__file__).parent
+
+
+def test_kernels_match_the_plain_ops_under_the_interpreter():
+    assert token_conv.triton is not None, "the tests need Triton: pip install -e '.[test]'"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    inner = str(HERE / "interpreted_token_kernels.py")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+           "-o", "python_files=interpreted_*.py", inner]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "13 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
+def test_conv_impl_is_validated():
+    with pytest.raises(ConfigError, match=r"decoder.conv_impl.*'auto', 'torch', 'triton'"):
+        load_config("image-v2-tiny", ["decoder.conv_impl=cudnn"])
+    assert load_config("image-v2-tiny", ["decoder.conv_impl=torch"]).decoder.conv_impl == "torch"
+
+
+@pytest.mark.skipif(token_conv.interpreting(), reason="this process runs the interpreter")
+def test_auto_runs_torch_on_the_cpu_and_triton_says_why_it_cannot():
+    torch.manual_seed(0)
+    dec = ConvDecoder(8, 8, 2, 3, 2, grid=(2, 3), conv_impl="auto")
+    x = torch.randn(2, 6, 8)
+    assert not dec._use_triton(x)
+    dec.conv_impl = "triton"
+    with pytest.raises(RuntimeError, match=r"decoder\.conv_impl=torch"):
+        dec(x)
+
+
+def test_too_many_channels_per_group_is_not_supported():
+    """The weight-gradient kernel holds a group's whole block: at most 128 channels."""
+    assert token_conv.supports(torch.empty(256, 128, 3, 3), groups=2)
+    assert not token_conv.supports(torch.empty(256, 256, 3, 3), groups=1)
+    assert not token_conv.supports(torch.empty(64, 8, 2, 2), groups=8)  # even kernel
