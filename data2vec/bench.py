@@ -282,9 +282,11 @@ def _decoder_conv(cfg: Config, device: torch.device) -> str | None:
     """Which convolution the data2vec 2.0 decoder ran: "triton" or "torch" (None for 1.0)."""
     if cfg.model.algorithm != "v2":
         return None
-    impl = cfg.decoder.conv_impl
-    triton_ok = token_conv.triton is not None and device.type == "cuda"
-    return "triton" if impl != "torch" and triton_ok else "torch"
+    dec = cfg.decoder
+    # ConvDecoder's own test (_use_triton): Triton, a CUDA input, <= 128 channels per group
+    per_group = max(cfg.model.embed_dim, dec.dim) // dec.groups
+    triton_ok = token_conv.triton is not None and device.type == "cuda" and per_group <= 128
+    return "triton" if dec.conv_impl != "torch" and triton_ok else "torch"
 
 
 def _describe_input(cfg: Config, seconds: float, seq_len: int) -> str:

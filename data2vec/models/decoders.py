@@ -131,6 +131,7 @@ class ConvDecoder(nn.Module):
         return h.reshape(N, h.shape[1], T).transpose(1, 2)
 
     def _use_triton(self, x: Tensor) -> bool:
+        """Whether this forward runs the Triton kernels (see ``conv_impl``)."""
         if self.conv_impl == "torch" or token_conv.is_suspended():
             return False
         convs = [layer[0] for layer in self.blocks]
