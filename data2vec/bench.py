@@ -285,7 +285,8 @@ def _decoder_conv(cfg: Config, device: torch.device) -> str | None:
     dec = cfg.decoder
     # ConvDecoder's own test (_use_triton): Triton, a CUDA input, <= 128 channels per group
     per_group = max(cfg.model.embed_dim, dec.dim) // dec.groups
-    triton_ok = token_conv.triton is not None and device.type == "cuda" and per_group <= 128
+    probe = torch.empty(0, device=device)
+    triton_ok = device.type == "cuda" and token_conv.available(probe) and per_group <= 128
     return "triton" if dec.conv_impl != "torch" and triton_ok else "torch"
 
 

@@ -78,10 +78,19 @@ def supports(weight: Tensor, groups: int) -> bool:
 
 
 def available(x: Tensor) -> bool:
-    """Whether the Triton kernels can run on ``x``'s device."""
+    """Whether the Triton kernels can run on ``x``'s device: an NVIDIA GPU of compute
+    capability 8.0 or newer (bf16 and TF32 matrix products; the kernels were measured on an
+    H100), or the CPU under Triton's interpreter."""
     if triton is None:
         return False
-    return x.is_cuda or (x.device.type == "cpu" and interpreting())
+    if x.device.type == "cpu":
+        return interpreting()
+    return x.is_cuda and torch.version.hip is None and _capability(x.device.index) >= (8, 0)
+
+
+@functools.cache
+def _capability(device_index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 if triton is not None:
