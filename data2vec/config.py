@@ -338,8 +338,9 @@ class DecoderConfig:
     input_dropout: float = 0.0
     # Convolution implementation: "torch" = cuDNN / oneDNN; "triton" = data2vec's Triton
     # kernels over the token layout (data2vec/nn/token_layer.py); "auto" = Triton on NVIDIA
-    # GPUs of compute capability >= 8.0 when Triton is installed, torch otherwise. On an H100 (bf16) the Triton decoder
-    # made image-v2-base's step 1.55x faster (benchmarks/README.md, "GPU, second pass").
+    # GPUs of compute capability >= 8.0 when Triton is installed, torch otherwise. On an
+    # H100 (bf16) the Triton decoder made image-v2-base's step 1.55x faster
+    # (benchmarks/README.md, "GPU, second pass").
     conv_impl: Literal["auto", "torch", "triton"] = "auto"
 
     def __post_init__(self) -> None:

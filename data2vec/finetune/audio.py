@@ -24,7 +24,7 @@ from data2vec.finetune.ctc import CharVocab
 from data2vec.finetune.heads import ClassificationHead, CTCHead
 from data2vec.finetune.image import label_space
 from data2vec.finetune.model import FineTuneModel, SupervisedBatch, load_pretrained
-from data2vec.finetune.trainer import FineTuneConfig, FineTuneResult, finetune
+from data2vec.finetune.trainer import FineTuneConfig, FineTuneResult, finetune, pin_batches
 from data2vec.masking import make_rng
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ def _loaders(
         collate_fn=collate_audio,
         num_workers=workers,
         persistent_workers=workers > 0,
+        pin_memory=pin_batches(cfg),
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     order = np.argsort(valid.lengths(skips), kind="stable")  # similar lengths: little padding
@@ -135,6 +136,7 @@ def _loaders(
         collate_fn=collate_audio,
         num_workers=workers,
         persistent_workers=workers > 0,
+        pin_memory=pin_batches(cfg),
     )
     return train_loader, valid_loader
 

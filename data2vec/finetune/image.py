@@ -24,7 +24,7 @@ from data2vec.data.transforms import EvalTransform, TrainTransform
 from data2vec.errors import DataError
 from data2vec.finetune.heads import ClassificationHead
 from data2vec.finetune.model import FineTuneModel, SupervisedBatch, load_pretrained
-from data2vec.finetune.trainer import FineTuneConfig, FineTuneResult, finetune
+from data2vec.finetune.trainer import FineTuneConfig, FineTuneResult, finetune, pin_batches
 from data2vec.masking import make_rng
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,7 @@ def image_loaders(
         collate_fn=collate_labelled,
         num_workers=workers,
         persistent_workers=workers > 0,
+        pin_memory=pin_batches(cfg),
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     n = len(valid)
@@ -131,6 +132,7 @@ def image_loaders(
         collate_fn=collate_labelled,
         num_workers=workers,
         persistent_workers=workers > 0,
+        pin_memory=pin_batches(cfg),
     )
     return train_loader, valid_loader
 

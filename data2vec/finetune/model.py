@@ -54,6 +54,20 @@ class SupervisedBatch:
     def __len__(self) -> int:
         return int(self.targets.shape[0])
 
+    def pin_memory(self) -> SupervisedBatch:
+        """A copy in page-locked memory (``DataLoader(pin_memory=True)`` calls this)."""
+
+        def pin(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.pin_memory()
+
+        return SupervisedBatch(
+            self.source.pin_memory(),
+            pin(self.padding_mask),
+            self.targets.pin_memory(),
+            pin(self.target_lengths),
+            self.skipped,
+        )
+
     def to(self, device: torch.device) -> SupervisedBatch:
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)

@@ -22,7 +22,7 @@ from data2vec.errors import DataError
 from data2vec.evaluate.text import pad_tokens, require_tokenizer, tokenize_texts
 from data2vec.finetune.heads import ClassificationHead
 from data2vec.finetune.model import FineTuneModel, SupervisedBatch, load_pretrained
-from data2vec.finetune.trainer import FineTuneConfig, FineTuneResult, finetune
+from data2vec.finetune.trainer import FineTuneConfig, FineTuneResult, finetune, pin_batches
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ def finetune_text(
             lengths, np.arange(len(lengths)), cfg.batch_size, cfg.seed
         ),
         collate_fn=collate,
+        pin_memory=pin_batches(cfg),
     )
     order = np.argsort([len(s) for s in valid_seqs], kind="stable")
     batches = [
@@ -112,7 +113,10 @@ def finetune_text(
         for s in range(0, len(order), cfg.batch_size)
     ]
     valid_loader = DataLoader(
-        LabelledTokens(valid_seqs, valid_ids), batch_sampler=batches, collate_fn=collate
+        LabelledTokens(valid_seqs, valid_ids),
+        batch_sampler=batches,
+        collate_fn=collate,
+        pin_memory=pin_batches(cfg),
     )
     info = {"source_task": "text-classification", "pretrained": str(checkpoint)}
     return finetune(

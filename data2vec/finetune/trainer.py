@@ -320,6 +320,16 @@ def _prepare_run_dir(run_dir: Path, cfg: FineTuneConfig, encoder_config: Config)
     encoder_config.save(run_dir / "config.yaml")
 
 
+def pin_batches(cfg: FineTuneConfig) -> bool:
+    """Whether loaders should hand over page-locked batches: when training runs on CUDA, so
+    that ``SupervisedBatch.to`` copies asynchronously. A bad device is reported later, by
+    :func:`finetune`, naming the field."""
+    try:
+        return _device(cfg).type == "cuda"
+    except ConfigError:
+        return False
+
+
 def _device(cfg: FineTuneConfig) -> torch.device:
     try:
         return resolve_device(cfg.device)
