@@ -110,6 +110,34 @@ def test_decoder_layer_matches_plain_ops(residual):
         assert rel(a, r) < 1e-5, name
 
 
+def test_decoder_layer_under_reduced_precision_autocast():
+    """Under autocast the products run in half precision: the layer reads float32 input (the
+    kernel rounds it), hands the next layer a half-precision copy, keeps the float32 residual
+    stream, and returns float32 gradients; all within half-precision rounding of the plain
+    ops under the same autocast. float16 stands in for bfloat16 here: Triton 3.6's
+    interpreter gets ``tl.dot`` of bf16 operands wrong (a plain 16 x 16 product comes out off
+    by ~1e10), while the kernels have no dtype-specific code; ``gpu_check.py`` checks bf16
+    on a GPU."""
+    g = torch.Generator().manual_seed(3)
+    N, H, W, C, G = 2, 4, 6, 32, 4
+    h = torch.randn(N, H * W, C, generator=g, requires_grad=True)
+    ws = [(0.3 * torch.randn(C, C // G, 3, 3, generator=g)).requires_grad_() for _ in range(2)]
+    bs = [torch.randn(C, generator=g, requires_grad=True) for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.float16):
+        out, low = decoder_layer(h, None, ws[0], bs[0], (H, W))
+        assert out.dtype == torch.float32 and low.dtype == torch.float16
+        out, _ = decoder_layer(out, low, ws[1], bs[1], (H, W))
+        ref = plain_layer(plain_layer(h, ws[0], bs[0], (H, W), True), ws[1], bs[1], (H, W), True)
+    assert out.dtype == ref.dtype == torch.float32
+    assert rel(out, ref) < 5e-3
+    gout = torch.randn(out.shape, generator=g)
+    params = [h, *ws, *bs]
+    got_g = torch.autograd.grad(out, params, gout)
+    ref_g = torch.autograd.grad(ref, params, gout)
+    for name, a, r in zip(["h", "w0", "w1", "b0", "b1"], got_g, ref_g):
+        assert a.dtype == torch.float32 and rel(a, r) < 5e-3, name
+
+
 def _run(dec: ConvDecoder, x, mask, pad):
     dec.zero_grad()
     xs = x.detach().clone().requires_grad_()
