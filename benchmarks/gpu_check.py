@@ -359,7 +359,7 @@ def profile(batch: int, conv_impl: str, steps: int = 3, top: int = 20) -> dict[s
     }
 
 
-_SHOW = ("batch", "step_time_s", "mfu", "peak_gpu_memory_gb", "error")
+_SHOW = ("batch", "step_time_s", "mfu", "peak_gpu_memory_gb", "loss_last", "skipped_steps", "error")
 
 
 def _guarded(fn, *args, **kwargs) -> Any:

@@ -172,8 +172,9 @@ def time_steps(
     FLOP counting), so it is what a training run holds in steady state.
 
     Returns:
-        ``{"times": [s, ...], "flops": FLOPs of one step or None, "threads", "device",
-        "peak_rss_mb", "peak_rss_is_steps_only", "peak_rss_setup_mb"}``.
+        ``{"times": [s, ...], "losses": [loss, ...], "skipped_steps", "flops": FLOPs of one
+        step or None, "threads", "device", "peak_rss_mb", "peak_rss_is_steps_only",
+        "peak_rss_setup_mb"}``.
     """
     device = resolve_device(cfg.train.device)
     check_precision(device, cfg.train.precision)
@@ -195,17 +196,23 @@ def time_steps(
         with token_conv.suspended(), counter:
             train_step(state, data, cfg, device)
         flops = counter.get_total_flops()
-    times = []
+    times, losses, skipped = [], [], 0
     setup_peak = peak_rss_mb()  # building, warm-up and FLOP counting
     steps_only = reset_peak_rss()
     for _ in range(steps):
         _sync(device)
         t0 = time.perf_counter()
-        train_step(state, data, cfg, device)
+        result = train_step(state, data, cfg, device)
         _sync(device)
         times.append(time.perf_counter() - t0)
+        losses.append(result.loss)
+        skipped += not result.updated
     return {
         "times": times,
+        # A step whose loss or gradients were not finite skips its update and would be timed
+        # as if it had trained: the record says so.
+        "losses": losses,
+        "skipped_steps": skipped,
         "flops": flops,
         "threads": threads,
         "device": device,
@@ -262,6 +269,9 @@ def bench(
         "mfu": achieved / peak,
         # Peak RSS of the timed training steps (model building and the FLOP-counting pass
         # excluded where Linux lets us reset the counter); the lifetime peak beside it.
+        "loss_first": run["losses"][0] if run["losses"] else None,
+        "loss_last": run["losses"][-1] if run["losses"] else None,
+        "skipped_steps": run["skipped_steps"],
         "peak_rss_mb": run["peak_rss_mb"],
         "peak_rss_steps_only": run["peak_rss_is_steps_only"],
         "peak_rss_process_mb": max(run["peak_rss_mb"], run["peak_rss_setup_mb"]),
@@ -302,11 +312,13 @@ def _describe_input(cfg: Config, seconds: float, seq_len: int) -> str:
 
 
 def format_bench(r: dict[str, Any]) -> str:
+    skipped = r.get("skipped_steps") or 0
+    warning = f"; {skipped} timed step(s) SKIPPED (loss or gradients not finite)"
     return (
         f"{r['preset']} batch {r['batch']} x{r['clones']} clones, {r['input']}, "
         f"{r['precision']}: "
         f"{r['step_time_s']:.3f} s/step ({r['samples_per_s']:.2f} samples/s), "
         f"{r['flops_per_step'] / 1e12:.3f} TFLOP/step, {r['achieved_flops'] / 1e9:.1f} GFLOP/s, "
         f"MFU {100 * r['mfu']:.1f}% of {r['peak_matmul_flops'] / 1e9:.0f} GFLOP/s matmul peak, "
-        f"peak RSS {r['peak_rss_mb']:.0f} MB"
+        f"peak RSS {r['peak_rss_mb']:.0f} MB" + (warning if skipped else "")
     )

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -51,3 +53,26 @@ def test_bench__signal_preset_times_steps_with_channels_from_the_default():
     )
     assert r["input"] == "1 x 64 signal"
     assert r["flops_per_step"] > 0 and r["step_time_s"] > 0
+
+
+def test_bench__counts_and_reports_skipped_steps(monkeypatch):
+    """A timed step that skipped its update (non-finite loss) is counted, not hidden."""
+    import data2vec.bench as bench_module
+    from data2vec.engine.trainer import StepResult
+
+    calls = iter(range(100))
+
+    def fake_step(state, data, cfg, device):
+        i = next(calls)
+        return StepResult(float("nan") if i % 2 else 1.0, 0.0, 0.0, 0.0, updated=not i % 2)
+
+    monkeypatch.setattr(bench_module, "train_step", fake_step)
+    r = bench(
+        "image-v2-tiny",
+        batch=2,
+        steps=4,
+        warmup=1,
+        overrides=["model.depth=1", "target.top_k=1", "mask.clones=2", "train.threads=1"],
+    )
+    assert r["skipped_steps"] == 2 and r["loss_first"] == 1.0 and math.isnan(r["loss_last"])
+    assert "2 timed step(s) SKIPPED" in bench_module.format_bench(r)

@@ -1,6 +1,7 @@
 """Command-line smoke tests: the DESIGN §7 contract (outputs, JSON keys, exit codes)."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -202,6 +203,7 @@ def test_bench_json_has_contract_keys(capsys):
         assert key in r
     assert r["batch"] == 4 and r["flops_per_step"] > 1e8 and 0 < r["mfu"] < 2
     assert r["env"]["decoder_conv"] == "torch"  # "auto" picks Triton on CUDA only
+    assert r["skipped_steps"] == 0 and math.isfinite(r["loss_last"]) and r["loss_last"] > 0
 
 
 def test_demo_end_to_end_on_a_folder(tmp_path, capsys):
