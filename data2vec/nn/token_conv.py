@@ -12,8 +12,8 @@ of it in layout transforms; these kernels run them at about 120 TFLOP/s (``bench
 * **input gradient**: the same kernel on the output gradient, with the weight's taps flipped
   and its in/out channels swapped;
 * **weight gradient**: one program per (group, tap, slice of positions) computes
-  ``grad_out^T @ shifted_input``; the slices' partial sums (float32) are added on the host, so
-  the result does not depend on the order programs finish in.
+  ``grad_out^T @ shifted_input``; the slices' partial sums (float32) are added afterwards by
+  one reduction, so the result does not depend on the order programs finish in.
 
 The 1-D convolutions of audio and text are the case ``H = 1``, ``KH = 1``. The products run in
 the weight's dtype (a float32 input is rounded to it as the kernel reads it, which is what
@@ -419,7 +419,7 @@ def conv_tokens(x: Tensor, weight: Tensor, bias: Tensor | None, hw: tuple[int, i
     if weight.dim() == 3:
         weight = weight.unsqueeze(2)
     N, T, cin = x.shape
-    if hw[0] * hw[1] != T or cin % weight.shape[1] or weight.shape[2] % 2 == 0:
+    if hw[0] * hw[1] != T or cin % weight.shape[1] or any(k % 2 == 0 for k in weight.shape[2:]):
         raise ValueError(f"conv_tokens: bad shapes x={tuple(x.shape)} w={tuple(weight.shape)}")
     device = x.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype

@@ -190,7 +190,13 @@ def decoder_layer(
     if weight.dim() == 3:
         weight = weight.unsqueeze(2)
     N, T, cin = h.shape
-    if hw[0] * hw[1] != T or cin % weight.shape[1] or (residual and weight.shape[0] != cin):
+    odd = all(k % 2 for k in weight.shape[2:])
+    if (
+        hw[0] * hw[1] != T
+        or cin % weight.shape[1]
+        or not odd
+        or (residual and weight.shape[0] != cin)
+    ):
         raise ValueError(f"decoder_layer: bad shapes h={tuple(h.shape)} w={tuple(weight.shape)}")
     device = h.device.type
     autocast = torch.is_autocast_enabled(device)
