@@ -35,9 +35,8 @@ from typing import Any
 
 import torch
 
-from data2vec.bench import _synthetic_batch, bench, matmul_peak_flops
+from data2vec.bench import bench, matmul_peak_flops, prepare_steps
 from data2vec.config import load_config
-from data2vec.engine.trainer import new_state, train_step
 from data2vec.masking import inverse_block_mask, make_rng
 from data2vec.models.registry import build_model
 from data2vec.nn import token_conv
@@ -141,7 +140,7 @@ def decoder_agreement(preset: str, device: torch.device) -> dict[str, Any]:
     args = (dec, x, mask, pad)
     cpu = _decoder_pass(*args, torch.device("cpu"), "torch", False)
     fp32 = _decoder_pass(*args, device, "auto", False)
-    uses = "triton" if dec._use_triton(x.to(device)) else "torch"
+    uses = "triton" if dec.uses_triton(x.to(device)) else "torch"
     out_diff, grad_diff = _worst(cpu, fp32)
     result = {"preset": preset, "decoder_conv": uses, "out_rel_diff": out_diff,
               "grad_max_rel_diff": grad_diff, "pass": max(out_diff, grad_diff) < 1e-3}  # fmt: skip
@@ -279,13 +278,8 @@ def _runner(batch: int, conv_impl: str, extra: tuple[str, ...] = ()):
     """(model, one bf16 training step of image-v2-base on CUDA) on a fixed synthetic batch."""
     cfg = load_config("image-v2-base", [*_overrides(conv_impl), *extra, "train.precision=bf16",
                                         f"data.batch_size={batch}", *DRY_RUN])  # fmt: skip
-    device = torch.device(cfg.train.device)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg).to(device)
-    state = new_state(model, cfg, device)
-    data = _synthetic_batch(cfg, batch, 2.0, 128)
-    data = data.pin_memory() if device.type == "cuda" else data
-    return model, lambda: train_step(state, data, cfg, device)
+    model, step, _, _ = prepare_steps(cfg)
+    return model, step
 
 
 def _median_step(step, steps: int, warmup: int = 2) -> float:

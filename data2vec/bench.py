@@ -13,6 +13,7 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from math import prod
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,9 @@ from data2vec.config import Config, load_config
 from data2vec.data.batch import PretrainBatch
 from data2vec.data.image_pretrain import ImageMaskGenerator
 from data2vec.engine.runtime import check_precision, configure_threads, resolve_device
-from data2vec.engine.trainer import new_state, train_step
+from data2vec.engine.trainer import StepResult, new_state, train_step
 from data2vec.masking import make_rng, random_mask
+from data2vec.models.decoders import ConvDecoder
 from data2vec.models.registry import build_model
 from data2vec.nn import token_conv
 
@@ -158,6 +160,33 @@ def _synthetic_signals(cfg: Config, batch: int, rng: np.random.Generator) -> Pre
     )
 
 
+def prepare_steps(
+    cfg: Config, seconds: float = 2.0, seq_len: int = 128
+) -> tuple[torch.nn.Module, Callable[[], StepResult], torch.device, int]:
+    """``(model, step, device, threads)``: ``step()`` runs one training step of ``cfg`` on a
+    fixed synthetic batch (pinned for CUDA, as the pretraining loader delivers it)."""
+    device = resolve_device(cfg.train.device)
+    check_precision(device, cfg.train.precision)
+    threads = configure_threads(cfg.train.threads)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg).to(device)
+    state = new_state(model, cfg, device)
+    data = _synthetic_batch(cfg, cfg.data.batch_size, seconds, seq_len)
+    if device.type == "cuda":
+        data = data.pin_memory()
+    return model, lambda: train_step(state, data, cfg, device), device, threads
+
+
+def decoder_conv(model: torch.nn.Module, device: torch.device) -> str | None:
+    """Which convolution the model's data2vec 2.0 decoders run on ``device``, as they decide
+    it themselves: "triton" or "torch" (None without such a decoder)."""
+    decoders = [m for m in model.modules() if isinstance(m, ConvDecoder)]
+    if not decoders:
+        return None
+    probe = torch.empty(0, device=device)
+    return "triton" if any(d.uses_triton(probe) for d in decoders) else "torch"
+
+
 def time_steps(
     cfg: Config,
     steps: int,
@@ -173,20 +202,12 @@ def time_steps(
 
     Returns:
         ``{"times": [s, ...], "losses": [loss, ...], "skipped_steps", "flops": FLOPs of one
-        step or None, "threads", "device", "peak_rss_mb", "peak_rss_is_steps_only",
-        "peak_rss_setup_mb"}``.
+        step or None, "threads", "device", "decoder_conv", "peak_rss_mb",
+        "peak_rss_is_steps_only", "peak_rss_setup_mb"}``.
     """
-    device = resolve_device(cfg.train.device)
-    check_precision(device, cfg.train.precision)
-    threads = configure_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg).to(device)
-    state = new_state(model, cfg, device)
-    data = _synthetic_batch(cfg, cfg.data.batch_size, seconds, seq_len)
-    if device.type == "cuda":
-        data = data.pin_memory()  # as the pretraining loader delivers batches for CUDA
+    model, step, device, threads = prepare_steps(cfg, seconds, seq_len)
     for _ in range(warmup):
-        train_step(state, data, cfg, device)
+        step()
     flops = None
     if count_flops:
         mapping = {torch.ops.aten.convolution_backward: _conv_backward_flops}
@@ -194,7 +215,7 @@ def time_steps(
         # convolution (the same products) for this step.
         counter = FlopCounterMode(display=False, custom_mapping=mapping)
         with token_conv.suspended(), counter:
-            train_step(state, data, cfg, device)
+            step()
         flops = counter.get_total_flops()
     times, losses, skipped = [], [], 0
     setup_peak = peak_rss_mb()  # building, warm-up and FLOP counting
@@ -202,7 +223,7 @@ def time_steps(
     for _ in range(steps):
         _sync(device)
         t0 = time.perf_counter()
-        result = train_step(state, data, cfg, device)
+        result = step()
         _sync(device)
         times.append(time.perf_counter() - t0)
         losses.append(result.loss)
@@ -216,6 +237,7 @@ def time_steps(
         "flops": flops,
         "threads": threads,
         "device": device,
+        "decoder_conv": decoder_conv(model, device),
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_is_steps_only": steps_only,
         "peak_rss_setup_mb": setup_peak,
@@ -267,11 +289,11 @@ def bench(
         "achieved_flops": achieved,
         "peak_matmul_flops": peak,
         "mfu": achieved / peak,
-        # Peak RSS of the timed training steps (model building and the FLOP-counting pass
-        # excluded where Linux lets us reset the counter); the lifetime peak beside it.
         "loss_first": run["losses"][0] if run["losses"] else None,
         "loss_last": run["losses"][-1] if run["losses"] else None,
         "skipped_steps": run["skipped_steps"],
+        # Peak RSS of the timed training steps (model building and the FLOP-counting pass
+        # excluded where Linux lets us reset the counter); the lifetime peak beside it.
         "peak_rss_mb": run["peak_rss_mb"],
         "peak_rss_steps_only": run["peak_rss_is_steps_only"],
         "peak_rss_process_mb": max(run["peak_rss_mb"], run["peak_rss_setup_mb"]),
@@ -283,21 +305,9 @@ def bench(
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             # glibc heap mode of the timed steps (CPU only; data2vec/_runtime.py)
             "heap": heap_mode() if device.type == "cpu" else None,
-            "decoder_conv": _decoder_conv(cfg, device),
+            "decoder_conv": run["decoder_conv"],
         },
     }
-
-
-def _decoder_conv(cfg: Config, device: torch.device) -> str | None:
-    """Which convolution the data2vec 2.0 decoder ran: "triton" or "torch" (None for 1.0)."""
-    if cfg.model.algorithm != "v2":
-        return None
-    dec = cfg.decoder
-    # ConvDecoder's own test (_use_triton): Triton, a CUDA input, <= 128 channels per group
-    per_group = max(cfg.model.embed_dim, dec.dim) // dec.groups
-    probe = torch.empty(0, device=device)
-    triton_ok = device.type == "cuda" and token_conv.available(probe) and per_group <= 128
-    return "triton" if dec.conv_impl != "torch" and triton_ok else "torch"
 
 
 def _describe_input(cfg: Config, seconds: float, seq_len: int) -> str:

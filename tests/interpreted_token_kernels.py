@@ -163,7 +163,7 @@ def test_decoder_triton_matches_torch(grid, act):
     pad = None if grid else torch.arange(T).expand(2, T) >= torch.tensor([[T], [T - 3]])
     ref = _run(dec, x, mask, pad)
     dec.conv_impl = "triton"
-    assert dec._use_triton(x)
+    assert dec.uses_triton(x)
     got = _run(dec, x, mask, pad)
     for i, (a, r) in enumerate(zip(got, ref)):
         assert a.shape == r.shape and rel(a, r) < 1e-5, i
@@ -173,7 +173,7 @@ def test_suspended_runs_the_torch_convolution():
     """``data2vec bench`` counts FLOPs inside ``suspended()``: the torch path runs there."""
     dec = ConvDecoder(8, 8, 1, 3, 2, grid=(2, 2), conv_impl="triton")
     x = torch.randn(1, 4, 8)
-    assert dec._use_triton(x)
+    assert dec.uses_triton(x)
     with token_conv.suspended():
-        assert not dec._use_triton(x)
-    assert dec._use_triton(x)
+        assert not dec.uses_triton(x)
+    assert dec.uses_triton(x)

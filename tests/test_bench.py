@@ -7,6 +7,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from data2vec.bench import _conv_backward_flops, _synthetic_batch, bench
 from data2vec.config import load_config
 
+SMALL = ["model.depth=1", "target.top_k=1", "mask.clones=2", "train.threads=1"]
+
 
 def _count(conv, x, mapping=None):
     with FlopCounterMode(display=False, custom_mapping=mapping or {}) as c:
@@ -49,7 +51,7 @@ def test_bench__signal_preset_times_steps_with_channels_from_the_default():
         batch=2,
         steps=1,
         warmup=0,
-        overrides=["model.depth=1", "target.top_k=1", "mask.clones=2", "train.threads=1"],
+        overrides=SMALL,
     )
     assert r["input"] == "1 x 64 signal"
     assert r["flops_per_step"] > 0 and r["step_time_s"] > 0
@@ -72,7 +74,7 @@ def test_bench__counts_and_reports_skipped_steps(monkeypatch):
         batch=2,
         steps=4,
         warmup=1,
-        overrides=["model.depth=1", "target.top_k=1", "mask.clones=2", "train.threads=1"],
+        overrides=SMALL,
     )
     assert r["skipped_steps"] == 2 and r["loss_first"] == 1.0 and math.isnan(r["loss_last"])
     assert "2 timed step(s) SKIPPED" in bench_module.format_bench(r)

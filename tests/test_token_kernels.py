@@ -44,7 +44,7 @@ def test_auto_runs_torch_on_the_cpu_and_triton_says_why_it_cannot():
     torch.manual_seed(0)
     dec = ConvDecoder(8, 8, 2, 3, 2, grid=(2, 3), conv_impl="auto")
     x = torch.randn(2, 6, 8)
-    assert not dec._use_triton(x)
+    assert not dec.uses_triton(x)
     dec.conv_impl = "triton"
     with pytest.raises(RuntimeError, match=r"decoder\.conv_impl=torch"):
         dec(x)

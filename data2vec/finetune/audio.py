@@ -116,13 +116,14 @@ def _loaders(
     lengths = train.lengths(skips)
     usable = np.flatnonzero(lengths > 0)
     workers = cfg.num_workers
+    pin = pin_batches(cfg)  # for CUDA
     train_loader = DataLoader(
         LabelledAudio(train, encoder_config, train_targets, cfg.seed, train=True),
         batch_sampler=BucketedBatchSampler(lengths, usable, cfg.batch_size, cfg.seed),
         collate_fn=collate_audio,
         num_workers=workers,
         persistent_workers=workers > 0,
-        pin_memory=pin_batches(cfg),
+        pin_memory=pin,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     order = np.argsort(valid.lengths(skips), kind="stable")  # similar lengths: little padding
@@ -136,7 +137,7 @@ def _loaders(
         collate_fn=collate_audio,
         num_workers=workers,
         persistent_workers=workers > 0,
-        pin_memory=pin_batches(cfg),
+        pin_memory=pin,
     )
     return train_loader, valid_loader
 

@@ -112,13 +112,14 @@ def image_loaders(
     )
     eval_tf = EvalTransform(size, mean=data.mean, std=data.std)
     workers = cfg.num_workers
+    pin = pin_batches(cfg)  # for CUDA
     train_loader = DataLoader(
         LabelledImages(train, train_tf, cfg.seed),
         batch_sampler=StreamBatchSampler(len(train), cfg.batch_size, cfg.seed),
         collate_fn=collate_labelled,
         num_workers=workers,
         persistent_workers=workers > 0,
-        pin_memory=pin_batches(cfg),
+        pin_memory=pin,
         generator=torch.Generator().manual_seed(cfg.seed),
     )
     n = len(valid)
@@ -132,7 +133,7 @@ def image_loaders(
         collate_fn=collate_labelled,
         num_workers=workers,
         persistent_workers=workers > 0,
-        pin_memory=pin_batches(cfg),
+        pin_memory=pin,
     )
     return train_loader, valid_loader
 

@@ -98,6 +98,7 @@ def finetune_text(
         len(valid_seqs),
     )
     collate = make_collate(tokenizer.pad_id)
+    pin = pin_batches(cfg)  # for CUDA
     lengths = np.array([len(s) for s in train_seqs])
     train_loader = DataLoader(
         LabelledTokens(train_seqs, train_ids),
@@ -105,7 +106,7 @@ def finetune_text(
             lengths, np.arange(len(lengths)), cfg.batch_size, cfg.seed
         ),
         collate_fn=collate,
-        pin_memory=pin_batches(cfg),
+        pin_memory=pin,
     )
     order = np.argsort([len(s) for s in valid_seqs], kind="stable")
     batches = [
@@ -116,7 +117,7 @@ def finetune_text(
         LabelledTokens(valid_seqs, valid_ids),
         batch_sampler=batches,
         collate_fn=collate,
-        pin_memory=pin_batches(cfg),
+        pin_memory=pin,
     )
     info = {"source_task": "text-classification", "pretrained": str(checkpoint)}
     return finetune(

@@ -114,7 +114,7 @@ class ConvDecoder(nn.Module):
         ``padding_mask: (N, T)`` (1-D only): padded positions are zeroed before every conv, so
         they cannot leak into valid positions.
         """
-        if self._use_triton(x):
+        if self.uses_triton(x):
             return self._forward_tokens(x, padding_mask)
         N, T, D = x.shape
         h = x.transpose(1, 2)  # (N, D, T)
@@ -131,7 +131,7 @@ class ConvDecoder(nn.Module):
             h = out + h if self.residual and out.shape[1] == h.shape[1] else out
         return h.reshape(N, h.shape[1], T).transpose(1, 2)
 
-    def _use_triton(self, x: Tensor) -> bool:
+    def uses_triton(self, x: Tensor) -> bool:
         """Whether this forward runs the Triton kernels (see ``conv_impl``)."""
         if self.conv_impl == "torch" or token_conv.is_suspended():
             return False
