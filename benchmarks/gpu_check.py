@@ -10,6 +10,8 @@ script can sit in any checklist.
    with padding), and in bf16 autocast on the GPU: the Triton path's error against fp32 must
    stay within twice that of the torch path.
    With Triton installed the GPU side runs the decoder's Triton convolution (``auto``).
+   Likewise three post-LN blocks in bf16 with the fused Triton norms (``model.norm_impl``)
+   and with the torch ops, each against fp32.
 2. **Decoder convolution** (``--conv``): one 3x3 16-group convolution of image-v2-base's decoder
    at ``batch x 16`` clones, bf16, Triton against cuDNN: agreement of output and gradients, and
    milliseconds of forward and forward + backward; with ``--sweep``, each Triton kernel timed
@@ -17,7 +19,9 @@ script can sit in any checklist.
 3. **Throughput**: ``data2vec bench`` of image-v2-base in bf16 autocast for each ``--batch`` and
    ``--conv-impl`` (FLOPs from ``torch.utils.flop_counter``, MFU against the measured bf16
    matmul peak of the same GPU), plus the peak GPU memory.
-4. **Profile** (``--profile``): the top CUDA kernels of a few steps at the last setting.
+4. **Variants** (``--variants``): step time, first loss and peak memory with the torch norms,
+   the memory-lean layers switched to the plain ops, and ``train.compile=true``.
+5. **Profile** (``--profile``): the top CUDA kernels of a few steps at the last setting.
 
 python benchmarks/gpu_check.py [--batch 32 128] [--conv-impl torch triton] [--steps 10]
     [--conv] [--sweep] [--variants] [--audio BATCH] [--profile]
@@ -282,8 +286,10 @@ def _runner(batch: int, conv_impl: str, extra: tuple[str, ...] = ()):
     return model, step
 
 
-def _median_step(step, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
+def _median_step(step, steps: int, warmup: int = 2) -> tuple[float, float]:
+    """(median seconds of ``steps`` timed steps, the first warm-up step's loss)."""
+    first_loss = float(step().loss)
+    for _ in range(warmup - 1):
         step()
     times = []
     for _ in range(steps):
@@ -292,29 +298,89 @@ def _median_step(step, steps: int, warmup: int = 2) -> float:
         step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times), first_loss
+
+
+# (name, config overrides, memory-lean layers switched to the plain ops)
+VARIANTS = [
+    ("default", (), False),
+    ("model.norm_impl=torch", ("model.norm_impl=torch",), False),
+    ("plain layers", (), True),
+    ("plain layers, model.norm_impl=torch", ("model.norm_impl=torch",), True),
+    ("train.compile=true", ("train.compile=true",), False),
+    ("train.compile=true model.norm_impl=torch", ("train.compile=true", "model.norm_impl=torch"),
+     False),
+]  # fmt: skip
 
 
 def variants(batch: int, steps: int, conv_impl: str) -> list[dict[str, Any]]:
-    """Step time with the memory-lean layers plain, and with ``train.compile=true``."""
+    """Step time of each of ``VARIANTS``, and its first step's loss (the same initial weights
+    and batch in every variant: the losses agree to bf16 rounding)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from saved_activations import CHANGES, plain
 
     out = []
-    model, step = _runner(batch, conv_impl)
-    base = _median_step(step, steps)
-    with plain(model, set(CHANGES)):
-        plain_s = _median_step(step, steps)
-    out.append({"variant": "lean layers (default)", "step_time_s": base})
-    out.append({"variant": "plain layers", "step_time_s": plain_s})
-    del model, step
-    torch.cuda.empty_cache()
-    t0 = time.perf_counter()
-    _, step = _runner(batch, conv_impl, ("train.compile=true",))
-    step()
-    out.append({"variant": "train.compile=true", "step_time_s": _median_step(step, steps),
-                "first_step_s": time.perf_counter() - t0})  # fmt: skip
+    for name, extra, plain_layers in VARIANTS:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        model, step = _runner(batch, conv_impl, extra)
+        with plain(model, set(CHANGES) if plain_layers else set()):
+            step_s, loss = _median_step(step, steps)
+        out.append({"variant": name, "step_time_s": step_s, "loss_first": loss,
+                    "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+                    "seconds": time.perf_counter() - t0})  # fmt: skip
+        _print(out[-1])
+        del model, step
     return out
+
+
+def norm_agreement(device: torch.device, seed: int = 0) -> dict[str, Any]:
+    """Three image-v2-base blocks (768 wide, 12 heads) on 64 x 50 tokens: outputs, FFN outputs
+    and every gradient in bf16 autocast, with the torch and the fused Triton norms, each
+    against the fp32 result (TF32 off). Passes when Triton's error is at most twice torch's
+    (plus 1e-3) and the fused path ran."""
+    from functools import partial
+
+    from torch import nn
+
+    from data2vec.nn.block import PostLNBlock, run_blocks
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(seed)
+    norm = partial(nn.LayerNorm, eps=1e-6)
+    blocks = nn.ModuleList(PostLNBlock(768, 12, norm_layer=norm) for _ in range(3)).to(device)
+    with torch.no_grad():  # norms that are not the identity
+        for m in blocks.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.normal_(1.0, 0.3)
+                m.bias.normal_(0.0, 0.3)
+    x = torch.randn(64, 50, 768, device=device)
+    g = [torch.randn(64, 50, 768, device=device) for _ in range(6)]
+
+    def run(impl: str, bf16: bool) -> list[torch.Tensor]:
+        for b in blocks:
+            b.norm_impl = impl
+        blocks.zero_grad()
+        xs = x.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            outs = [t for pair in run_blocks(blocks, xs, None) for t in pair]
+        sum((t.float() * gt).sum() for t, gt in zip(outs, g)).backward()
+        grads = [xs.grad] + [p.grad for p in blocks.parameters()]
+        return [t.detach().double().cpu() for t in (*outs, *grads)]
+
+    def worst(a: list, b: list) -> float:
+        return max(float((y - x).abs().max() / x.abs().max()) for x, y in zip(a, b))
+
+    ref = run("torch", False)
+    blocks[0].norm_impl = "auto"
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        fused = blocks[0].uses_fused_norms(x)
+    torch_bf16 = worst(ref, run("torch", True))
+    triton_bf16 = worst(ref, run("auto", True))
+    return {"fused_norms": fused, "bf16_torch_rel_diff": torch_bf16,
+            "bf16_triton_rel_diff": triton_bf16,
+            "pass": fused and triton_bf16 <= 2 * torch_bf16 + 1e-3}  # fmt: skip
 
 
 def profile(batch: int, conv_impl: str, steps: int = 3, top: int = 20) -> dict[str, Any]:
@@ -378,7 +444,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--conv", action="store_true", help="time the decoder convolution alone")
     p.add_argument("--sweep", action="store_true", help="with --conv: Triton tile settings")
-    p.add_argument("--variants", action="store_true", help="lean layers off; train.compile")
+    p.add_argument("--variants", action="store_true",
+                   help="torch norms, lean layers off, train.compile")  # fmt: skip
     p.add_argument("--audio", type=int, default=0, metavar="BATCH",
                    help="also audio-v2-base (2 s clips) at this batch")  # fmt: skip
     p.add_argument("--profile", action="store_true", help="top kernels of the last setting")
@@ -398,6 +465,8 @@ def main() -> None:
         _guarded(decoder_agreement, p, device) for p in ("image-v2-base", "audio-v2-base")
     ]
     _print({"decoder_agreement": result["decoder_agreement"]})
+    result["norm_agreement"] = _guarded(norm_agreement, device)
+    _print({"norm_agreement": result["norm_agreement"]})
     torch.backends.cuda.matmul.allow_tf32 = True  # throughput runs as users would
     torch.backends.cudnn.allow_tf32 = True
     result["bf16_matmul_peak_flops"] = matmul_peak_flops(torch.bfloat16, device, n=8192)
@@ -429,6 +498,7 @@ def main() -> None:
     print(json.dumps(result))
     passed = [result["agreement"]["pass"]]
     passed += [r.get("pass", False) for r in result["decoder_agreement"]]
+    passed += [result["norm_agreement"].get("pass", False)]
     sys.exit(0 if all(passed) else 1)
 
 

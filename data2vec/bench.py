@@ -26,12 +26,13 @@ from data2vec._runtime import heap_mode, peak_resident_bytes
 from data2vec.config import Config, load_config
 from data2vec.data.batch import PretrainBatch
 from data2vec.data.image_pretrain import ImageMaskGenerator
-from data2vec.engine.runtime import check_precision, configure_threads, resolve_device
+from data2vec.engine.runtime import autocast, check_precision, configure_threads, resolve_device
 from data2vec.engine.trainer import StepResult, new_state, train_step
 from data2vec.masking import make_rng, random_mask
 from data2vec.models.decoders import ConvDecoder
 from data2vec.models.registry import build_model
 from data2vec.nn import token_conv
+from data2vec.nn.block import PostLNBlock
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -187,6 +188,18 @@ def decoder_conv(model: torch.nn.Module, device: torch.device) -> str | None:
     return "triton" if any(d.uses_triton(probe) for d in decoders) else "torch"
 
 
+def block_norms(model: torch.nn.Module, device: torch.device, precision: str) -> str | None:
+    """Which ``LayerNorm(x + branch)`` the model's post-LN blocks run on ``device`` at
+    ``precision``, as they decide it themselves: "triton" (fused) or "torch" (None without
+    such blocks)."""
+    blocks = [m for m in model.modules() if isinstance(m, PostLNBlock)]
+    if not blocks:
+        return None
+    probe = torch.empty(0, blocks[0].attn.qkv.in_features, device=device)
+    with autocast(device, precision):
+        return "triton" if any(b.uses_fused_norms(probe) for b in blocks) else "torch"
+
+
 def time_steps(
     cfg: Config,
     steps: int,
@@ -202,7 +215,7 @@ def time_steps(
 
     Returns:
         ``{"times": [s, ...], "losses": [loss, ...], "skipped_steps", "flops": FLOPs of one
-        step or None, "threads", "device", "decoder_conv", "peak_rss_mb",
+        step or None, "threads", "device", "decoder_conv", "block_norms", "peak_rss_mb",
         "peak_rss_is_steps_only", "peak_rss_setup_mb"}``.
     """
     model, step, device, threads = prepare_steps(cfg, seconds, seq_len)
@@ -238,6 +251,7 @@ def time_steps(
         "threads": threads,
         "device": device,
         "decoder_conv": decoder_conv(model, device),
+        "block_norms": block_norms(model, device, cfg.train.precision),
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_is_steps_only": steps_only,
         "peak_rss_setup_mb": setup_peak,
@@ -306,6 +320,7 @@ def bench(
             # glibc heap mode of the timed steps (CPU only; data2vec/_runtime.py)
             "heap": heap_mode() if device.type == "cpu" else None,
             "decoder_conv": run["decoder_conv"],
+            "block_norms": run["block_norms"],
         },
     }
 

@@ -58,6 +58,11 @@ class ModelConfig:
     # Recompute each shared block of the student in backward instead of keeping its
     # activations (data2vec 2.0): less memory for ~1/3 more block compute; same gradients.
     activation_checkpointing: bool = False
+    # Post-LN blocks' LayerNorm(x + branch): "torch" = the PyTorch ops; "triton" = one fused
+    # kernel each way (data2vec/nn/token_norm.py), taken under autocast wherever Triton runs
+    # (also on the CPU under TRITON_INTERPRET=1); "auto" = Triton on NVIDIA GPUs of compute
+    # capability >= 8.0 under autocast when Triton is installed, torch otherwise.
+    norm_impl: Literal["auto", "torch", "triton"] = "auto"
 
     def __post_init__(self) -> None:
         _positive(self, "embed_dim", "depth", "num_heads", "mlp_ratio", "norm_eps", "layer_scale")

@@ -1,7 +1,8 @@
-"""The decoder's Triton kernels (``data2vec/nn/token_conv.py``, ``token_layer.py``).
+"""The Triton kernels (``data2vec/nn/token_conv.py``, ``token_layer.py``, ``token_norm.py``).
 
 The kernels themselves are checked against the plain PyTorch ops in a fresh process under
-Triton's CPU interpreter (``interpreted_token_kernels.py``); here, what runs without it.
+Triton's CPU interpreter (``interpreted_token_kernels.py``, ``interpreted_token_norm.py``);
+here, what runs without it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import torch
 from data2vec.config import load_config
 from data2vec.errors import ConfigError
 from data2vec.models.decoders import ConvDecoder
+from data2vec.models.registry import build_model
 from data2vec.nn import token_conv
+from data2vec.nn.block import PostLNBlock
 
 HERE = Path(__file__).parent
 
@@ -25,12 +28,12 @@ HERE = Path(__file__).parent
 def test_kernels_match_the_plain_ops_under_the_interpreter():
     assert token_conv.triton is not None, "the tests need Triton: pip install -e '.[test]'"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    inner = str(HERE / "interpreted_token_kernels.py")
+    inner = [str(HERE / f"interpreted_token_{name}.py") for name in ("kernels", "norm")]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-           "-o", "python_files=interpreted_*.py", inner]  # fmt: skip
+           "-o", "python_files=interpreted_*.py", *inner]  # fmt: skip
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "14 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+    assert "21 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 
 def test_conv_impl_is_validated():
@@ -55,3 +58,24 @@ def test_too_many_channels_per_group_is_not_supported():
     assert token_conv.supports(torch.empty(256, 128, 3, 3), groups=2)
     assert not token_conv.supports(torch.empty(256, 256, 3, 3), groups=1)
     assert not token_conv.supports(torch.empty(64, 8, 2, 2), groups=8)  # even kernel
+
+
+def test_norm_impl_is_validated_and_reaches_the_blocks():
+    with pytest.raises(ConfigError, match=r"model.norm_impl.*'auto', 'torch', 'triton'"):
+        load_config("image-v2-tiny", ["model.norm_impl=apex"])
+    cfg = load_config("image-v2-tiny", ["model.norm_impl=torch"])
+    blocks = [m for m in build_model(cfg).modules() if isinstance(m, PostLNBlock)]
+    assert len(blocks) == 5 and all(b.norm_impl == "torch" for b in blocks)
+
+
+@pytest.mark.skipif(token_conv.interpreting(), reason="this process runs the interpreter")
+def test_auto_norms_stay_plain_on_the_cpu():
+    """``auto`` fuses the norms on CUDA only, ``triton`` on the CPU only under the interpreter
+    (the interpreted tests show it does there); without autocast neither does."""
+    block = PostLNBlock(8, 2, norm_impl="auto")
+    x = torch.randn(2, 3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not block.uses_fused_norms(x)
+        block.norm_impl = "triton"
+        assert not block.uses_fused_norms(x)
+        block(x)  # and runs the plain ops

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from data2vec.masking import MaskInfo
 from data2vec.nn.attention import attention_mask
+from data2vec.nn.block import run_blocks
 
 
 @dataclass
@@ -50,10 +51,10 @@ class ContextEncoder(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None) -> Tensor:
         """``x: (N, T, D)`` -> ``(N, T, D)``."""
-        x = self.dropout(self.norm(x))
-        for block in self.blocks:
-            x, _ = block(x, attn_mask)
-        return x
+        h = self.dropout(self.norm(x))
+        for out, _ in run_blocks(self.blocks, h, attn_mask):
+            h = out
+        return h
 
 
 class ModalityEncoder(nn.Module):

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from data2vec.masking import MaskInfo
 from data2vec.modalities.base import Context, ModalityEncoder
+from data2vec.nn.block import forward_low, run_blocks
 
 
 @dataclass
@@ -81,10 +82,7 @@ class Encoder(nn.Module):
         For consumers that reduce the layers as they come (teacher targets), so no list of
         all layers is ever held.
         """
-        x = ctx.x
-        for block in self.blocks:
-            x, ffn = block(x, ctx.attn_mask)
-            yield x, ffn
+        yield from run_blocks(self.blocks, ctx.x, ctx.attn_mask)
 
     def forward_blocks(self, ctx: Context, keep_layers: bool = False) -> EncoderOutput:
         """Run the shared blocks on a prepared context ``ctx.x: (N, T, D)``."""
@@ -93,11 +91,12 @@ class Encoder(nn.Module):
             x=x, padding_mask=ctx.padding_mask, num_extra_tokens=self.num_extra_tokens
         )
         drop = self.training and self.layerdrop > 0 and not keep_layers
+        low = None  # x in the autocast dtype, where the blocks pass it on (nn/block.py)
         for block in self.blocks:
             # LayerDrop (Fan et al. 2019): skip a whole block for the batch during training.
             if drop and float(torch.rand(())) < self.layerdrop:
                 continue
-            x, ffn = self._run_block(block, x, ctx.attn_mask)
+            x, ffn, low = self._run_block(block, x, low, ctx.attn_mask)
             if keep_layers:
                 out.layer_results.append(ffn)
                 out.layer_outputs.append(x)
@@ -105,14 +104,15 @@ class Encoder(nn.Module):
         return out
 
     def _run_block(
-        self, block: nn.Module, x: Tensor, attn_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        """``block(x, attn_mask)``, checkpointed when enabled and gradients are recorded."""
+        self, block: nn.Module, x: Tensor, low: Tensor | None, attn_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:func:`~data2vec.nn.block.forward_low`, checkpointed when enabled and gradients
+        are recorded."""
         if self.activation_checkpointing and torch.is_grad_enabled():
             # Non-reentrant checkpointing restores the RNG state, so dropout draws the same
             # masks in the recomputation and the gradients equal the plain ones.
-            return checkpoint(block, x, attn_mask, use_reentrant=False)
-        return block(x, attn_mask)
+            return checkpoint(forward_low, block, x, low, attn_mask, use_reentrant=False)
+        return forward_low(block, x, low, attn_mask)
 
     def forward(
         self,

@@ -56,6 +56,7 @@ def _block_factory(cfg: Config) -> Callable[[float], nn.Module]:
             proj_drop=m.encoder_dropout,
             mlp_drop=m.activation_dropout,
             post_mlp_drop=m.post_mlp_dropout,
+            norm_impl=m.norm_impl,
         )
 
     return make

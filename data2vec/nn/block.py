@@ -9,14 +9,22 @@ data2vec 2.0 uses **post-LN** blocks (all released v2 configs, fairseq ``AltBloc
 
 and returns ``(x, f)``: the FFN output ``f`` *before* the last residual is the layer's
 target material (data2vec 2.0 paper §3, fairseq ``ffn_targets``).
+
+On CUDA under autocast both ``LN(x + branch)`` run as one Triton kernel each way
+(:mod:`data2vec.nn.token_norm`), which also writes the output's copy in the autocast dtype;
+a block hands that copy to the next block's first linear layer, so the residual stream is
+not cast again there (:func:`run_blocks` threads it through a stack).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
+from data2vec.nn import token_conv, token_norm
 from data2vec.nn.attention import Attention
 from data2vec.nn.drop_path import drop_path_or_identity
 from data2vec.nn.lean import dropout_or_identity, gelu_linear
@@ -72,6 +80,9 @@ class PostLNBlock(nn.Module):
         proj_drop: dropout after the attention output projection (fairseq ``encoder_dropout``).
         mlp_drop: dropout inside the MLP (fairseq ``activation_dropout``).
         post_mlp_drop: dropout on the MLP output before the residual (fairseq ``post_mlp_drop``).
+        norm_impl: "torch", "triton" or "auto" (the fused Triton ``LN(x + branch)`` on CUDA
+            under autocast when Triton is installed; "triton" also takes it on the CPU under
+            Triton's interpreter, for the tests).
     """
 
     def __init__(
@@ -85,8 +96,10 @@ class PostLNBlock(nn.Module):
         proj_drop: float = 0.0,
         mlp_drop: float = 0.0,
         post_mlp_drop: float = 0.0,
+        norm_impl: Literal["auto", "torch", "triton"] = "auto",
     ) -> None:
         super().__init__()
+        self.norm_impl = norm_impl
         self.attn = Attention(
             dim, num_heads, qkv_bias=True, attn_drop=attn_drop, proj_drop=proj_drop
         )
@@ -96,8 +109,41 @@ class PostLNBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.drop_path = drop_path_or_identity(drop_path)
 
-    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``x: (B, T, C)`` -> ``(x, ffn_out)``, both ``(B, T, C)``."""
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None = None,
+        x_low: Tensor | None = None,
+        with_low: bool = False,
+    ) -> tuple[Tensor, ...]:
+        """``x: (B, T, C)`` -> ``(x, ffn_out)``, both ``(B, T, C)``.
+
+        Args:
+            x: ``(B, T, C)``.
+            attn_mask: see :class:`~data2vec.nn.attention.Attention`.
+            x_low: ``x`` in the autocast dtype (the previous block's third output), or None.
+            with_low: also return the output's copy in the autocast dtype, ``(x, ffn_out,
+                x_low)`` (None unless the fused norms ran); see :func:`run_blocks`.
+        """
+        if self.uses_fused_norms(x):
+            out = self._forward_fused(x, x_low, attn_mask)
+        else:
+            out = (*self._forward_plain(x, attn_mask), None)
+        return out if with_low else out[:2]
+
+    def _forward_fused(
+        self, x: Tensor, x_low: Tensor | None, attn_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        low_dtype = torch.get_autocast_dtype(x.device.type)
+        a = self.drop_path(self.attn(x if x_low is None else x_low, attn_mask))
+        x, y_low = token_norm.add_layer_norm(x, a, self.norm1, low_dtype)
+        f = self.mlp.from_hidden(self.mlp.fc1(y_low))
+        x, x_low = token_norm.add_layer_norm(
+            x, self.drop_path(self.post_mlp_dropout(f)), self.norm2, low_dtype
+        )
+        return x, f, x_low
+
+    def _forward_plain(self, x: Tensor, attn_mask: Tensor | None) -> tuple[Tensor, Tensor]:
         z = x + self.drop_path(self.attn(x, attn_mask))
         if type(self.norm1) is nn.LayerNorm and type(self.mlp.fc1) is nn.Linear:
             # norm1 and fc1 as one op: fc1's input is recomputed in backward, not kept (plain
@@ -109,3 +155,38 @@ class PostLNBlock(nn.Module):
             f = self.mlp(x)
         x = self.norm2(x + self.drop_path(self.post_mlp_dropout(f)))
         return x, f
+
+    def uses_fused_norms(self, x: Tensor) -> bool:
+        """Whether a forward on ``x`` runs the fused Triton norms (see ``norm_impl``)."""
+        if self.norm_impl == "torch" or token_conv.is_suspended():
+            return False
+        norms = (self.norm1, self.norm2)
+        ok = (
+            token_conv.available(x)
+            and all(token_norm.supports(x, x, n) for n in norms)
+            and type(self.mlp.fc1) is nn.Linear
+        )
+        return ok if self.norm_impl == "triton" else ok and x.is_cuda
+
+
+def forward_low(
+    block: nn.Module, x: Tensor, x_low: Tensor | None, attn_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(x, ffn_out, x_low)`` of any block: a :class:`PostLNBlock` takes and returns the
+    residual stream's copy in the autocast dtype; other blocks run as ``block(x, attn_mask)``
+    (no copy). Blocks are called as modules, so hooks (FSDP's) run."""
+    if isinstance(block, PostLNBlock):
+        return block(x, attn_mask, x_low=x_low, with_low=True)
+    x, f = block(x, attn_mask)
+    return x, f, None
+
+
+def run_blocks(
+    blocks: Iterable[nn.Module], x: Tensor, attn_mask: Tensor | None
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Run ``blocks`` in turn on ``x``, yielding each one's ``(x, ffn_out)``; the blocks
+    hand each other the residual stream's low-precision copy (:func:`forward_low`)."""
+    low = None
+    for block in blocks:
+        x, f, low = forward_low(block, x, low, attn_mask)
+        yield x, f
