@@ -177,3 +177,13 @@ def test_model_with_fused_norms_matches_the_torch_model(monkeypatch):
     assert abs(loss - ref_loss) < 1e-4 * abs(ref_loss), (loss, ref_loss)  # measured 4e-6
     worst = max(rel(a, b) for a, b in zip(grads, ref_grads))
     assert worst < 5e-3, worst  # measured 1.3e-3
+
+
+def test_compiled_blocks_run_the_torch_norms(monkeypatch):
+    """Inside ``torch.compile`` the blocks leave the norms to Inductor (plain ops)."""
+    block = _blocks("triton")[0]
+    x = torch.randn(2, 3, 32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert block.uses_fused_norms(x)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert not block.uses_fused_norms(x)

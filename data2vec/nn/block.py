@@ -160,6 +160,10 @@ class PostLNBlock(nn.Module):
         """Whether a forward on ``x`` runs the fused Triton norms (see ``norm_impl``)."""
         if self.norm_impl == "torch" or token_conv.is_suspended():
             return False
+        if torch.compiler.is_compiling():
+            # Inductor fuses these ops itself (and, torch 2.11, failed to compile the backward
+            # kernel inside a compiled graph): a compiled block runs the torch ops
+            return False
         norms = (self.norm1, self.norm2)
         ok = (
             token_conv.available(x)
