@@ -45,7 +45,7 @@ from data2vec.bench import bench, matmul_peak_flops, prepare_steps
 from data2vec.config import load_config
 from data2vec.masking import inverse_block_mask, make_rng
 from data2vec.models.registry import build_model
-from data2vec.nn import token_conv
+from data2vec.nn import token_conv, token_norm
 
 TINY = [
     "model.embed_dim=192",
@@ -220,6 +220,38 @@ def conv_check(
         out[f"rel_diff_{part}"] = float((got - ref).abs().max() / ref.abs().max())
     if sweep:
         out["sweep"] = _sweep(x, w, gy, (H, H))
+    return out
+
+
+def norm_check(rows: tuple[int, ...] = (2048, 8192, 32768, 131072)) -> list[dict[str, Any]]:
+    """``LayerNorm(x + a)`` of a 768-wide block alone, forward + backward, bf16 autocast: the
+    fused Triton kernels against the torch ops, at several token counts. Small counts time
+    the launch costs (the GPU waits for the CPU), large ones the passes over memory."""
+    from torch import nn
+
+    from data2vec.nn.token_norm import add_layer_norm
+
+    dev = torch.device("cuda")
+    norm = nn.LayerNorm(768, eps=1e-6).to(dev)
+    out = []
+    for m in rows:
+        x = torch.randn(m, 768, device=dev, requires_grad=True)
+        a = torch.randn(m, 768, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        gy = torch.randn(m, 768, device=dev)
+        glow = torch.randn(m, 768, device=dev, dtype=torch.bfloat16)
+
+        def fused():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y, low = add_layer_norm(x, a, norm, torch.bfloat16)  # noqa: B023
+            torch.autograd.backward([y, low], [gy, glow])  # noqa: B023
+
+        def plain():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = norm(x + a)  # noqa: B023
+                low = y.to(torch.bfloat16)
+            torch.autograd.backward([y, low], [gy, glow])  # noqa: B023
+
+        out.append({"rows": m, "fused_ms": _ms(fused), "torch_ms": _ms(plain)})
     return out
 
 
@@ -460,6 +492,9 @@ def main() -> None:
     p.add_argument("--no-agreement", action="store_true", help="timings only")
     p.add_argument("--conv", action="store_true", help="time the decoder convolution alone")
     p.add_argument("--sweep", action="store_true", help="with --conv: Triton tile settings")
+    p.add_argument("--norms", action="store_true", help="time the fused block norms alone")
+    p.add_argument("--norm-min-rows", type=int, default=None,
+                   help="set data2vec.nn.token_norm.MIN_ROWS for this run")  # fmt: skip
     p.add_argument("--variants", nargs="*", metavar="NAME", default=None,
                    help="these of VARIANTS (all without names)")  # fmt: skip
     p.add_argument("--on", nargs="+", metavar="PRESET:BATCH", default=["image-v2-base:128"],
@@ -493,9 +528,14 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True  # throughput runs as users would
     torch.backends.cudnn.allow_tf32 = True
     result["bf16_matmul_peak_flops"] = matmul_peak_flops(torch.bfloat16, device, n=8192)
+    if args.norm_min_rows is not None:
+        token_norm.MIN_ROWS = result["norm_min_rows"] = args.norm_min_rows
     if args.conv:
         result["conv"] = _guarded(conv_check, args.batch[-1], args.sweep)
         _print({"conv": result["conv"]})
+    if args.norms:
+        result["norms"] = _guarded(norm_check)
+        _print({"norms": result["norms"]})
     result["throughput"] = []
     for batch in args.batch:
         for impl in args.conv_impl:

@@ -170,7 +170,9 @@ class PostLNBlock(nn.Module):
             and all(token_norm.supports(x, x, n) for n in norms)
             and type(self.mlp.fc1) is nn.Linear
         )
-        return ok if self.norm_impl == "triton" else ok and x.is_cuda
+        if self.norm_impl == "triton" or not ok:
+            return ok
+        return x.is_cuda and x.numel() >= token_norm.MIN_ROWS * x.shape[-1]
 
 
 def forward_low(
