@@ -31,7 +31,7 @@ from data2vec.engine.trainer import StepResult, new_state, train_step
 from data2vec.masking import make_rng, random_mask
 from data2vec.models.decoders import ConvDecoder
 from data2vec.models.registry import build_model
-from data2vec.nn import token_conv
+from data2vec.nn import token_conv, token_norm
 from data2vec.nn.block import PostLNBlock
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -190,14 +190,23 @@ def decoder_conv(model: torch.nn.Module, device: torch.device) -> str | None:
 
 def block_norms(model: torch.nn.Module, device: torch.device, precision: str) -> str | None:
     """Which ``LayerNorm(x + branch)`` the model's post-LN blocks run on ``device`` at
-    ``precision``, as they decide it themselves: "triton" (fused) or "torch" (None without
-    such blocks)."""
+    ``precision``, as they decide it themselves: "triton" (fused at any size), "triton from N
+    tokens" (``auto``: fused where a block's input has at least ``N`` tokens, see
+    ``token_norm.MIN_ROWS``) or "torch" (None without such blocks)."""
     blocks = [m for m in model.modules() if isinstance(m, PostLNBlock)]
     if not blocks:
         return None
-    probe = torch.empty(0, blocks[0].attn.qkv.in_features, device=device)
-    with autocast(device, precision):
-        return "triton" if any(b.uses_fused_norms(probe) for b in blocks) else "torch"
+    width = blocks[0].attn.qkv.in_features
+
+    def fused(rows: int) -> bool:
+        probe = torch.empty(1, 1, width, device=device).expand(rows, 1, width)  # no memory
+        with autocast(device, precision):
+            return any(b.uses_fused_norms(probe) for b in blocks)
+
+    if fused(1):
+        return "triton"
+    many = max(token_norm.MIN_ROWS, 1)
+    return f"triton from {many} tokens" if fused(many) else "torch"
 
 
 def time_steps(

@@ -187,3 +187,13 @@ def test_compiled_blocks_run_the_torch_norms(monkeypatch):
         assert block.uses_fused_norms(x)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         assert not block.uses_fused_norms(x)
+
+
+def test_bench_reports_the_fused_norms():
+    from data2vec.bench import block_norms
+
+    for impl, label in (("triton", "triton"), ("torch", "torch")):
+        cfg = load_config("image-v2-tiny", [f"model.norm_impl={impl}"])
+        model = build_model(cfg)
+        assert block_norms(model, torch.device("cpu"), "bf16") == label
+        assert block_norms(model, torch.device("cpu"), "fp32") == "torch"  # no autocast
