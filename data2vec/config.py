@@ -61,8 +61,9 @@ class ModelConfig:
     # Post-LN blocks' LayerNorm(x + branch): "torch" = the PyTorch ops; "triton" = one fused
     # kernel each way (data2vec/nn/token_norm.py), taken under autocast wherever Triton runs
     # (also on the CPU under TRITON_INTERPRET=1); "auto" = Triton on NVIDIA GPUs of compute
-    # capability >= 8.0 under autocast when Triton is installed, torch otherwise. Compiled
-    # blocks (train.compile) run the torch ops, which Inductor fuses itself.
+    # capability >= 8.0 under autocast when Triton is installed, for blocks of at least 40960
+    # tokens (smaller calls are bound by launch costs), torch otherwise. Compiled blocks
+    # (train.compile) run the torch ops, which Inductor fuses itself.
     norm_impl: Literal["auto", "torch", "triton"] = "auto"
 
     def __post_init__(self) -> None:

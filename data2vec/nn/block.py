@@ -10,8 +10,9 @@ data2vec 2.0 uses **post-LN** blocks (all released v2 configs, fairseq ``AltBloc
 and returns ``(x, f)``: the FFN output ``f`` *before* the last residual is the layer's
 target material (data2vec 2.0 paper §3, fairseq ``ffn_targets``).
 
-On CUDA under autocast both ``LN(x + branch)`` run as one Triton kernel each way
-(:mod:`data2vec.nn.token_norm`), which also writes the output's copy in the autocast dtype;
+On CUDA under autocast (blocks of at least ``token_norm.MIN_ROWS`` tokens) both
+``LN(x + branch)`` run as one Triton kernel each way (:mod:`data2vec.nn.token_norm`), which
+also writes the output's copy in the autocast dtype;
 a block hands that copy to the next block's first linear layer, so the residual stream is
 not cast again there (:func:`run_blocks` threads it through a stack).
 """
@@ -81,8 +82,8 @@ class PostLNBlock(nn.Module):
         mlp_drop: dropout inside the MLP (fairseq ``activation_dropout``).
         post_mlp_drop: dropout on the MLP output before the residual (fairseq ``post_mlp_drop``).
         norm_impl: "torch", "triton" or "auto" (the fused Triton ``LN(x + branch)`` on CUDA
-            under autocast when Triton is installed; "triton" also takes it on the CPU under
-            Triton's interpreter, for the tests).
+            under autocast when Triton is installed, from ``token_norm.MIN_ROWS`` tokens on;
+            "triton" takes it at any size, also on the CPU under Triton's interpreter).
     """
 
     def __init__(
