@@ -1,0 +1,151 @@
+"""Kernels alone on CUDA, for ``gpu_check.py``: the decoder convolution and the block norms.
+
+* :func:`conv_check` - image-v2-base's decoder convolution, bf16, Triton against cuDNN:
+  agreement of output and gradients, milliseconds forward and forward + backward, and with
+  ``sweep`` each Triton kernel under several tile settings;
+* :func:`norm_check` - a block's ``LayerNorm(x + a)``, forward + backward, fused Triton kernels
+  against the torch ops at several token counts.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from data2vec.nn import token_conv
+
+
+def gpu_ms(fn, reps: int = 10) -> float:
+    """Median milliseconds of ``fn()`` on the GPU (CUDA events), after 3 warm-up calls."""
+    if not torch.cuda.is_available():  # a dry run of the logic (TRITON_INTERPRET=1 on the CPU)
+        start = time.perf_counter()
+        fn()
+        return 1e3 * (time.perf_counter() - start)
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def conv_check(
+    batch: int, sweep: bool, clones: int = 16, dev: torch.device | None = None
+) -> dict[str, Any]:
+    """image-v2-base's decoder convolution alone, bf16: Triton vs cuDNN (see module doc)."""
+    import torch.nn.functional as F
+
+    dev = dev or torch.device("cuda")
+    N, C, G, H = batch * clones, 768, 16, 14
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(N, H * H, C, device=dev, dtype=dtype, generator=gen)
+    w = 0.05 * torch.randn(C, C // G, 3, 3, device=dev, generator=gen)
+    b = 0.1 * torch.randn(C, device=dev, generator=gen)
+    gy = torch.randn(N, H * H, C, device=dev, dtype=dtype, generator=gen)
+    flops = 2 * N * H * H * C * (C // G) * 9  # one product (forward, input or weight grad)
+
+    def cudnn(xx, ww, bb):  # the decoder's torch path: channels-last view of the tokens
+        img = xx.view(N, H, H, C).permute(0, 3, 1, 2)
+        y = F.conv2d(img, ww.to(xx.dtype), bb.to(xx.dtype), padding=1, groups=G)
+        return y.permute(0, 2, 3, 1).reshape(N, H * H, C)
+
+    def triton_conv(xx, ww, bb):
+        return token_conv.conv_tokens(xx, ww.to(xx.dtype), bb, (H, H))
+
+    out: dict[str, Any] = {"shape": f"{N} x {H}x{H} x {C}, {G} groups, 3x3", "gflop": flops / 1e9}
+    grads = {}
+    for name, fn in (("cudnn", cudnn), ("triton", triton_conv)):
+        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        y = fn(xs, ws, bs)
+        y.backward(gy)
+        grads[name] = (y.detach().float(), xs.grad.float(), ws.grad.float(), bs.grad.float())
+        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+        out[f"{name}_forward_ms"] = gpu_ms(lambda: fn(x, w, b))  # noqa: B023
+        out[f"{name}_forward_backward_ms"] = gpu_ms(lambda: fn(xs, ws, bs).backward(gy))  # noqa: B023
+        out[f"{name}_forward_backward_tflops"] = (
+            3 * flops / out[f"{name}_forward_backward_ms"] / 1e9
+        )
+    for i, part in enumerate(("out", "grad_x", "grad_w", "grad_b")):
+        ref, got = grads["cudnn"][i], grads["triton"][i]
+        out[f"rel_diff_{part}"] = float((got - ref).abs().max() / ref.abs().max())
+    if sweep:
+        out["sweep"] = _sweep(x, w, gy, (H, H))
+    return out
+
+
+def norm_check(rows: tuple[int, ...] = (2048, 8192, 32768, 131072)) -> list[dict[str, Any]]:
+    """``LayerNorm(x + a)`` of a 768-wide block alone, forward + backward, bf16 autocast: the
+    fused Triton kernels against the torch ops, at several token counts. Small counts time
+    the launch costs (the GPU waits for the CPU), large ones the passes over memory."""
+    from torch import nn
+
+    from data2vec.nn.token_norm import add_layer_norm
+
+    dev = torch.device("cuda")
+    norm = nn.LayerNorm(768, eps=1e-6).to(dev)
+    out = []
+    for m in rows:
+        x = torch.randn(m, 768, device=dev, requires_grad=True)
+        a = torch.randn(m, 768, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        gy = torch.randn(m, 768, device=dev)
+        glow = torch.randn(m, 768, device=dev, dtype=torch.bfloat16)
+
+        def fused():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y, low = add_layer_norm(x, a, norm, torch.bfloat16)  # noqa: B023
+            torch.autograd.backward([y, low], [gy, glow])  # noqa: B023
+
+        def plain():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = norm(x + a)  # noqa: B023
+                low = y.to(torch.bfloat16)
+            torch.autograd.backward([y, low], [gy, glow])  # noqa: B023
+
+        out.append({"rows": m, "fused_ms": gpu_ms(fused), "torch_ms": gpu_ms(plain)})
+    return out
+
+
+def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
+    """Each Triton kernel (forward, weight gradient) timed under several launch settings."""
+    G = x.shape[-1] // w.shape[1]
+    rows, cout = x.reshape(-1, x.shape[-1]), w.shape[0]
+    w_t = w.to(x.dtype).reshape(G, cout // G, w.shape[1], 3, 3).permute(0, 3, 4, 2, 1).contiguous()
+    flops = 2 * rows.shape[0] * cout * w.shape[1] * 9
+    results = []
+    default_f, default_w = dict(token_conv.FORWARD), dict(token_conv.WEIGHT_GRAD)
+    for bm, bk, warps, stages in [(64, 16, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3),
+                                  (128, 64, 4, 3), (128, 64, 8, 4), (256, 64, 8, 3),
+                                  (128, 64, 8, 2)]:  # fmt: skip
+        token_conv.FORWARD.update(BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+        try:
+            ms = gpu_ms(lambda: token_conv.conv_tokens_forward(rows, w_t, None, hw, cout))
+            results.append({"kernel": "forward", **token_conv.FORWARD, "ms": ms,
+                            "tflops": flops / ms / 1e9})  # fmt: skip
+        except Exception as exc:  # a setting the compiler rejects: report, go on
+            results.append({"kernel": "forward", **token_conv.FORWARD, "error": str(exc)[:200]})
+    token_conv.FORWARD.update(default_f)
+    shape = (G, 3, 3, w.shape[1], cout // G)
+    grow = gy.reshape(-1, cout)
+    for bm, warps, stages, per_sm in [(64, 4, 3, 16), (64, 4, 3, 64), (64, 4, 3, 128),
+                                      (64, 8, 3, 64), (128, 8, 3, 64), (32, 4, 3, 64),
+                                      (64, 4, 4, 64)]:  # fmt: skip
+        token_conv.WEIGHT_GRAD.update(
+            BLOCK_M=bm, num_warps=warps, num_stages=stages, programs_per_sm=per_sm
+        )
+        try:
+            ms = gpu_ms(lambda: token_conv.conv_tokens_weight_grad(rows, grow, hw, shape))
+            results.append({"kernel": "weight_grad", **token_conv.WEIGHT_GRAD, "ms": ms,
+                            "tflops": flops / ms / 1e9})  # fmt: skip
+        except Exception as exc:
+            results.append({"kernel": "weight_grad", **token_conv.WEIGHT_GRAD,
+                            "error": str(exc)[:200]})  # fmt: skip
+    token_conv.WEIGHT_GRAD.update(default_w)
+    return results
