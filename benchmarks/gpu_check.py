@@ -282,16 +282,13 @@ def norm_agreement(device: torch.device, seed: int = 0) -> dict[str, Any]:
         grads = [xs.grad] + [p.grad for p in blocks.parameters()]
         return [t.detach().double().cpu() for t in (*outs, *grads)]
 
-    def worst(a: list, b: list) -> float:
-        return max(float((y - x).abs().max() / x.abs().max()) for x, y in zip(a, b))
-
     ref = run("torch", False)
     # "triton": fused at any size ("auto" leaves these 3200 tokens to torch, token_norm.MIN_ROWS)
     blocks[0].norm_impl = "triton"
     with torch.autocast(device.type, dtype=torch.bfloat16):
         fused = blocks[0].uses_fused_norms(x)
-    torch_bf16 = worst(ref, run("torch", True))
-    triton_bf16 = worst(ref, run("triton", True))
+    torch_bf16 = max(_worst(ref, run("torch", True)))
+    triton_bf16 = max(_worst(ref, run("triton", True)))
     return {"fused_norms": fused, "bf16_torch_rel_diff": torch_bf16,
             "bf16_triton_rel_diff": triton_bf16,
             "pass": fused and triton_bf16 <= 2 * torch_bf16 + 1e-3}  # fmt: skip

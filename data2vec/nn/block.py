@@ -168,7 +168,7 @@ class PostLNBlock(nn.Module):
         norms = (self.norm1, self.norm2)
         ok = (
             token_conv.available(x)
-            and all(token_norm.supports(x, x, n) for n in norms)
+            and all(token_norm.supports(x, n) for n in norms)
             and type(self.mlp.fc1) is nn.Linear
         )
         if self.norm_impl == "triton" or not ok:

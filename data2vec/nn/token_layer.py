@@ -99,8 +99,9 @@ if triton is not None:
         tl.store(gy_ptr + offs, gy.to(gy_ptr.dtype.element_ty), mask=ok)
 
 
-def _rows_launch(M: int, C: int) -> tuple[tuple[int], dict[str, int]]:
-    """Grid and block sizes of the row-wise kernels: a few whole rows per program."""
+def rows_launch(M: int, C: int) -> tuple[tuple[int], dict[str, int]]:
+    """Grid and block sizes of the row-wise kernels (this module's and ``token_norm``'s): a few
+    whole rows per program."""
     block_c = triton.next_power_of_2(C)
     block_r = max(1, min(8, 4096 // block_c))
     return (triton.cdiv(M, block_r),), {"BLOCK_R": block_r, "BLOCK_C": block_c}
@@ -121,7 +122,7 @@ class _DecoderLayer(torch.autograd.Function):
         M, C = y.shape
         out = torch.empty(M, C, device=y.device, dtype=out_dtype)
         low = torch.empty(M, C, device=y.device, dtype=weight.dtype)
-        grid, blocks = _rows_launch(M, C)
+        grid, blocks = rows_launch(M, C)
         _forward_kernel[grid](
             y, h, out, low, M, eps, C=C, HAS_RES=residual, HAS_LOW=True, **blocks
         )  # fmt: skip
@@ -137,7 +138,7 @@ class _DecoderLayer(torch.autograd.Function):
         g = g.contiguous()
         M, C = y.shape
         gy = torch.empty_like(y)
-        grid, blocks = _rows_launch(M, C)
+        grid, blocks = rows_launch(M, C)
         _backward_kernel[grid](y, g, gy, M, ctx.eps, C=C, **blocks)
         groups = x.shape[1] // weight.shape[1]
         gh = gw = gb = None

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from data2vec.nn.token_conv import triton
+from data2vec.nn.token_layer import rows_launch
 
 if triton is not None:
     import triton.language as tl
@@ -123,12 +124,6 @@ if triton is not None:
         tl.store(gb_ptr + out, tl.sum(gb, axis=0), mask=col_ok)
 
 
-def _blocks(C: int) -> dict[str, int]:
-    """Row-kernel block sizes: whole rows, a few per program step."""
-    block_c = triton.next_power_of_2(C)
-    return {"BLOCK_R": max(1, min(8, 4096 // block_c)), "BLOCK_C": block_c}
-
-
 # "auto" fuses the norms of a block only from this many tokens (rows) on. Measured on an H100
 # (gpu_check.py --norms, 768 channels, forward + backward alone): fused 0.66 / 1.06 / 2.07 ms
 # against torch 0.55 / 0.94 / 3.39 ms at 2k / 32k / 131k rows; small calls are bound by launch
@@ -148,8 +143,7 @@ def _forward(
     y = torch.empty(M, C, device=x.device, dtype=torch.float32)
     low = torch.empty(M, C, device=x.device, dtype=low_dtype)
     z = torch.empty(M, C, device=x.device, dtype=torch.float32) if save_z else None
-    blocks = _blocks(C)
-    grid = (triton.cdiv(M, blocks["BLOCK_R"]),)
+    grid, blocks = rows_launch(M, C)
     _add_norm_forward[grid](
         x, a, weight, bias, y, low, y if z is None else z, M, eps, C=C, SAVE_Z=save_z, **blocks
     )  # fmt: skip
@@ -171,7 +165,7 @@ class _AddLayerNorm(torch.autograd.Function):
     def backward(ctx, gy: Tensor | None, glow: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         z, weight = ctx.saved_tensors
         M, C = z.shape
-        blocks = _blocks(C)
+        blocks = rows_launch(M, C)[1]
         rows = max(ROWS_PER_PROGRAM, blocks["BLOCK_R"])
         programs = triton.cdiv(M, rows)
         gz = torch.empty_like(z)
@@ -216,10 +210,10 @@ def add_layer_norm(x: Tensor, a: Tensor, norm: nn.LayerNorm, low_dtype) -> tuple
     return y.view(shape), low.view(shape)
 
 
-def supports(x: Tensor, a: Tensor, norm: nn.Module) -> bool:
-    """Whether :func:`add_layer_norm` computes ``norm(x + a)`` as autocast's plain ops would:
-    a float32 ``x``, an affine float32 ``nn.LayerNorm`` over the last dimension, matching
-    shapes, and autocast on (it makes the low-precision copy useful)."""
+def supports(x: Tensor, norm: nn.Module) -> bool:
+    """Whether :func:`add_layer_norm` computes ``norm(x + a)`` as autocast's plain ops would,
+    for a branch ``a`` shaped as ``x``: a float32 ``x``, an affine float32 ``nn.LayerNorm``
+    over the last dimension, and autocast on (it makes the low-precision copy useful)."""
     return (
         type(norm) is nn.LayerNorm
         and norm.elementwise_affine
@@ -228,7 +222,6 @@ def supports(x: Tensor, a: Tensor, norm: nn.Module) -> bool:
         and norm.weight.dtype == torch.float32
         and norm.bias.dtype == torch.float32
         and x.dtype == torch.float32
-        and x.shape == a.shape
         and x.shape[-1] == norm.normalized_shape[0]
         and torch.is_autocast_enabled(x.device.type)
     )
