@@ -22,8 +22,10 @@ script can sit in any checklist.
    ``--conv-impl`` (FLOPs from ``torch.utils.flop_counter``, MFU against the measured bf16
    matmul peak of the same GPU), plus the peak GPU memory.
 4. **Variants** (``--variants``): step time, first loss and peak memory with the torch norms,
-   the memory-lean layers switched to the plain ops, and ``train.compile=true``, at each
-   ``--on`` setting (default image-v2-base at batch 128).
+   the memory-lean layers switched to the plain ops, ``train.compile=true``, the decoder
+   convolution's two ways of walking its sum (``conv taps`` / ``conv packed``) and the
+   attention's earlier head split (``heads permuted``), at each ``--on`` setting (default
+   image-v2-base at batch 128).
 5. **Profile** (``--profile``): the top CUDA kernels of a few steps at each ``--on`` setting.
 
 python benchmarks/gpu_check.py [--batch 32 128] [--conv-impl torch triton] [--steps 10]
@@ -34,10 +36,13 @@ python benchmarks/gpu_check.py [--batch 32 128] [--conv-impl torch triton] [--st
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +52,7 @@ from data2vec.bench import bench, matmul_peak_flops, prepare_steps
 from data2vec.config import load_config
 from data2vec.masking import inverse_block_mask, make_rng
 from data2vec.models.registry import build_model
-from data2vec.nn import token_conv, token_norm
+from data2vec.nn import attention, token_conv, token_norm
 
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_kernels import conv_check, norm_check  # sibling script modules
@@ -207,15 +212,50 @@ def _median_step(step, steps: int, warmup: int = 2) -> tuple[float, float]:
     return statistics.median(times), first_loss
 
 
-# (name, config overrides, memory-lean layers switched to the plain ops)
+@contextlib.contextmanager
+def _conv_settings(**settings: int) -> Iterator[None]:
+    """The decoder convolution's kernels (forward and weight gradient) under ``settings``."""
+    saved = dict(token_conv.FORWARD), dict(token_conv.WEIGHT_GRAD)
+    token_conv.FORWARD.update(settings)
+    token_conv.WEIGHT_GRAD.update(settings)
+    try:
+        yield
+    finally:
+        token_conv.FORWARD.update(saved[0])
+        token_conv.WEIGHT_GRAD.update(saved[1])
+
+
+@contextlib.contextmanager
+def _heads_permuted() -> Iterator[None]:
+    """The attention's heads split as before ``split_heads`` (move, then unbind), whose
+    backward copies the q/k/v gradient once more."""
+
+    def permuted(qkv: torch.Tensor, num_heads: int):
+        B, T, C3 = qkv.shape
+        parts = qkv.view(B, T, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
+        return parts.unbind(0)
+
+    saved = attention.split_heads
+    attention.split_heads = permuted
+    try:
+        yield
+    finally:
+        attention.split_heads = saved
+
+
+# (name, config overrides, memory-lean layers switched to the plain ops, code switch)
 VARIANTS = [
-    ("default", (), False),
-    ("model.norm_impl=torch", ("model.norm_impl=torch",), False),
-    ("plain layers", (), True),
-    ("plain layers, model.norm_impl=torch", ("model.norm_impl=torch",), True),
-    ("train.compile=true", ("train.compile=true",), False),
+    ("default", (), False, contextlib.nullcontext),
+    ("model.norm_impl=torch", ("model.norm_impl=torch",), False, contextlib.nullcontext),
+    ("plain layers", (), True, contextlib.nullcontext),
+    ("plain layers, model.norm_impl=torch", ("model.norm_impl=torch",), True,
+     contextlib.nullcontext),
+    ("train.compile=true", ("train.compile=true",), False, contextlib.nullcontext),
     ("train.compile=true model.norm_impl=torch", ("train.compile=true", "model.norm_impl=torch"),
-     False),
+     False, contextlib.nullcontext),
+    ("conv taps", (), False, functools.partial(_conv_settings, PACK_K=0)),
+    ("conv packed", (), False, functools.partial(_conv_settings, PACK_K=1)),
+    ("heads permuted", (), False, _heads_permuted),
 ]  # fmt: skip
 
 
@@ -232,12 +272,12 @@ def variants(
     rounding); the list ``repeat`` times over, alternating, for noisy (small) settings."""
     chosen = [v for v in VARIANTS if names is None or v[0] in names]
     out = []
-    for name, extra, plain_layers in chosen * repeat:
+    for name, extra, plain_layers, switch in chosen * repeat:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         model, step = _runner(batch, conv_impl, extra, preset)
-        with plain(model, set(CHANGES) if plain_layers else set()):
+        with plain(model, set(CHANGES) if plain_layers else set()), switch():
             step_s, loss = _median_step(step, steps)
         out.append({"variant": name, "preset": preset, "batch": batch, "step_time_s": step_s,
                     "loss_first": loss,
@@ -308,7 +348,7 @@ def profile(
         step()
     torch.cuda.synchronize()
     acts = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
-    with torch_profile(activities=acts) as prof:
+    with torch_profile(activities=acts, record_shapes=True) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
@@ -323,8 +363,21 @@ def profile(
         return [{"name": e.key[:80], "ms": getattr(e, attr) / 1e3 / steps,
                  "calls": e.count / steps} for e in evs]  # fmt: skip
 
+    shaped = [e for e in prof.key_averages(group_by_input_shape=True)
+              if e.device_type == DeviceType.CPU and e.self_device_time_total > 0]  # fmt: skip
+    shaped = sorted(shaped, key=lambda e: e.self_device_time_total, reverse=True)[: 2 * top]
     return {
         "wall_ms_profiled": 1e3 * wall,
+        # which tensors the elementwise ops and copies work on (shapes say where they come from)
+        "ops_by_shape": [
+            {
+                "name": e.key[:60],
+                "shapes": str(e.input_shapes)[:200],
+                "ms": e.self_device_time_total / 1e3 / steps,
+                "calls": e.count / steps,
+            }
+            for e in shaped
+        ],
         "gpu_busy_ms": sum(e.self_device_time_total for e in gpu) / 1e3 / steps,
         "kernels": rows(gpu, "self_device_time_total"),
         "ops_by_gpu_time": rows(cpu, "self_device_time_total"),

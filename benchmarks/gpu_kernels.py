@@ -57,12 +57,18 @@ def conv_check(
         y = F.conv2d(img, ww.to(xx.dtype), bb.to(xx.dtype), padding=1, groups=G)
         return y.permute(0, 2, 3, 1).reshape(N, H * H, C)
 
-    def triton_conv(xx, ww, bb):
-        return token_conv.conv_tokens(xx, ww.to(xx.dtype), bb, (H, H))
+    def triton_conv(pack: int):
+        def run(xx, ww, bb):
+            token_conv.FORWARD["PACK_K"] = token_conv.WEIGHT_GRAD["PACK_K"] = pack
+            return token_conv.conv_tokens(xx, ww.to(xx.dtype), bb, (H, H))
+
+        return run
 
     out: dict[str, Any] = {"shape": f"{N} x {H}x{H} x {C}, {G} groups, 3x3", "gflop": flops / 1e9}
     grads = {}
-    for name, fn in (("cudnn", cudnn), ("triton", triton_conv)):
+    saved = token_conv.FORWARD["PACK_K"], token_conv.WEIGHT_GRAD["PACK_K"]
+    runs = (("cudnn", cudnn), ("triton_taps", triton_conv(0)), ("triton_packed", triton_conv(1)))
+    for name, fn in runs:
         xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
         y = fn(xs, ws, bs)
         y.backward(gy)
@@ -73,9 +79,11 @@ def conv_check(
         out[f"{name}_forward_backward_tflops"] = (
             3 * flops / out[f"{name}_forward_backward_ms"] / 1e9
         )
-    for i, part in enumerate(("out", "grad_x", "grad_w", "grad_b")):
-        ref, got = grads["cudnn"][i], grads["triton"][i]
-        out[f"rel_diff_{part}"] = float((got - ref).abs().max() / ref.abs().max())
+    token_conv.FORWARD["PACK_K"], token_conv.WEIGHT_GRAD["PACK_K"] = saved
+    for name in ("triton_taps", "triton_packed"):
+        for i, part in enumerate(("out", "grad_x", "grad_w", "grad_b")):
+            ref, got = grads["cudnn"][i], grads[name][i]
+            out[f"{name}_rel_diff_{part}"] = float((got - ref).abs().max() / ref.abs().max())
     if sweep:
         out["sweep"] = _sweep(x, w, gy, (H, H))
     return out
@@ -121,10 +129,13 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
     flops = 2 * rows.shape[0] * cout * w.shape[1] * 9
     results = []
     default_f, default_w = dict(token_conv.FORWARD), dict(token_conv.WEIGHT_GRAD)
-    for bm, bk, warps, stages in [(64, 16, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3),
-                                  (128, 64, 4, 3), (128, 64, 8, 4), (256, 64, 8, 3),
-                                  (128, 64, 8, 2)]:  # fmt: skip
-        token_conv.FORWARD.update(BLOCK_M=bm, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    for bm, bk, pack, warps, stages in [(128, 64, 0, 8, 3), (128, 64, 1, 8, 3), (128, 32, 1, 8, 3),
+                                        (64, 64, 1, 4, 3), (128, 64, 1, 4, 3), (128, 64, 1, 8, 4),
+                                        (256, 64, 1, 8, 3), (128, 128, 1, 8, 3),
+                                        (128, 64, 1, 8, 2)]:  # fmt: skip
+        token_conv.FORWARD.update(
+            BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps, num_stages=stages
+        )
         try:
             ms = gpu_ms(lambda: token_conv.conv_tokens_forward(rows, w_t, None, hw, cout))
             results.append({"kernel": "forward", **token_conv.FORWARD, "ms": ms,
@@ -134,12 +145,15 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
     token_conv.FORWARD.update(default_f)
     shape = (G, 3, 3, w.shape[1], cout // G)
     grow = gy.reshape(-1, cout)
-    for bm, warps, stages, per_sm in [(64, 4, 3, 16), (64, 4, 3, 64), (64, 4, 3, 128),
-                                      (64, 8, 3, 64), (128, 8, 3, 64), (32, 4, 3, 64),
-                                      (64, 4, 4, 64)]:  # fmt: skip
+    for bm, bk, pack, warps, stages, per_sm in [
+        (64, 0, 0, 4, 3, 64), (64, 64, 1, 4, 3, 64), (64, 32, 1, 4, 3, 64), (64, 64, 1, 4, 3, 32),
+        (64, 64, 1, 4, 3, 128), (64, 64, 1, 8, 3, 64), (128, 64, 1, 8, 3, 64),
+        (32, 64, 1, 4, 3, 64), (64, 64, 1, 4, 4, 64), (64, 128, 1, 8, 3, 64),
+    ]:  # fmt: skip
         token_conv.WEIGHT_GRAD.update(
-            BLOCK_M=bm, num_warps=warps, num_stages=stages, programs_per_sm=per_sm
-        )
+            BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps, num_stages=stages,
+            programs_per_sm=per_sm,
+        )  # fmt: skip
         try:
             ms = gpu_ms(lambda: token_conv.conv_tokens_weight_grad(rows, grow, hw, shape))
             results.append({"kernel": "weight_grad", **token_conv.WEIGHT_GRAD, "ms": ms,

@@ -47,8 +47,18 @@ SHAPES = [
 ]
 
 
+@pytest.fixture(params=["taps", "packed", "packed16"])
+def packing(request, monkeypatch):
+    """Both ways the kernels walk the (tap, channel) sum: one tap at a time, or (tap, channel)
+    pairs packed into steps of 64 (16: several steps, each spanning taps)."""
+    for settings in (token_conv.FORWARD, token_conv.WEIGHT_GRAD):
+        monkeypatch.setitem(settings, "PACK_K", int(request.param != "taps"))
+        monkeypatch.setitem(settings, "BLOCK_K", 16 if request.param == "packed16" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SHAPES)
-def test_conv_tokens_matches_conv2d(shape):
+def test_conv_tokens_matches_conv2d(shape, packing):
     N, H, W, cin, cout, G, k, has_bias = shape
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, H * W, cin, generator=g, requires_grad=True)
@@ -65,7 +75,7 @@ def test_conv_tokens_matches_conv2d(shape):
 
 
 @pytest.mark.parametrize("splits", [1, 3, 7])
-def test_weight_gradient_slices_sum_to_the_same(splits):
+def test_weight_gradient_slices_sum_to_the_same(splits, packing):
     """Rows split into slices summed separately (the GPU's load balance) change nothing; 150
     rows are not a multiple of the kernel's 64-row blocks."""
     g = torch.Generator().manual_seed(1)

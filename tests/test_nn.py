@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from data2vec.nn.attention import Attention, attention_mask
+from data2vec.nn.attention import Attention, attention_mask, split_heads
 from data2vec.nn.block import PostLNBlock
 from data2vec.nn.drop_path import DropPath
 from data2vec.nn.positions import sincos_2d
@@ -130,3 +130,36 @@ def test_attention__gradient_reaches_a_learned_bias():
     naive_attention(attn, x, None, bias).sum().backward()
     torch.testing.assert_close(got, scale.grad, atol=1e-5, rtol=1e-4)
     assert float(got.abs().min()) > 0
+
+
+def test_split_heads__views_and_one_copy_in_backward():
+    # Reference: the (B, T, 3, H, d) reading of [q; k; v], heads moved before tokens.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    B, T, H, d = 2, 5, 3, 4
+    qkv = torch.randn(B, T, 3 * H * d, requires_grad=True)
+    q, k, v = split_heads(qkv, H)
+    ref = qkv.detach().view(B, T, 3, H, d)
+    for i, part in enumerate((q, k, v)):
+        assert part.shape == (B, H, T, d)
+        assert part.data_ptr() == qkv.data_ptr() + i * H * d * qkv.element_size()
+        torch.testing.assert_close(part, ref[:, :, i].transpose(1, 2), rtol=0, atol=0)
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.__name__)
+            return func(*args, **(kwargs or {}))
+
+    gq, gk, gv = (torch.randn(B, H, T, d) for _ in range(3))
+    with Ops() as ops:
+        torch.autograd.backward((q, k, v), (gq, gk, gv))
+    grad = torch.stack([g.transpose(1, 2) for g in (gq, gk, gv)], dim=2).reshape(B, T, -1)
+    torch.testing.assert_close(qkv.grad, grad, rtol=0, atol=0)
+    copies = [
+        n for n in ops.names if n.split(".")[0] in ("cat", "stack", "clone", "copy_", "_to_copy")
+    ]
+    assert len(copies) == 1, ops.names  # the stack alone, no copy back to (B, T, 3C)

@@ -55,6 +55,21 @@ def test_regression_loss__l2_scaled_and_smooth_l1():
     assert float(regression_loss(pred, target, beta=4.0, scale=1.0)) == pytest.approx(0.625)
 
 
+def test_regression_loss__bf16_prediction_as_if_cast_first():
+    """A bf16 prediction is promoted by the subtraction: the loss and its gradient have the
+    bits of casting it to float32 first."""
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(50, 8, generator=g).bfloat16().requires_grad_()
+    target = torch.randn(50, 8, generator=g)
+    loss = regression_loss(pred, target)
+    (grad,) = torch.autograd.grad(loss, pred)
+    ref_pred = pred.detach().clone().requires_grad_()
+    ref = (ref_pred.float() - target).square().sum() * (1.0 / math.sqrt(8))
+    (ref_grad,) = torch.autograd.grad(ref, ref_pred)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    assert torch.equal(loss, ref) and torch.equal(grad, ref_grad)
+
+
 def test_per_dim_std__matches_formula():
     x = torch.tensor([[0.0, 1.0], [2.0, 1.0], [4.0, 1.0]])
     expected = (math.sqrt(4.0 + 1e-6) + math.sqrt(0.0 + 1e-6)) / 2

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data2vec.nn.attention import split_heads
 from data2vec.nn.block import Mlp
 from data2vec.nn.drop_path import drop_path_or_identity
 
@@ -62,10 +63,7 @@ class QVBiasAttention(nn.Module):
         """``x: (B, T, C)``, additive mask broadcastable to ``(B, H, T, T)`` -> ``(B, T, C)``."""
         B, T, C = x.shape
         bias = torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
-        qkv = F.linear(x, self.qkv.weight, bias.to(x.dtype))
-        # (B, T, 3C) -> (3, B, H, T, C/H)
-        qkv = qkv.view(B, T, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = split_heads(F.linear(x, self.qkv.weight, bias.to(x.dtype)), self.num_heads)
         drop = self.attn_drop if self.training else 0.0
         if attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)

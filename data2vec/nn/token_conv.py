@@ -2,18 +2,22 @@
 
 The data2vec 2.0 decoder's convolutions have few channels per group (768 / 16 = 48 in the base
 presets). On an H100, cuDNN ran them at about 35 TFLOP/s in bf16 (forward + backward), much
-of it in layout transforms; these kernels run them at about 120 TFLOP/s (``benchmarks/README.md``,
-"GPU, second pass"). Each one is an implicit GEMM that reads the decoder's own
-``(N, H*W, C)`` token layout directly:
+of it in layout transforms; these kernels run them at about 150 TFLOP/s (``benchmarks/README.md``,
+"GPU, second pass" and "GPU, fourth pass"). Each one is an implicit GEMM that reads the
+decoder's own ``(N, H*W, C)`` token layout directly:
 
 * **forward**: every program computes ``BLOCK_M`` output positions x ``BLOCK_N`` output
   channels of one group, summing ``KH*KW`` taps x ``C_in/G`` input channels with ``tl.dot``;
-  positions whose tap falls outside the image read zeros (the zero padding);
+  positions whose tap falls outside the image read zeros (the zero padding). The sum runs
+  over (tap, channel) pairs packed ``BLOCK_K`` at a time, so a step may span two taps: 48
+  channels x 9 taps take 7 steps of 64 instead of 9 steps a quarter empty (``PACK_K``; one
+  tap per step is kept for comparison);
 * **input gradient**: the same kernel on the output gradient, with the weight's taps flipped
   and its in/out channels swapped;
-* **weight gradient**: one program per (group, tap, slice of positions) computes
-  ``grad_out^T @ shifted_input``; the slices' partial sums (float32) are added afterwards by
-  one reduction, so the result does not depend on the order programs finish in.
+* **weight gradient**: one program per (group, block of packed (tap, channel) columns, slice
+  of positions) computes ``grad_out^T @ shifted_input``; the slices' partial sums (float32)
+  are added afterwards by one reduction, so the result does not depend on the order programs
+  finish in.
 
 The 1-D convolutions of audio and text are the case ``H = 1``, ``KH = 1``. The products run in
 the weight's dtype (a float32 input is rounded to it as the kernel reads it, which is what
@@ -96,6 +100,27 @@ def _capability(device_index: int | None) -> tuple[int, int]:
 if triton is not None:
 
     @triton.jit
+    def _packed_rows(rows, in_rows, yy, xx, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC: tl.constexpr):
+        """Offsets and mask of ``x[row + shift(tap), g*CIN_G + i]`` for rows x packed pairs.
+
+        ``ks`` numbers (tap, input channel) pairs as ``tap * CIN_G + i``; positions whose tap
+        falls outside the image, and pairs past the last, read zeros. Returns
+        ``(BLOCK_M, BLOCK_K)`` offsets into ``x: (M, C_IN)`` and the mask.
+        """
+        tap = ks // CIN_G
+        dy = tap // KW - KH // 2
+        dx = tap % KW - KW // 2
+        ys = yy[:, None] + dy[None, :]
+        xs = xx[:, None] + dx[None, :]
+        ok = in_rows[:, None] & (ks[None, :] < KH * KW * CIN_G)
+        ok = ok & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
+        src = (rows[:, None] + (dy * W + dx)[None, :]).to(tl.int64) * C_IN
+        src = src + (g * CIN_G + ks % CIN_G)[None, :]
+        # Runs of VEC pairs share a tap and have consecutive channels: whole vectors load.
+        src = tl.max_contiguous(tl.multiple_of(src, [1, VEC]), [1, VEC])
+        return src, tl.max_constancy(ok, [1, VEC])
+
+    @triton.jit
     def _conv_kernel(
         x_ptr,
         w_ptr,
@@ -117,12 +142,17 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        PACK: tl.constexpr,
+        VEC: tl.constexpr,
     ):
         """``out[m, g*COUT_G + o] = sum_{tap, i} x[m + shift(tap), g*CIN_G + i] w[g, tap, i, o]``.
 
         ``x: (M, C_IN)``, ``w: (G, KH*KW, CIN_G, COUT_G)``, ``out: (M, C_OUT)``, all
         contiguous; rows are ``(n, y, x)`` positions of ``H x W`` images, row-major. Plus
         ``bias[c]`` (``HAS_BIAS``) and ``add[m, c]`` (``HAS_ADD``, e.g. a residual's gradient).
+        ``PACK``: the sum runs over ``BLOCK_K`` (tap, channel) pairs at a time (see
+        :func:`_packed_rows`) instead of one tap's channels at a time; ``VEC``: a power of two
+        dividing ``CIN_G`` (the runs of contiguous channels the loads may assume).
         """
         # Programs of one row tile run side by side (group fastest), so the rows they read
         # are fetched from memory once and then served from the cache.
@@ -138,31 +168,50 @@ if triton is not None:
         yy = pos // W
         xx = pos % W
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for ky in tl.static_range(KH):
-            for kx in tl.static_range(KW):
-                dy = ky - KH // 2
-                dx = kx - KW // 2
-                ok = in_rows & (yy + dy >= 0) & (yy + dy < H) & (xx + dx >= 0) & (xx + dx < W)
-                src = (rows + dy * W + dx).to(tl.int64) * C_IN + g * CIN_G
-                tap_w = w_ptr + (g * KH * KW + ky * KW + kx) * CIN_G * COUT_G
-                for k0 in tl.static_range(0, CIN_G, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    b = tl.load(
-                        tap_w + ks[:, None] * COUT_G + cols[None, :],
-                        mask=(ks[:, None] < CIN_G) & (cols[None, :] < COUT_G),
-                        other=0.0,
-                    )
-                    # float32 activations are rounded to the weight's dtype here, in
-                    # registers, rather than by a separate cast over the whole tensor.
-                    a = tl.load(
-                        x_ptr + src[:, None] + ks[None, :],
-                        mask=ok[:, None] & (ks[None, :] < CIN_G),
-                        other=0.0,
-                    ).to(b.dtype)
-                    if IEEE:
-                        acc = tl.dot(a, b, acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(a, b, acc)
+        if PACK:
+            # One group's weight is a (KH*KW*CIN_G, COUT_G) matrix, rows in (tap, channel)
+            # order; the input is gathered in the same order, so no column of a product is
+            # padding except past the last pair (48 channels x 9 taps: 7 steps of 64, not 9).
+            w_g = w_ptr + g * KH * KW * CIN_G * COUT_G
+            for k0 in tl.static_range(0, KH * KW * CIN_G, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                b = tl.load(
+                    w_g + ks[:, None] * COUT_G + cols[None, :],
+                    mask=(ks[:, None] < KH * KW * CIN_G) & (cols[None, :] < COUT_G),
+                    other=0.0,
+                )
+                src, ok = _packed_rows(rows, in_rows, yy, xx, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC)
+                a = tl.load(x_ptr + src, mask=ok, other=0.0).to(b.dtype)
+                if IEEE:
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(a, b, acc)
+        else:
+            for ky in tl.static_range(KH):
+                for kx in tl.static_range(KW):
+                    dy = ky - KH // 2
+                    dx = kx - KW // 2
+                    ok = in_rows & (yy + dy >= 0) & (yy + dy < H) & (xx + dx >= 0) & (xx + dx < W)
+                    src = (rows + dy * W + dx).to(tl.int64) * C_IN + g * CIN_G
+                    tap_w = w_ptr + (g * KH * KW + ky * KW + kx) * CIN_G * COUT_G
+                    for k0 in tl.static_range(0, CIN_G, BLOCK_K):
+                        ks = k0 + tl.arange(0, BLOCK_K)
+                        b = tl.load(
+                            tap_w + ks[:, None] * COUT_G + cols[None, :],
+                            mask=(ks[:, None] < CIN_G) & (cols[None, :] < COUT_G),
+                            other=0.0,
+                        )
+                        # float32 activations are rounded to the weight's dtype here, in
+                        # registers, rather than by a separate cast over the whole tensor.
+                        a = tl.load(
+                            x_ptr + src[:, None] + ks[None, :],
+                            mask=ok[:, None] & (ks[None, :] < CIN_G),
+                            other=0.0,
+                        ).to(b.dtype)
+                        if IEEE:
+                            acc = tl.dot(a, b, acc, input_precision="ieee")
+                        else:
+                            acc = tl.dot(a, b, acc)
         if HAS_BIAS:
             bias = tl.load(b_ptr + g * COUT_G + cols, mask=cols < COUT_G, other=0.0)
             acc += bias.to(tl.float32)[None, :]
@@ -191,22 +240,31 @@ if triton is not None:
         BLOCK_M: tl.constexpr,
         BLOCK_O: tl.constexpr,
         BLOCK_I: tl.constexpr,
+        PACK: tl.constexpr,
+        VEC: tl.constexpr,
+        N_COLS: tl.constexpr,
     ):
         """Partial weight gradients, one per slice of rows.
 
         ``ws[s, g, tap, o, i] = sum_{m in slice s} gy[m, g*COUT_G + o] x[m + shift, g*CIN_G + i]``;
         ``ws: (S, G, KH*KW, COUT_G, CIN_G)`` float32, one slice ``s`` of ``ITERS * BLOCK_M``
-        rows per program; ``BLOCK_O >= COUT_G`` and ``BLOCK_I >= CIN_G``.
+        rows per program; ``BLOCK_O >= COUT_G`` and ``BLOCK_I >= CIN_G``. With ``PACK`` a
+        program computes ``BLOCK_I`` packed (tap, channel) columns ``k = tap * CIN_G + i``
+        instead of one tap's, into ``ws: (S, G, COUT_G, KH*KW*CIN_G)``; ``VEC`` as in
+        :func:`_conv_kernel`.
         """
-        # Taps fastest, then groups: the programs of one slice run together and share its rows.
+        # Column blocks fastest, then groups: the programs of one slice run together and share
+        # its rows (N_COLS column blocks: KH*KW taps, or the packed columns' blocks).
         pid = tl.program_id(0)
-        tap = pid % (KH * KW)
-        g = (pid // (KH * KW)) % (C_OUT // COUT_G)
-        s = pid // (KH * KW * (C_OUT // COUT_G))
-        dy = tap // KW - KH // 2
-        dx = tap % KW - KW // 2
+        kc = pid % N_COLS
+        g = (pid // N_COLS) % (C_OUT // COUT_G)
+        s = pid // (N_COLS * (C_OUT // COUT_G))
         outs = tl.arange(0, BLOCK_O)
         ins = tl.arange(0, BLOCK_I)
+        if PACK:
+            ks = kc * BLOCK_I + ins
+        else:
+            ks = ins
         acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
         # A compile-time trip count (a power of two, so few variants get compiled) and the
         # same loop in every program.
@@ -214,38 +272,59 @@ if triton is not None:
             rows = (s * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
             in_rows = rows < M
             pos = rows % (H * W)
-            yy = pos // W + dy
-            xx = pos % W + dx
-            ok = in_rows & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
             gy = tl.load(
                 gy_ptr + rows.to(tl.int64)[:, None] * C_OUT + g * COUT_G + outs[None, :],
                 mask=in_rows[:, None] & (outs[None, :] < COUT_G),
                 other=0.0,
             )
-            src = (rows + dy * W + dx).to(tl.int64) * C_IN + g * CIN_G
-            xs = tl.load(
-                x_ptr + src[:, None] + ins[None, :],
-                mask=ok[:, None] & (ins[None, :] < CIN_G),
-                other=0.0,
-            ).to(gy.dtype)
+            if PACK:
+                src, ok = _packed_rows(
+                    rows, in_rows, pos // W, pos % W, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC
+                )
+                xs = tl.load(x_ptr + src, mask=ok, other=0.0).to(gy.dtype)
+            else:
+                dy = kc // KW - KH // 2
+                dx = kc % KW - KW // 2
+                yy = pos // W + dy
+                xx = pos % W + dx
+                ok = in_rows & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+                src = (rows + dy * W + dx).to(tl.int64) * C_IN + g * CIN_G
+                xs = tl.load(
+                    x_ptr + src[:, None] + ins[None, :],
+                    mask=ok[:, None] & (ins[None, :] < CIN_G),
+                    other=0.0,
+                ).to(gy.dtype)
             if IEEE:
                 acc = tl.dot(tl.trans(gy), xs, acc, input_precision="ieee")
             else:
                 acc = tl.dot(tl.trans(gy), xs, acc)
-        dst = ((s * (C_OUT // COUT_G) + g) * KH * KW + tap) * COUT_G * CIN_G
-        tl.store(
-            ws_ptr + dst + outs[:, None] * CIN_G + ins[None, :],
-            acc,
-            mask=(outs[:, None] < COUT_G) & (ins[None, :] < CIN_G),
-        )
+        if PACK:
+            dst = (s * (C_OUT // COUT_G) + g) * COUT_G * KH * KW * CIN_G
+            tl.store(
+                ws_ptr + dst + outs[:, None] * KH * KW * CIN_G + ks[None, :],
+                acc,
+                mask=(outs[:, None] < COUT_G) & (ks[None, :] < KH * KW * CIN_G),
+            )
+        else:
+            dst = ((s * (C_OUT // COUT_G) + g) * KH * KW + kc) * COUT_G * CIN_G
+            tl.store(
+                ws_ptr + dst + outs[:, None] * CIN_G + ins[None, :],
+                acc,
+                mask=(outs[:, None] < COUT_G) & (ins[None, :] < CIN_G),
+            )
 
 
 # Launch settings, module-level so that benchmarks can sweep them (``gpu_check.py``).
 # Defaults: the fastest of gpu_check.py's sweep on an H100 (bf16, image-v2-base's decoder at
-# batch 128 x 16 clones; benchmarks/README.md). BLOCK_K 0 = the channels per group rounded up
-# to a power of two (at most 64): 48 -> 64 beat three exact steps of 16 (1.77 vs 2.06 ms).
-FORWARD = {"BLOCK_M": 128, "BLOCK_K": 0, "num_warps": 8, "num_stages": 3}
-WEIGHT_GRAD = {"BLOCK_M": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 64}
+# batch 128 x 16 clones; benchmarks/README.md, "GPU, fourth pass"). PACK_K 1: (tap, channel)
+# pairs packed into the products' K (forward 1.45 ms, weight gradient 1.56 ms, against 1.84
+# and 1.97 ms one tap at a time). BLOCK_K 0 = the packed pairs' count (or, unpacked, the
+# channels per group) rounded up to a power of two, at most 64.
+FORWARD = {"BLOCK_M": 128, "BLOCK_K": 0, "PACK_K": 1, "num_warps": 4, "num_stages": 3}
+WEIGHT_GRAD = {
+    "BLOCK_M": 64, "BLOCK_K": 0, "PACK_K": 1, "num_warps": 4, "num_stages": 3,
+    "programs_per_sm": 64,
+}  # fmt: skip
 
 
 def _launch(settings: dict[str, int]) -> dict[str, int]:
@@ -258,6 +337,12 @@ def _launch(settings: dict[str, int]) -> dict[str, int]:
 def _block(n: int, cap: int) -> int:
     """The smallest power of two >= ``n`` (and >= 16, ``tl.dot``'s least size), at most ``cap``."""
     return max(16, min(cap, triton.next_power_of_2(n)))
+
+
+def _vec(channels: int) -> int:
+    """The largest power of two dividing ``channels``, at most 16: how many packed (tap,
+    channel) pairs in a row are sure to share a tap and be consecutive in memory."""
+    return min(16, channels & -channels)
 
 
 def _ieee(w: Tensor) -> bool:
@@ -300,13 +385,15 @@ def conv_tokens_forward(
     # Tiles of all a group's output channels (48 fill 3/4 of 64 columns, but every input
     # row is read once per group).
     block_m, block_n = FORWARD["BLOCK_M"], _block(cout_g, 64)
-    block_k = FORWARD["BLOCK_K"] or _block(cin_g, 64)
+    pack = bool(FORWARD["PACK_K"])
+    block_k = FORWARD["BLOCK_K"] or _block(KH * KW * cin_g if pack else cin_g, 64)
     grid = (triton.cdiv(M, block_m) * G * triton.cdiv(cout_g, block_n),)
     _conv_kernel[grid](
         x, w_t, bias if bias is not None else x, add if add is not None else x, out, M,
         hw[0], hw[1], C_IN=cin, C_OUT=cout, CIN_G=cin_g, COUT_G=cout_g, KH=KH, KW=KW,
         HAS_BIAS=bias is not None, HAS_ADD=add is not None, IEEE=_ieee(w_t),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, **_launch(FORWARD),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PACK=pack, VEC=_vec(cin_g),
+        **_launch(FORWARD),
     )  # fmt: skip
     return out
 
@@ -328,7 +415,13 @@ def conv_tokens_weight_grad(
     G, KH, KW, cin_g, cout_g = shape
     M = x.shape[0]
     block_m = WEIGHT_GRAD["BLOCK_M"]
-    programs = G * KH * KW
+    pack = bool(WEIGHT_GRAD["PACK_K"])
+    if pack:
+        block_i = WEIGHT_GRAD["BLOCK_K"] or _block(KH * KW * cin_g, 64)
+        n_cols = triton.cdiv(KH * KW * cin_g, block_i)
+    else:
+        block_i, n_cols = _block(cin_g, 128), KH * KW
+    programs = G * n_cols
     if splits is None:
         # Many programs per multiprocessor balance the load; the slices' partial sums cost
         # S x G x KH*KW x C_out/G x C_in/G floats (65 MB for the base decoder at batch 128).
@@ -338,13 +431,19 @@ def conv_tokens_weight_grad(
     splits = max(1, splits)
     iters = triton.next_power_of_2(triton.cdiv(M, splits * block_m))
     splits = triton.cdiv(M, iters * block_m)
-    ws = torch.empty(splits, G, KH * KW, cout_g, cin_g, device=x.device, dtype=torch.float32)
+    if pack:
+        shape_s = (splits, G, cout_g, KH * KW * cin_g)
+    else:
+        shape_s = (splits, G, KH * KW, cout_g, cin_g)
+    ws = torch.empty(shape_s, device=x.device, dtype=torch.float32)
     _wgrad_kernel[(splits * programs,)](
         x, gy, ws, M, hw[0], hw[1],
         C_IN=x.shape[1], C_OUT=gy.shape[1], CIN_G=cin_g, COUT_G=cout_g, KH=KH, KW=KW,
         IEEE=_ieee(gy), ITERS=iters, BLOCK_M=block_m, BLOCK_O=_block(cout_g, 128),
-        BLOCK_I=_block(cin_g, 128), **_launch(WEIGHT_GRAD),
+        BLOCK_I=block_i, PACK=pack, VEC=_vec(cin_g), N_COLS=n_cols, **_launch(WEIGHT_GRAD),
     )  # fmt: skip
+    if pack:  # (G, C_out/G, KH*KW, C_in/G) -> (G, KH*KW, C_out/G, C_in/G)
+        return ws.sum(0).view(G, cout_g, KH * KW, cin_g).transpose(1, 2)
     return ws.sum(0)
 
 
