@@ -23,9 +23,10 @@ script can sit in any checklist.
    matmul peak of the same GPU), plus the peak GPU memory.
 4. **Variants** (``--variants``): step time, first loss and peak memory with the torch norms,
    the memory-lean layers switched to the plain ops, ``train.compile=true``, the decoder
-   convolution's two ways of walking its sum (``conv taps`` / ``conv packed``) and the
-   attention's earlier head split (``heads permuted``), at each ``--on`` setting (default
-   image-v2-base at batch 128).
+   convolution's two ways of walking its sum (``conv taps`` / ``conv packed``), the
+   attention's earlier head split (``heads permuted``) and each SDPA backend alone (``sdpa
+   flash`` / ``efficient`` / ``cudnn``), at each ``--on`` setting (default image-v2-base at
+   batch 128).
 5. **Profile** (``--profile``): the top CUDA kernels of a few steps at each ``--on`` setting.
 
 python benchmarks/gpu_check.py [--batch 32 128] [--conv-impl torch triton] [--steps 10]
@@ -243,6 +244,13 @@ def _heads_permuted() -> Iterator[None]:
         attention.split_heads = saved
 
 
+def _sdpa(backend: str):
+    """A code switch: attention through one SDPA backend only (``torch.nn.attention``)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return functools.partial(sdpa_kernel, [getattr(SDPBackend, backend)])
+
+
 # (name, config overrides, memory-lean layers switched to the plain ops, code switch)
 VARIANTS = [
     ("default", (), False, contextlib.nullcontext),
@@ -256,6 +264,9 @@ VARIANTS = [
     ("conv taps", (), False, functools.partial(_conv_settings, PACK_K=0)),
     ("conv packed", (), False, functools.partial(_conv_settings, PACK_K=1)),
     ("heads permuted", (), False, _heads_permuted),
+    ("sdpa flash", (), False, _sdpa("FLASH_ATTENTION")),
+    ("sdpa efficient", (), False, _sdpa("EFFICIENT_ATTENTION")),
+    ("sdpa cudnn", (), False, _sdpa("CUDNN_ATTENTION")),
 ]  # fmt: skip
 
 

@@ -3,8 +3,10 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from data2vec.nn import attention
 from data2vec.nn.attention import Attention, attention_mask, split_heads
 from data2vec.nn.block import PostLNBlock
 from data2vec.nn.drop_path import DropPath
@@ -163,3 +165,27 @@ def test_split_heads__views_and_one_copy_in_backward():
         n for n in ops.names if n.split(".")[0] in ("cat", "stack", "clone", "copy_", "_to_copy")
     ]
     assert len(copies) == 1, ops.names  # the stack alone, no copy back to (B, T, 3C)
+
+
+def test_sdpa__efficient_kernel_first_for_short_cuda_sequences_only():
+    """The rule, on stand-ins for CUDA queries (the kernels themselves need a GPU:
+    benchmarks/gpu_check.py): short sequences, every backend enabled, not compiling."""
+    from types import SimpleNamespace
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def q(tokens, cuda=True):
+        return SimpleNamespace(is_cuda=cuda, shape=(2, 3, tokens, 8))
+
+    assert attention.prefers_efficient(q(attention.SHORT_SEQUENCE))
+    assert not attention.prefers_efficient(q(attention.SHORT_SEQUENCE + 1))
+    assert not attention.prefers_efficient(q(40, cuda=False))
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):  # the caller's own choice
+        assert not attention.prefers_efficient(q(40))
+    assert attention.prefers_efficient(q(40))  # and restored after it
+    assert attention._SHORT_BACKENDS[0] == SDPBackend.EFFICIENT_ATTENTION
+    assert SDPBackend.MATH in attention._SHORT_BACKENDS  # always something to fall back on
+    x = torch.randn(2, 3, 5, 8)
+    torch.testing.assert_close(
+        attention.sdpa(x, x, x, None, 0.0), F.scaled_dot_product_attention(x, x, x)
+    )

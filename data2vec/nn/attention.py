@@ -6,9 +6,12 @@ conversion is a rename, not a reshuffle.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data2vec.nn.lean import dropout_attention, dropout_or_identity
 from data2vec.nn.lean_fused import dropout_attention_proj
@@ -33,6 +36,50 @@ def attention_mask(
     key_mask = torch.zeros(padding_mask.shape, dtype=dtype, device=padding_mask.device)
     key_mask = key_mask.masked_fill(padding_mask, float("-inf"))[:, None, None, :]
     return key_mask if attn_bias is None else attn_bias.to(dtype) + key_mask
+
+
+# On CUDA, sequences up to this many tokens attend through PyTorch's memory-efficient kernel
+# rather than the backend PyTorch ranks first (cuDNN's on an H100). bf16 training steps on an
+# H100 (benchmarks/README.md, "GPU, fourth pass"): image-v2-base b128 (40 and 197 tokens)
+# -1.5 to -2 %, b32 -4 %, audio-v2-base b32 (2 s clips, 99 frames) -13 %; flash attention was
+# 9 % slower at b128. Longer sequences were not measured and keep PyTorch's choice.
+SHORT_SEQUENCE = 256
+# With ``set_priority`` (torch >= 2.6) the others stay as fallbacks in PyTorch's order;
+# before it, only the math kernel backs the efficient one up.
+_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
+_SHORT_BACKENDS = (
+    [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+     SDPBackend.MATH]
+    if _PRIORITY
+    else [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+)  # fmt: skip
+
+
+def prefers_efficient(q: Tensor) -> bool:
+    """Whether :func:`sdpa` ranks the memory-efficient kernel first for queries ``q``.
+
+    Only on CUDA, for at most :data:`SHORT_SEQUENCE` tokens, outside ``torch.compile``
+    (Inductor picks its own), and only while every backend is enabled: a caller's own
+    ``sdpa_kernel`` choice is left alone.
+    """
+    if not q.is_cuda or q.shape[-2] > SHORT_SEQUENCE or torch.compiler.is_compiling():
+        return False
+    b = torch.backends.cuda
+    return (
+        b.mem_efficient_sdp_enabled()
+        and b.flash_sdp_enabled()
+        and b.math_sdp_enabled()
+        and b.cudnn_sdp_enabled()
+    )
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float) -> Tensor:
+    """``F.scaled_dot_product_attention``, through the memory-efficient kernel where
+    :func:`prefers_efficient` says so. ``q, k, v: (B, H, T, d)`` -> ``(B, H, T, d)``."""
+    if prefers_efficient(q):
+        with sdpa_kernel(_SHORT_BACKENDS, **({"set_priority": True} if _PRIORITY else {})):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
 def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -107,6 +154,6 @@ class Attention(nn.Module):
                 return self.proj_drop(dropout_attention_proj(q, k, v, attn_mask, drop, self.proj))
             out = dropout_attention(q, k, v, attn_mask, drop)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+            out = sdpa(q, k, v, attn_mask, drop)
         out = out.transpose(1, 2).reshape(B, T, C)  # (B, H, T, C/H) -> (B, T, C)
         return self.proj_drop(self.proj(out))

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data2vec.nn.attention import split_heads
+from data2vec.nn.attention import sdpa, split_heads
 from data2vec.nn.block import Mlp
 from data2vec.nn.drop_path import drop_path_or_identity
 
@@ -67,7 +67,7 @@ class QVBiasAttention(nn.Module):
         drop = self.attn_drop if self.training else 0.0
         if attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        out = sdpa(q, k, v, attn_mask, drop)
         out = out.transpose(1, 2).reshape(B, T, C)
         return self.proj_drop(self.proj(out))
 
