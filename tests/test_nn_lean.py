@@ -12,6 +12,7 @@ from data2vec.nn.lean import (
     _keep_threshold,
     checkpoint_elementwise,
     conv1d_after,
+    conv1d_any,
     dropout_attention,
     gelu_linear,
     keep_mask,
@@ -263,7 +264,7 @@ def test_conv1d_after__same_as_plain_under_bf16_autocast():
 
 
 def test_audio_cnn_and_positional_conv__gradients_equal_the_plain_layer_stack():
-    from data2vec.modalities.audio import FeatureEncoder, PositionalConv
+    from data2vec.modalities.audio import FeatureEncoder, PositionalConv, _first_conv, _norm_gelu
 
     torch.manual_seed(0)
     cnn = FeatureEncoder(16, 24)
@@ -272,7 +273,17 @@ def test_audio_cnn_and_positional_conv__gradients_equal_the_plain_layer_stack():
         nn.init.normal_(layer.norm.bias)
     wave = torch.randn(2, 3200, requires_grad=True)
 
-    def plain_cnn(w):  # the layers one after the other, as ConvLayer.forward runs them
+    def plain_cnn(w):  # the same channels-last ops one after the other, nothing recomputed
+        first, *rest = cnn.conv_layers
+        y = _first_conv(w, first.conv)
+        x = _norm_gelu(y, first.norm.weight, first.norm.bias, first.norm.eps)
+        for layer in rest:
+            conv = layer.conv
+            y = conv1d_any(x, conv.weight, None, (conv.stride, conv.padding, conv.dilation, 1))
+            x = _norm_gelu(y, layer.norm.weight, layer.norm.bias, layer.norm.eps)
+        return cnn.proj(cnn.norm(x.squeeze(2).transpose(1, 2)))
+
+    def conv_layers(w):  # as ConvLayer.forward runs them: (B, C, T), F.conv1d
         x = w.unsqueeze(1)
         for layer in cnn.conv_layers:
             x = layer(x)
@@ -285,6 +296,11 @@ def test_audio_cnn_and_positional_conv__gradients_equal_the_plain_layer_stack():
     for a, b in zip(_grads(plain, *wrt), _grads(lean, *wrt)):
         assert torch.equal(a, b)
     assert lean_bytes < plain_bytes / 2
+    # the channels-last layout computes the same convolutions, summed in another order
+    lean, ncl = cnn(wave), conv_layers(wave)
+    torch.testing.assert_close(lean, ncl, rtol=1e-5, atol=1e-5)
+    for a, b in zip(_grads(lean, *wrt), _grads(ncl, *wrt)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
     pos = PositionalConv(24, 3, 5, 4, exact_padding=True)
     x = lean.detach().requires_grad_()
@@ -292,11 +308,13 @@ def test_audio_cnn_and_positional_conv__gradients_equal_the_plain_layer_stack():
     pad[1, -3:] = True
     keep = (~pad).unsqueeze(1).float()
 
-    def plain_pos(x):
-        h = x.transpose(1, 2)
+    def plain_pos(x, channels_last=True):
+        h = x.transpose(1, 2).unsqueeze(2) if channels_last else x.transpose(1, 2)
+        mask = keep.unsqueeze(2) if channels_last else keep
         for conv in pos.layers:
-            h = F.gelu(pos.norm(conv(h * keep)))
-        return h.transpose(1, 2)
+            args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+            h = F.gelu(pos.norm(conv1d_any(h * mask, conv.weight, conv.bias, args)))
+        return (h.squeeze(2) if channels_last else h).transpose(1, 2)
 
     plain, plain_bytes = _saved_bytes(plain_pos, x)
     lean, lean_bytes = _saved_bytes(pos, x, pad)
@@ -306,6 +324,11 @@ def test_audio_cnn_and_positional_conv__gradients_equal_the_plain_layer_stack():
         assert torch.equal(a, b)
     # per layer: the conv output only, not also the masked input and the LayerNorm output
     assert lean_bytes <= plain_bytes - 5 * x.numel() * 4
+    # and the same as (N, D, T) convolutions, to rounding
+    lean, ncl = pos(x, pad), plain_pos(x, channels_last=False)
+    torch.testing.assert_close(lean, ncl, rtol=1e-5, atol=1e-5)
+    for a, b in zip(_grads(lean, *wrt), _grads(ncl, *wrt)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 def test_audio_cnn_and_positional_conv__backward_under_flop_counter():

@@ -26,7 +26,7 @@ from data2vec.config import AudioEncoderConfig, DecoderConfig
 from data2vec.masking import MaskInfo
 from data2vec.modalities.base import ContextEncoder, ModalityEncoder
 from data2vec.models.decoders import ChannelLayerNorm, ConvDecoder, build_conv_decoder
-from data2vec.nn.lean import checkpoint_elementwise, conv1d_after
+from data2vec.nn.lean import checkpoint_elementwise, conv1d_after, conv1d_any
 
 # wav2vec 2.0 feature encoder: (kernel, stride) per layer; 5*2^6 = 320 samples per frame.
 CNN_LAYERS: tuple[tuple[int, int], ...] = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
@@ -73,8 +73,27 @@ class ConvLayer(nn.Module):
 
 
 def _norm_gelu(y: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
-    """GELU of the LayerNorm over channels of ``y: (B, C, T)`` -> ``(B, C, T)``."""
-    return F.gelu(F.layer_norm(y.transpose(1, 2), weight.shape, weight, bias, eps)).transpose(1, 2)
+    """GELU of the LayerNorm over channels of ``y: (B, C, T)`` or ``(B, C, 1, T)``, same shape.
+
+    Channels move last for the LayerNorm and back: free views when ``y`` is channels-last in
+    memory (as :class:`FeatureEncoder` keeps it), a copy each way otherwise.
+    """
+    n = F.layer_norm(y.movedim(1, -1), weight.shape, weight, bias, eps)
+    return F.gelu(n).movedim(-1, 1)
+
+
+def _conv_args(conv: nn.Conv1d) -> tuple:
+    return conv.stride, conv.padding, conv.dilation, conv.groups
+
+
+def _first_conv(wave: Tensor, conv: nn.Conv1d) -> Tensor:
+    """The CNN's first layer (one input channel, no bias) as a product of the waveform's
+    windows with the filters, which comes out channels-last: ``(B, S)`` -> ``(B, C, 1, T)``
+    over ``(B, T, C)`` memory. ``F.conv1d`` would give ``(B, C, T)`` rows."""
+    (kernel,), (stride,) = conv.kernel_size, conv.stride
+    windows = wave.unfold(1, kernel, stride)  # (B, T, K), a view
+    out = F.linear(windows, conv.weight.view(conv.weight.shape[0], kernel))  # (B, T, C)
+    return out.transpose(1, 2).unsqueeze(2)
 
 
 class FeatureEncoder(nn.Module):
@@ -83,6 +102,14 @@ class FeatureEncoder(nn.Module):
     Each layer's LayerNorm + GELU is recomputed in the next convolution's backward
     (:func:`~data2vec.nn.lean.conv1d_after`): backward keeps one ``(B, C, T)`` tensor per layer,
     its convolution's output, instead of three; the values and gradients are unchanged.
+
+    The activations are channels-last, ``(B, C, 1, T)`` views of ``(B, T, C)`` memory, the
+    convolutions height-one 2-D ones (:func:`~data2vec.nn.lean.conv1d_any`): the LayerNorms
+    over channels then read and write whole rows, where ``(B, C, T)`` activations were copied
+    to ``(B, T, C)`` and back in every layer, forward and backward (audio-v2-base b4 fp32:
+    the CNN's forward + backward 1.22-1.39 s -> 1.06-1.27 s; benchmarks/README.md, "Seventh
+    pass"). The same convolutions as :class:`ConvLayer` run, up to float rounding (another
+    summation order).
     """
 
     def __init__(self, channels: int, dim: int) -> None:
@@ -98,14 +125,14 @@ class FeatureEncoder(nn.Module):
     def forward(self, wave: Tensor) -> Tensor:
         """``wave: (B, S)`` -> ``(B, T, D)``."""
         layers = self.conv_layers
-        y = layers[0].conv(wave.unsqueeze(1))  # (B, 1, S) -> (B, C, S')
+        y = _first_conv(wave, layers[0].conv)  # (B, S) -> (B, C, 1, S'), channels-last
         for prev, layer in pairwise(layers):
             norm = prev.norm
             y = conv1d_after(
                 y, partial(_norm_gelu, eps=norm.eps), (norm.weight, norm.bias), layer.conv
             )
         x = _norm_gelu(y, layers[-1].norm.weight, layers[-1].norm.bias, eps=layers[-1].norm.eps)
-        return self.proj(self.norm(x.transpose(1, 2)))  # (B, C, T) -> (B, T, D)
+        return self.proj(self.norm(x.squeeze(2).transpose(1, 2)))  # (B, C, 1, T) -> (B, T, D)
 
 
 class PositionalConv(nn.Module):
@@ -129,16 +156,20 @@ class PositionalConv(nn.Module):
         """``x: (N, T, D)`` -> positional features ``(N, T, D)``."""
         keep = None
         if self.exact_padding and padding_mask is not None:
-            keep = (~padding_mask).unsqueeze(1).to(x.dtype)  # (N, 1, T)
-        h = x.transpose(1, 2)  # (N, D, T)
+            keep = (~padding_mask)[:, None, None, :].to(x.dtype)  # (N, 1, 1, T)
+        # (N, D, 1, T), channels-last: a view of x's memory, and the layout the convolutions
+        # keep (nn.lean.conv1d_any), so no LayerNorm over channels copies (audio-v2-base b4:
+        # one layer's forward + backward 85 -> 59 ms).
+        h = x.transpose(1, 2).unsqueeze(2)
         if keep is not None:
             h = h * keep
-        y = self.layers[0](h)
+        first = self.layers[0]
+        y = conv1d_any(h, first.weight, first.bias, _conv_args(first))
         # Each layer's LayerNorm + GELU (+ padding mask) is recomputed in backward, where the
         # next convolution needs it: one saved (N, D, T) tensor per layer instead of three.
         for conv in self.layers[1:]:
             y = conv1d_after(y, partial(self._norm_gelu, keep=keep), (), conv)
-        return checkpoint_elementwise(y, self.norm, F.gelu).transpose(1, 2)
+        return checkpoint_elementwise(y, self.norm, F.gelu).squeeze(2).transpose(1, 2)
 
     def _norm_gelu(self, y: Tensor, keep: Tensor | None) -> Tensor:
         """``GELU(LayerNorm(y))`` of one layer, zeroed at padding when ``keep`` is given.

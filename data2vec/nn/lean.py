@@ -296,8 +296,37 @@ def checkpoint_elementwise(x: Tensor, *modules: Callable[[Tensor], Tensor]) -> T
     return checkpoint(_run_chain, x, mods, use_reentrant=False, preserve_rng_state=False)
 
 
+def height_one(weight: Tensor) -> Tensor:
+    """A ``Conv1d`` weight ``(C_out, C_in/G, K)`` as the channels-last 2-D weight
+    ``(C_out, C_in/G, 1, K)`` of the same convolution."""
+    return weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+
+
+def _as_2d(conv_args: tuple) -> tuple:
+    """``Conv1d`` (stride, padding, dilation, groups) as those of a height-one ``conv2d``."""
+    stride, padding, dilation, groups = conv_args
+    return (1, stride[0]), (0, padding[0]), (1, dilation[0]), groups
+
+
+def conv1d_any(x: Tensor, weight: Tensor, bias: Tensor | None, conv_args: tuple) -> Tensor:
+    """``F.conv1d`` of ``x: (N, C, T)``, or of ``x: (N, C, 1, T)`` in channels-last memory
+    (``(N, T, C)`` rows), then as a height-one ``conv2d`` whose output keeps that layout.
+
+    oneDNN convolves channels-last tensors as they are; a (N, C, T) tensor that is a view of
+    (N, T, C) memory, as a LayerNorm over channels gives, would be copied first. The audio
+    CNN keeps its activations channels-last this way (``modalities/audio.py``).
+
+    Args:
+        conv_args: a ``Conv1d``'s ``(stride, padding, dilation, groups)``.
+    """
+    if x.dim() == 3:
+        return F.conv1d(x, weight, bias, *conv_args)
+    return F.conv2d(x, height_one(weight), bias, *_as_2d(conv_args))
+
+
 class _Conv1dAfter(torch.autograd.Function):
-    """``F.conv1d(pre(x, *params), weight, bias, ...)`` saving ``x``, the weights and ``params``."""
+    """``F.conv1d(pre(x, *params), weight, bias, ...)`` saving ``x``, the weights and ``params``
+    (``x`` may be a channels-last ``(N, C, 1, T)``, see :func:`conv1d_any`)."""
 
     @staticmethod
     def forward(ctx, x, pre, conv_args, weight, bias, *params):  # type: ignore[override]
@@ -306,7 +335,7 @@ class _Conv1dAfter(torch.autograd.Function):
         device = x.device.type
         ctx.autocast = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
         z = pre(x, *params)
-        out = F.conv1d(z, weight, bias, *conv_args)  # autocast casts z and the weights here
+        out = conv1d_any(z, weight, bias, conv_args)  # autocast casts z and the weights here
         ctx.save_for_backward(x, weight, *params)
         ctx.pre, ctx.conv_args = pre, conv_args
         ctx.bias_shape = None if bias is None else list(bias.shape)
@@ -324,18 +353,22 @@ class _Conv1dAfter(torch.autograd.Function):
                 t.detach().requires_grad_(n) for t, n in zip((x, *params), need[:1] + need[5:])
             ]
             z = ctx.pre(*inputs)  # the one recomputation: cheap elementwise ops
-        stride, padding, dilation, groups = ctx.conv_args
+        conv_args, w = ctx.conv_args, weight
+        if x.dim() == 4:
+            conv_args, w = _as_2d(conv_args), height_one(weight)
+        stride, padding, dilation, groups = conv_args
         dtype = ctx.compute_dtype
         # aten::convolution's own backward, on the operands autocast gave the convolution, so
         # the gradients are bit-identical to those of the plain composition.
         grad_z, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, z.detach().to(dtype), weight.to(dtype), ctx.bias_shape, stride, padding,
-            dilation, False, [0], groups, [any(need[:1] + need[5:]), need[3], need[4]],
+            grad, z.detach().to(dtype), w.to(dtype), ctx.bias_shape, stride, padding,
+            dilation, False, [0] * (x.dim() - 2), groups,
+            [any(need[:1] + need[5:]), need[3], need[4]],
         )  # fmt: skip
         wanted = [t for t in inputs if t.requires_grad]
         found = iter(torch.autograd.grad(z, wanted, grad_z.to(z.dtype)) if wanted else ())
         grads = [next(found) if t.requires_grad else None for t in inputs]
-        grad_w = None if grad_w is None else grad_w.to(weight.dtype)
+        grad_w = None if grad_w is None else grad_w.reshape(weight.shape).to(weight.dtype)
         grad_b = None if grad_b is None else grad_b.to(ctx.bias_dtype)
         return grads[0], None, None, grad_w, grad_b, *grads[1:]
 
@@ -354,9 +387,10 @@ def conv1d_after(
     gradients are bit-identical to the plain composition (``tests/test_nn_lean.py``).
 
     Args:
-        x: ``(N, C, T)``, typically the previous convolution's output.
-        pre: deterministic, cheap elementwise function ``pre(x, *params) -> (N, C, T)`` (norm ->
-            activation -> padding mask); it must not draw random numbers.
+        x: ``(N, C, T)``, typically the previous convolution's output, or a channels-last
+            ``(N, C, 1, T)`` (see :func:`conv1d_any`; the output is then one as well).
+        pre: deterministic, cheap elementwise function ``pre(x, *params)`` of ``x``'s shape
+            (norm -> activation -> padding mask); it must not draw random numbers.
         params: tensors ``pre`` needs gradients for (a LayerNorm's weight and bias).
         conv: a ``Conv1d`` with numeric padding and ``padding_mode="zeros"``.
 
@@ -366,7 +400,8 @@ def conv1d_after(
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError("conv1d_after needs numeric zero padding")
     tensors = (x, conv.weight, *params) + (() if conv.bias is None else (conv.bias,))
-    if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
-        return conv(pre(x, *params))  # nothing to save: the plain ops are enough
     conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
+        # nothing to save: the plain ops are enough
+        return conv1d_any(pre(x, *params), conv.weight, conv.bias, conv_args)
     return _Conv1dAfter.apply(x, pre, conv_args, conv.weight, conv.bias, *params)
