@@ -10,10 +10,12 @@ from data2vec.nn.block import Mlp
 from data2vec.nn.lean import (
     LeanDropout,
     _keep_threshold,
+    apply_keep,
     checkpoint_elementwise,
     conv1d_after,
     conv1d_any,
     dropout_attention,
+    dropout_noise,
     gelu_linear,
     keep_mask,
 )
@@ -139,6 +141,18 @@ def test_lean_dropout__inverted_dropout_with_its_own_mask(p):
     assert torch.equal(out, torch.where(keep, x * (1 / (1 - p)), 0.0))
     (grad,) = torch.autograd.grad(out.sum(), x)
     assert torch.equal(grad, keep.float() / (1 - p))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_apply_keep__bits_of_multiplying_by_the_noise_tensor(dtype):
+    """Signed zeros, infinities and NaNs included (inf * 0 is NaN either way)."""
+    x = torch.randn(50, 40).to(dtype)
+    x[0, :4] = torch.tensor([-1.0, float("inf"), float("nan"), -0.0])
+    keep = keep_mask(x, 0.3)
+    keep[0, :4] = torch.tensor([False, False, True, False])
+    ints = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    ref = x * dropout_noise(keep, 0.3, dtype)
+    assert torch.equal(apply_keep(x, keep, 0.3).view(ints), ref.view(ints))
 
 
 def test_checkpoint_elementwise__same_gradients_fewer_saved_tensors():

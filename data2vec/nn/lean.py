@@ -135,6 +135,13 @@ def dropout_noise(keep: Tensor, p: float, dtype: torch.dtype) -> Tensor:
     return keep.to(dtype).div_(1.0 - p)
 
 
+def apply_keep(x: Tensor, keep: Tensor, p: float) -> Tensor:
+    """``x * dropout_noise(keep, p, x.dtype)`` with the same bits, in two passes and one new
+    tensor instead of three and two: ``x * keep`` (exact: ``x`` or a signed zero), then scaled
+    in place by the factor :func:`dropout_noise` gives a kept element."""
+    return x.mul(keep).mul_(dropout_noise(keep.new_ones(()), p, x.dtype))
+
+
 class _BoolMaskDropout(torch.autograd.Function):
     """Inverted dropout (``x * keep / (1 - p)``, mask from :func:`keep_mask`), bool saved."""
 
@@ -143,12 +150,12 @@ class _BoolMaskDropout(torch.autograd.Function):
         keep = keep_mask(x, p)
         ctx.save_for_backward(keep)
         ctx.p = p
-        return x * dropout_noise(keep, p, x.dtype)
+        return apply_keep(x, keep, p)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
         (keep,) = ctx.saved_tensors
-        return grad * dropout_noise(keep, ctx.p, grad.dtype), None
+        return apply_keep(grad, keep, ctx.p), None
 
 
 def lean_dropout(x: Tensor, p: float, training: bool) -> Tensor:
