@@ -56,7 +56,7 @@ from data2vec.models.registry import build_model
 from data2vec.nn import attention, token_conv, token_norm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_kernels import conv_check, norm_check  # sibling script modules
+from gpu_kernels import conv_check, conv_settings, norm_check  # sibling script modules
 from saved_activations import CHANGES, plain
 
 TINY = [
@@ -214,19 +214,6 @@ def _median_step(step, steps: int, warmup: int = 2) -> tuple[float, float]:
 
 
 @contextlib.contextmanager
-def _conv_settings(**settings: int) -> Iterator[None]:
-    """The decoder convolution's kernels (forward and weight gradient) under ``settings``."""
-    saved = dict(token_conv.FORWARD), dict(token_conv.WEIGHT_GRAD)
-    token_conv.FORWARD.update(settings)
-    token_conv.WEIGHT_GRAD.update(settings)
-    try:
-        yield
-    finally:
-        token_conv.FORWARD.update(saved[0])
-        token_conv.WEIGHT_GRAD.update(saved[1])
-
-
-@contextlib.contextmanager
 def _heads_permuted() -> Iterator[None]:
     """The attention's heads split as before ``split_heads`` (move, then unbind), whose
     backward copies the q/k/v gradient once more."""
@@ -261,8 +248,8 @@ VARIANTS = [
     ("train.compile=true", ("train.compile=true",), False, contextlib.nullcontext),
     ("train.compile=true model.norm_impl=torch", ("train.compile=true", "model.norm_impl=torch"),
      False, contextlib.nullcontext),
-    ("conv taps", (), False, functools.partial(_conv_settings, PACK_K=0)),
-    ("conv packed", (), False, functools.partial(_conv_settings, PACK_K=1)),
+    ("conv taps", (), False, functools.partial(conv_settings, PACK_K=0)),
+    ("conv packed", (), False, functools.partial(conv_settings, PACK_K=1)),
     ("heads permuted", (), False, _heads_permuted),
     ("sdpa flash", (), False, _sdpa("FLASH_ATTENTION")),
     ("sdpa efficient", (), False, _sdpa("EFFICIENT_ATTENTION")),

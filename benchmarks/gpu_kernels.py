@@ -9,12 +9,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from data2vec.nn import token_conv
+
+
+@contextlib.contextmanager
+def conv_settings(**settings: int) -> Iterator[None]:
+    """The decoder convolution's kernels (forward and weight gradient) under ``settings``."""
+    saved = dict(token_conv.FORWARD), dict(token_conv.WEIGHT_GRAD)
+    token_conv.FORWARD.update(settings)
+    token_conv.WEIGHT_GRAD.update(settings)
+    try:
+        yield
+    finally:
+        token_conv.FORWARD.update(saved[0])
+        token_conv.WEIGHT_GRAD.update(saved[1])
 
 
 def gpu_ms(fn, reps: int = 10) -> float:
@@ -57,29 +72,25 @@ def conv_check(
         y = F.conv2d(img, ww.to(xx.dtype), bb.to(xx.dtype), padding=1, groups=G)
         return y.permute(0, 2, 3, 1).reshape(N, H * H, C)
 
-    def triton_conv(pack: int):
-        def run(xx, ww, bb):
-            token_conv.FORWARD["PACK_K"] = token_conv.WEIGHT_GRAD["PACK_K"] = pack
-            return token_conv.conv_tokens(xx, ww.to(xx.dtype), bb, (H, H))
-
-        return run
+    def triton_conv(xx, ww, bb):
+        return token_conv.conv_tokens(xx, ww.to(xx.dtype), bb, (H, H))
 
     out: dict[str, Any] = {"shape": f"{N} x {H}x{H} x {C}, {G} groups, 3x3", "gflop": flops / 1e9}
     grads = {}
-    saved = token_conv.FORWARD["PACK_K"], token_conv.WEIGHT_GRAD["PACK_K"]
-    runs = (("cudnn", cudnn), ("triton_taps", triton_conv(0)), ("triton_packed", triton_conv(1)))
-    for name, fn in runs:
-        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
-        y = fn(xs, ws, bs)
-        y.backward(gy)
-        grads[name] = (y.detach().float(), xs.grad.float(), ws.grad.float(), bs.grad.float())
-        xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
-        out[f"{name}_forward_ms"] = gpu_ms(lambda: fn(x, w, b))  # noqa: B023
-        out[f"{name}_forward_backward_ms"] = gpu_ms(lambda: fn(xs, ws, bs).backward(gy))  # noqa: B023
+    runs = (("cudnn", cudnn, {}), ("triton_taps", triton_conv, {"PACK_K": 0}),
+            ("triton_packed", triton_conv, {"PACK_K": 1}))  # fmt: skip
+    for name, fn, settings in runs:
+        with conv_settings(**settings):
+            xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+            y = fn(xs, ws, bs)
+            y.backward(gy)
+            grads[name] = (y.detach().float(), xs.grad.float(), ws.grad.float(), bs.grad.float())
+            xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
+            out[f"{name}_forward_ms"] = gpu_ms(lambda: fn(x, w, b))  # noqa: B023
+            out[f"{name}_forward_backward_ms"] = gpu_ms(lambda: fn(xs, ws, bs).backward(gy))  # noqa: B023
         out[f"{name}_forward_backward_tflops"] = (
             3 * flops / out[f"{name}_forward_backward_ms"] / 1e9
         )
-    token_conv.FORWARD["PACK_K"], token_conv.WEIGHT_GRAD["PACK_K"] = saved
     for name in ("triton_taps", "triton_packed"):
         for i, part in enumerate(("out", "grad_x", "grad_w", "grad_b")):
             ref, got = grads["cudnn"][i], grads[name][i]

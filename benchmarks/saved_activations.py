@@ -47,8 +47,7 @@ def _plain_chain(x, *modules):
 
 
 def _plain_conv_after(x, pre, params, conv):
-    conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
-    return lean.conv1d_any(pre(x, *params), conv.weight, conv.bias, conv_args)
+    return lean.conv1d_any(pre(x, *params), conv.weight, conv.bias, lean.conv1d_args(conv))
 
 
 def _plain_attention(q, k, v, attn_mask, p):

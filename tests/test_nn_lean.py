@@ -14,6 +14,7 @@ from data2vec.nn.lean import (
     checkpoint_elementwise,
     conv1d_after,
     conv1d_any,
+    conv1d_args,
     dropout_attention,
     dropout_noise,
     gelu_linear,
@@ -293,7 +294,7 @@ def test_audio_cnn_and_positional_conv__gradients_equal_the_plain_layer_stack():
         x = _norm_gelu(y, first.norm.weight, first.norm.bias, first.norm.eps)
         for layer in rest:
             conv = layer.conv
-            y = conv1d_any(x, conv.weight, None, (conv.stride, conv.padding, conv.dilation, 1))
+            y = conv1d_any(x, conv.weight, None, conv1d_args(conv))
             x = _norm_gelu(y, layer.norm.weight, layer.norm.bias, layer.norm.eps)
         return cnn.proj(cnn.norm(x.squeeze(2).transpose(1, 2)))
 
@@ -326,8 +327,7 @@ def test_audio_cnn_and_positional_conv__gradients_equal_the_plain_layer_stack():
         h = x.transpose(1, 2).unsqueeze(2) if channels_last else x.transpose(1, 2)
         mask = keep.unsqueeze(2) if channels_last else keep
         for conv in pos.layers:
-            args = (conv.stride, conv.padding, conv.dilation, conv.groups)
-            h = F.gelu(pos.norm(conv1d_any(h * mask, conv.weight, conv.bias, args)))
+            h = F.gelu(pos.norm(conv1d_any(h * mask, conv.weight, conv.bias, conv1d_args(conv))))
         return (h.squeeze(2) if channels_last else h).transpose(1, 2)
 
     plain, plain_bytes = _saved_bytes(plain_pos, x)

@@ -26,7 +26,7 @@ from data2vec.config import AudioEncoderConfig, DecoderConfig
 from data2vec.masking import MaskInfo
 from data2vec.modalities.base import ContextEncoder, ModalityEncoder
 from data2vec.models.decoders import ChannelLayerNorm, ConvDecoder, build_conv_decoder
-from data2vec.nn.lean import checkpoint_elementwise, conv1d_after, conv1d_any
+from data2vec.nn.lean import checkpoint_elementwise, conv1d_after, conv1d_any, conv1d_args
 
 # wav2vec 2.0 feature encoder: (kernel, stride) per layer; 5*2^6 = 320 samples per frame.
 CNN_LAYERS: tuple[tuple[int, int], ...] = ((10, 5), (3, 2), (3, 2), (3, 2), (3, 2), (2, 2), (2, 2))
@@ -80,10 +80,6 @@ def _norm_gelu(y: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """
     n = F.layer_norm(y.movedim(1, -1), weight.shape, weight, bias, eps)
     return F.gelu(n).movedim(-1, 1)
-
-
-def _conv_args(conv: nn.Conv1d) -> tuple:
-    return conv.stride, conv.padding, conv.dilation, conv.groups
 
 
 def _first_conv(wave: Tensor, conv: nn.Conv1d) -> Tensor:
@@ -164,7 +160,7 @@ class PositionalConv(nn.Module):
         if keep is not None:
             h = h * keep
         first = self.layers[0]
-        y = conv1d_any(h, first.weight, first.bias, _conv_args(first))
+        y = conv1d_any(h, first.weight, first.bias, conv1d_args(first))
         # Each layer's LayerNorm + GELU (+ padding mask) is recomputed in backward, where the
         # next convolution needs it: one saved (N, D, T) tensor per layer instead of three.
         for conv in self.layers[1:]:

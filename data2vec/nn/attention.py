@@ -53,6 +53,7 @@ _SHORT_BACKENDS = (
     if _PRIORITY
     else [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 )  # fmt: skip
+_SHORT_KWARGS = {"set_priority": True} if _PRIORITY else {}
 
 
 def prefers_efficient(q: Tensor) -> bool:
@@ -77,7 +78,7 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: f
     """``F.scaled_dot_product_attention``, through the memory-efficient kernel where
     :func:`prefers_efficient` says so. ``q, k, v: (B, H, T, d)`` -> ``(B, H, T, d)``."""
     if prefers_efficient(q):
-        with sdpa_kernel(_SHORT_BACKENDS, **({"set_priority": True} if _PRIORITY else {})):
+        with sdpa_kernel(_SHORT_BACKENDS, **_SHORT_KWARGS):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 

@@ -304,9 +304,16 @@ def checkpoint_elementwise(x: Tensor, *modules: Callable[[Tensor], Tensor]) -> T
 
 
 def height_one(weight: Tensor) -> Tensor:
-    """A ``Conv1d`` weight ``(C_out, C_in/G, K)`` as the channels-last 2-D weight
-    ``(C_out, C_in/G, 1, K)`` of the same convolution."""
-    return weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+    """A ``Conv1d`` weight ``(C_out, C_in/G, K)`` as the 2-D weight ``(C_out, C_in/G, 1, K)``
+    of the same convolution: a view. oneDNN follows a channels-last input with it as it is
+    (same output layout, bits and speed as a channels-last copy of the weight, which autograd
+    would also keep for backward)."""
+    return weight.unsqueeze(2)
+
+
+def conv1d_args(conv: nn.Conv1d) -> tuple:
+    """A ``Conv1d``'s ``(stride, padding, dilation, groups)``, as :func:`conv1d_any` takes them."""
+    return conv.stride, conv.padding, conv.dilation, conv.groups
 
 
 def _as_2d(conv_args: tuple) -> tuple:
@@ -407,7 +414,7 @@ def conv1d_after(
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise ValueError("conv1d_after needs numeric zero padding")
     tensors = (x, conv.weight, *params) + (() if conv.bias is None else (conv.bias,))
-    conv_args = (conv.stride, conv.padding, conv.dilation, conv.groups)
+    conv_args = conv1d_args(conv)
     if not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors):
         # nothing to save: the plain ops are enough
         return conv1d_any(pre(x, *params), conv.weight, conv.bias, conv_args)
