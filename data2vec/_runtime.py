@@ -21,8 +21,9 @@ glibc's malloc keeps freed memory resident. Tensors below its mmap threshold (up
 live in one heap, and after a training step that heap is full of holes a few MiB wide - too
 small for the next step's tensors, so each step's activations take fresh pages while the holes
 stay resident (text-v2-base: 1.6 GB of them). :func:`release_free_memory` (``malloc_trim(0)``)
-returns the holes' pages; called between steps and where the backward pass has freed the
-transformer's activations, it lowers the peak RSS of a step by 0.4-1.3 GB (see
+returns the holes' pages; called between steps, after the forward pass, halfway through the
+blocks both ways (``models/encoder.py``) and where the backward pass has freed the
+transformer's activations, it lowers the peak RSS of a step by 0.5-1.8 GB (see
 ``benchmarks/README.md``). The pages come back as page faults when the heap is reused, which
 small models notice: image-v2-tiny (500 MB) +15-20 % step time for 20 MB less; the issue's
 tiny ViT (width 192, 224 px, 16 x 16 clones, 1.7 GB) 2.72-2.84 s without against 3.09-3.16 s
@@ -126,6 +127,12 @@ def release_free_memory(min_rss: int = TRIM_MIN_RSS) -> bool:
         return False
     trim(0)
     return True
+
+
+def release_free_memory_hook(grad: object) -> None:
+    """A tensor hook (``t.register_hook``): :func:`release_free_memory` when backward reaches
+    ``t``. Returns None, so the gradient passes on unchanged."""
+    release_free_memory()
 
 
 HEAP_MODES = ("auto", "speed", "memory")

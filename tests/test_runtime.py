@@ -64,13 +64,13 @@ def test_release_free_memory__glibc_only_and_can_be_turned_off(env, expected):
 def test_audio_embed__releases_free_memory_once_when_backward_reaches_the_cnn(monkeypatch):
     import torch
 
-    import data2vec.modalities.audio as audio
+    import data2vec._runtime as runtime
     from data2vec.config import load_config
     from data2vec.models.registry import build_model
     from tests.conftest import TINY_AUDIO
 
     calls = []
-    monkeypatch.setattr(audio, "release_free_memory", lambda: calls.append(1))
+    monkeypatch.setattr(runtime, "release_free_memory", lambda: calls.append(1))
     model = build_model(load_config("audio-v2-tiny", TINY_AUDIO))
     local, _ = model.encoder.modality.embed(torch.randn(2, 3200))
     assert calls == []
@@ -81,6 +81,45 @@ def test_audio_embed__releases_free_memory_once_when_backward_reaches_the_cnn(mo
     with torch.no_grad():
         model.encoder.modality.embed(torch.randn(2, 3200))  # no graph, no hook
     assert calls == [1]
+
+
+def test_encoder__releases_free_memory_halfway_through_the_blocks_both_ways(monkeypatch):
+    import torch
+
+    import data2vec._runtime as runtime
+    import data2vec.models.encoder as encoder
+    from data2vec.config import load_config
+    from data2vec.modalities.base import Context
+    from data2vec.models.registry import build_model
+
+    events = []
+    monkeypatch.setattr(encoder, "release_free_memory", lambda: events.append("trim"))
+    monkeypatch.setattr(runtime, "release_free_memory", lambda: events.append("backward trim"))
+    model = build_model(load_config("image-v2-tiny", ["encoder.image_size=32"])).encoder.eval()
+    blocks = list(model.blocks)
+    assert len(blocks) >= 2
+    for i, block in enumerate(blocks):
+        block.register_forward_pre_hook(lambda m, args, i=i: events.append(f"block {i}"))
+    x = torch.randn(2, 5, model.embed_dim, requires_grad=True)
+    out = model.forward_blocks(Context(x, None, None))
+    mid = len(blocks) // 2
+    assert events == [f"block {i}" for i in range(mid)] + ["trim"] + [
+        f"block {i}" for i in range(mid, len(blocks))
+    ]
+    events.clear()
+    grad = torch.randn_like(out.x)
+    (g,) = torch.autograd.grad(out.x, x, grad)
+    assert events == ["backward trim"]
+    # the hook leaves the gradient as it is: the same as with the hooks' trims switched off
+    events.clear()
+    monkeypatch.setattr(encoder, "_release_midway", lambda x: None)
+    (plain,) = torch.autograd.grad(model.forward_blocks(Context(x, None, None)).x, x, grad)
+    torch.testing.assert_close(g, plain, rtol=0, atol=0)
+    monkeypatch.undo()
+    monkeypatch.setattr(encoder, "release_free_memory", lambda: events.append("trim"))
+    with torch.no_grad():  # no graph: nothing to release for
+        model.forward_blocks(Context(x, None, None))
+    assert "trim" not in events
 
 
 def test_release_free_memory__skips_small_processes():

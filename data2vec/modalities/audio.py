@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from data2vec._runtime import release_free_memory
+from data2vec._runtime import release_free_memory_hook
 from data2vec.config import AudioEncoderConfig, DecoderConfig
 from data2vec.masking import MaskInfo
 from data2vec.modalities.base import ContextEncoder, ModalityEncoder
@@ -178,10 +178,6 @@ class PositionalConv(nn.Module):
         return h if keep is None else h * keep
 
 
-def _release_free_memory(grad: Tensor) -> None:
-    release_free_memory()  # a gradient hook that leaves the gradient as it is
-
-
 class AudioEncoder(ModalityEncoder):
     """Audio modality encoder.
 
@@ -235,7 +231,7 @@ class AudioEncoder(ModalityEncoder):
             # When backward gets here the blocks' activations are free, as holes of glibc's heap
             # too small for the CNN's backward buffers (up to (B, 512, S/5) floats): give their
             # pages back first, or the CNN's buffers add to them (audio-v2-base b4: -400 MB).
-            local.register_hook(_release_free_memory)
+            local.register_hook(release_free_memory_hook)
         if padding_mask is None or not bool(padding_mask.any()):
             return local, None
         lengths = frame_lengths((~padding_mask).sum(-1))
