@@ -21,16 +21,17 @@ glibc's malloc keeps freed memory resident. Tensors below its mmap threshold (up
 live in one heap, and after a training step that heap is full of holes a few MiB wide - too
 small for the next step's tensors, so each step's activations take fresh pages while the holes
 stay resident (text-v2-base: 1.6 GB of them). :func:`release_free_memory` (``malloc_trim(0)``)
-returns the holes' pages; called between steps, after the forward pass, halfway through the
-blocks both ways (``models/encoder.py``) and where the backward pass has freed the
-transformer's activations, it lowers the peak RSS of a step by 0.5-1.8 GB (see
-``benchmarks/README.md``). The pages come back as page faults when the heap is reused, which
-small models notice: image-v2-tiny (500 MB) +15-20 % step time for 20 MB less; the issue's
-tiny ViT (width 192, 224 px, 16 x 16 clones, 1.7 GB) 2.72-2.84 s without against 3.09-3.16 s
-with, for 20 MB less, because the next step reuses the same holes. So it only runs while the
-process holds more than ``TRIM_MIN_RSS`` (2 GiB; the base presets hold 2.4-6 GB where it
-is called). ``DATA2VEC_MALLOC_TRIM=0`` turns it off; with another allocator (``LD_PRELOAD``
-jemalloc, tcmalloc, ...) or another C library it does nothing.
+returns the holes' pages; called after the forward pass, halfway through the blocks both ways
+(``models/encoder.py``) and where the backward pass has freed the transformer's activations, it
+lowers the peak RSS of a step by 0.5-1.8 GB (see ``benchmarks/README.md``). Not between steps:
+the next forward pass reuses the step's holes while they are resident. The pages come back as
+page faults when the heap is reused, which small models notice: image-v2-tiny (500 MB) +15-20 %
+step time for 20 MB less; the issue's tiny ViT (width 192, 224 px, 16 x 16 clones, 1.7 GB)
+2.72-2.84 s without against 3.09-3.16 s with, for 20 MB less, because the next step reuses the
+same holes. So it only runs while the process holds more than ``TRIM_MIN_RSS`` (2 GiB; the base
+presets hold 2.4-6 GB where it is called). ``DATA2VEC_MALLOC_TRIM=0`` turns it off; with
+another allocator (``LD_PRELOAD`` jemalloc, tcmalloc, ...) or another C library it does
+nothing.
 
 Small processes pay for page faults in another way too: glibc serves every allocation of 32 MiB
 or more with a fresh ``mmap`` and unmaps it on free, so a tensor that size is faulted in, page

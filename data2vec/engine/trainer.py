@@ -183,7 +183,10 @@ def train_step(
         decay = model.update_teacher(state.step)
     if device.type == "cpu":
         choose_heap_mode()  # once, now that the process's size is known (data2vec/_runtime.py)
-        release_free_memory()  # the step's activations and gradients are all free
+        # No trim here, though the step's activations are all free: the next forward pass
+        # reuses their resident holes, where after a trim it would fault every page back in
+        # (text-v2-base b8: 1.3-1.5M faults and 4-5 s of system time per step with it, 1.1M and
+        # 3.0-3.5 s without, the same peak; benchmarks/README.md, eighth pass).
     return StepResult(loss_value, lr, grad_norm, decay, True, logs)
 
 
