@@ -27,10 +27,11 @@ def _release_midway(x: Tensor) -> None:
     half's saved activations do not all fit; halfway back, the second half's saved
     activations are free, as holes the backward pass's own buffers do not all fit either. Both
     stay resident until trimmed (``data2vec/_runtime.py``). audio-v2-base b4 fp32, alternating
-    with the code without (benchmarks/README.md, eighth pass): peak RSS 2921-2984 MB against
-    3064-3130, the step time within noise (60-80k more page faults, about 0.1 s of system
-    time). Does nothing where :func:`release_free_memory` does nothing (small processes, the
-    heap's speed mode, other allocators).
+    with the code without (benchmarks/README.md, eighth pass): peak RSS 2946-2973 MB against
+    3092-3153, step time +1.8 % on the mean (60-80k more page faults, about 0.1 s of system
+    time); image- and text-v2-base 400-530 MB less, time within noise. Does nothing where
+    :func:`release_free_memory` does nothing (small processes, the heap's speed mode, other
+    allocators).
     """
     release_free_memory()
     x.register_hook(release_free_memory_hook)
