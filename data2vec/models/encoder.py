@@ -110,9 +110,10 @@ class Encoder(nn.Module):
         )
         drop = self.training and self.layerdrop > 0 and not keep_layers
         low = None  # x in the autocast dtype, where the blocks pass it on (nn/block.py)
-        midway = len(self.blocks) // 2 if x.requires_grad and x.device.type == "cpu" else -1
+        recording = torch.is_grad_enabled() and x.requires_grad and x.device.type == "cpu"
+        midway = len(self.blocks) // 2 if recording else -1
         for i, block in enumerate(self.blocks):
-            if i == midway and torch.is_grad_enabled():
+            if i == midway:
                 _release_midway(x)
             # LayerDrop (Fan et al. 2019): skip a whole block for the batch during training.
             if drop and float(torch.rand(())) < self.layerdrop:
