@@ -117,7 +117,9 @@ def test_blocks_with_fused_norms_match_the_torch_blocks():
     """Two stacked blocks (the second reads the first's low-precision copy). float16 stands in
     for bfloat16 (the interpreter's bf16 matrix products are wrong); the same roundings happen
     on both paths, so they agree to float16 rounding flips (measured: outputs 2e-5, gradients
-    6e-4 of the largest)."""
+    6e-4 of the largest). The FFN outputs are float16 themselves: one rounding flip near their
+    largest value is up to 2**-10 of it (2.8e-4 measured on a CPU with AVX512-FP16 and AMX,
+    under 1e-4 on the machines before it)."""
     x = torch.randn(3, 9, 32, generator=torch.Generator().manual_seed(3))
     fused, torch_blocks = _blocks("triton"), _blocks("torch")
     with torch.autocast("cpu", dtype=torch.float16):
@@ -126,7 +128,7 @@ def test_blocks_with_fused_norms_match_the_torch_blocks():
     (outs, grads), (ref_outs, ref_grads) = _run(fused, x), _run(torch_blocks, x)
     for (o, f), (ro, rf) in zip(outs, ref_outs):
         assert o.dtype == ro.dtype == torch.float32 and f.dtype == rf.dtype
-        assert rel(o, ro) < 1e-4 and rel(f, rf) < 1e-4
+        assert rel(o, ro) < 1e-4 and rel(f, rf) < 1e-3
     names = ["x"] + [n for n, _ in fused.named_parameters()]
     for name, a_, b_ in zip(names, grads, ref_grads):
         assert a_.dtype == b_.dtype, name

@@ -1,5 +1,6 @@
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data2vec.models.decoders import ConvDecoder
 
@@ -32,6 +33,45 @@ def test_conv_decoder_1d__shapes_and_reference():
     x = torch.randn(3, 11, 8)
     torch.testing.assert_close(dec(x), manual(dec, x))
     assert isinstance(dec.blocks[0][0], torch.nn.Conv1d)
+
+
+class _ConvLayouts(TorchDispatchMode):
+    """Whether each convolution's output (forward) and input gradient (backward) is stored
+    as ``(N, T, C)`` rows, i.e. is channels-last."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.token_rows: list[tuple[str, bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.__name__.split(".")[0]
+        if name in ("convolution", "convolution_backward"):
+            y = out[0] if isinstance(out, tuple) else out
+            self.token_rows.append((name, y.movedim(1, -1).is_contiguous()))
+        return out
+
+
+def test_conv_decoder_1d__convolutions_keep_the_tokens_channels_last():
+    # oneDNN convolves channels-last activations as they are; the stack feeds it (N, C, 1, T)
+    # views of the (N, T, C) tokens, so outputs and gradients stay token rows (a Conv1d on
+    # the (N, C, T) view returned channels-first tensors that the LayerNorms copied back).
+    torch.manual_seed(0)
+    dec = ConvDecoder(in_dim=8, dim=8, layers=2, kernel=5, groups=2)
+    x = torch.randn(3, 11, 8, requires_grad=True)
+    with _ConvLayouts() as layouts:
+        out = dec(x)
+        out.sum().backward()
+    assert [n for n, _ in layouts.token_rows] == ["convolution"] * 2 + ["convolution_backward"] * 2
+    assert all(rows for _, rows in layouts.token_rows), layouts.token_rows
+    got = [x.grad, *(p.grad for p in dec.parameters())]
+    x.grad = None
+    dec.zero_grad()
+    ref = manual(dec, x)  # Conv1d on (N, C, T)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(got, [x.grad, *(p.grad for p in dec.parameters())]):
+        torch.testing.assert_close(a, b)
 
 
 def test_conv_decoder__no_residual_when_disabled():

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from data2vec.config import DecoderConfig
 from data2vec.nn import token_conv
-from data2vec.nn.lean import checkpoint_elementwise
+from data2vec.nn.lean import checkpoint_elementwise, conv1d_any, conv1d_args
 from data2vec.nn.token_layer import decoder_layer
 
 
@@ -117,17 +117,26 @@ class ConvDecoder(nn.Module):
         if self.uses_triton(x):
             return self._forward_tokens(x, padding_mask)
         N, T, D = x.shape
-        h = x.transpose(1, 2)  # (N, D, T)
-        if self.grid is not None:
-            h = h.reshape(N, D, *self.grid)  # (N, D, H, W), row-major patches
-        keep = None if padding_mask is None else (~padding_mask).unsqueeze(1).to(h.dtype)
+        # The activations stay channels-last, (N, T, C) rows in memory, which oneDNN convolves
+        # as they are: 2-D as (N, D, H, W) views, 1-D as height-one (N, D, 1, T) views run by
+        # conv1d_any (a Conv1d on the (N, D, T) view copies its input first, and its output
+        # is channels-first, so each LayerNorm over channels copied again).
+        grid = self.grid if self.grid is not None else (1, T)
+        h = x.transpose(1, 2).reshape(N, D, *grid)
+        keep = None
+        if padding_mask is not None:
+            keep = (~padding_mask).reshape(N, 1, *grid).to(h.dtype)
         for layer in self.blocks:
             if keep is not None:
                 h = h * keep
             conv, norm, act = layer
+            if self.grid is None:
+                out = conv1d_any(h, conv.weight, conv.bias, conv1d_args(conv))
+            else:
+                out = conv(h)
             # LayerNorm and GELU would each keep a full copy of their input for backward;
             # recomputing both from the conv output keeps one copy instead of three.
-            out = checkpoint_elementwise(conv(h), norm, act)
+            out = checkpoint_elementwise(out, norm, act)
             h = out + h if self.residual and out.shape[1] == h.shape[1] else out
         return h.reshape(N, h.shape[1], T).transpose(1, 2)
 
