@@ -119,8 +119,8 @@ class ConvDecoder(nn.Module):
         N, T, D = x.shape
         # The activations stay channels-last, (N, T, C) rows in memory, which oneDNN convolves
         # as they are: 2-D as (N, D, H, W) views, 1-D as height-one (N, D, 1, T) views run by
-        # conv1d_any (a Conv1d on the (N, D, T) view copies its input first, and its output
-        # is channels-first, so each LayerNorm over channels copied again).
+        # conv1d_any. (A Conv1d on the (N, D, T) view returned channels-first outputs that each
+        # LayerNorm over channels copied back: text-v2-base's decoder took 17 % longer.)
         grid = self.grid if self.grid is not None else (1, T)
         h = x.transpose(1, 2).reshape(N, D, *grid)
         keep = None
