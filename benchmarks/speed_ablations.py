@@ -11,7 +11,9 @@ straightforward alternative by patching, for the duration of the variant:
 * ``clone_loop`` - the student's shared blocks run one clone group of ``B`` rows at a time in a
   Python loop instead of all ``B x M`` rows in one batch;
 * ``plain_layers`` - every memory-lean layer of ``nn/lean.py``/``nn/lean_fused.py`` back to the
-  plain ops (what the memory work costs or saves in time).
+  plain ops (what the memory work costs or saves in time);
+* ``onednn_conv_grad`` - oneDNN's weight gradient for the strided float32 1-D convolutions
+  (the speech CNN) instead of ``nn/conv_taps.py``'s matrix products per tap.
 
 The variants take turns (the order rotates every round) in one process, so slow drifts of the
 machine hit them alike; the median per variant is reported.
@@ -55,6 +57,7 @@ from data2vec.engine.trainer import TrainState, new_state, train_step
 from data2vec.masking import make_rng
 from data2vec.modalities.base import Context
 from data2vec.models.registry import build_model
+from data2vec.nn import conv_taps
 
 
 def _explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0, **_):
@@ -193,6 +196,7 @@ def main() -> None:
         "teacher_per_clone": lambda: _teacher_per_clone(model),
         "clone_loop": lambda: _clone_loop(model),
         "plain_layers": lambda: plain(model, set(CHANGES)),
+        "onednn_conv_grad": lambda: _patched(conv_taps, "worth_it", lambda *_: False),
     }
     if args.variants:
         variants = {k: v for k, v in variants.items() if k in {"baseline", *args.variants}}

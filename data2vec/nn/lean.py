@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from data2vec.nn import conv_taps
+
 
 def linear_grads(
     go: Tensor, x2d: Tensor | None, weight: Tensor, bias_dtype: torch.dtype | None, need: tuple
@@ -335,7 +337,16 @@ def conv1d_any(x: Tensor, weight: Tensor, bias: Tensor | None, conv_args: tuple)
     """
     if x.dim() == 3:
         return F.conv1d(x, weight, bias, *conv_args)
-    return F.conv2d(x, height_one(weight), bias, *_as_2d(conv_args))
+    weight, conv_args = height_one(weight), _as_2d(conv_args)
+    if (
+        torch.is_grad_enabled()
+        and weight.requires_grad
+        and not torch.is_autocast_enabled(x.device.type)  # else the convolution runs in bf16
+        and conv_taps.worth_it(x, weight, conv_args)
+    ):
+        # strided, float32, CPU: oneDNN's weight gradient runs at a third of the matmul rate
+        return conv_taps.HeightOneConv.apply(x, weight, bias, conv_args)
+    return F.conv2d(x, weight, bias, *conv_args)
 
 
 class _Conv1dAfter(torch.autograd.Function):
@@ -372,13 +383,18 @@ class _Conv1dAfter(torch.autograd.Function):
             conv_args, w = _as_2d(conv_args), height_one(weight)
         stride, padding, dilation, groups = conv_args
         dtype = ctx.compute_dtype
-        # aten::convolution's own backward, on the operands autocast gave the convolution, so
-        # the gradients are bit-identical to those of the plain composition.
+        z_conv = z.detach().to(dtype)
+        # The weight gradient as conv1d_any's backward takes it (the same function), so the
+        # gradients are bit-identical to those of the plain composition.
+        taps = need[3] and x.dim() == 4 and conv_taps.worth_it(z_conv, w, conv_args)
+        # aten::convolution's own backward, on the operands autocast gave the convolution
         grad_z, grad_w, grad_b = torch.ops.aten.convolution_backward(
-            grad, z.detach().to(dtype), w.to(dtype), ctx.bias_shape, stride, padding,
+            grad, z_conv, w.to(dtype), ctx.bias_shape, stride, padding,
             dilation, False, [0] * (x.dim() - 2), groups,
-            [any(need[:1] + need[5:]), need[3], need[4]],
+            [any(need[:1] + need[5:]), need[3] and not taps, need[4]],
         )  # fmt: skip
+        if taps:
+            grad_w = conv_taps.weight_grad(grad, z_conv, w.shape[3], stride[1], padding[1])
         wanted = [t for t in inputs if t.requires_grad]
         found = iter(torch.autograd.grad(z, wanted, grad_z.to(z.dtype)) if wanted else ())
         grads = [next(found) if t.requires_grad else None for t in inputs]
