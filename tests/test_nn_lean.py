@@ -19,6 +19,7 @@ from data2vec.nn.lean import (
     dropout_noise,
     gelu_linear,
     keep_mask,
+    random_words,
 )
 from data2vec.targets import TopKTargets, regression_loss
 from tests.conftest import reference_attention_bf16
@@ -120,6 +121,18 @@ def test_keep_mask__rate_and_independent_neighbours(p):
     both = (keep[0:-1:2] * keep[1::2]).mean().item()
     q = (1 - p) ** 2
     assert abs(both - q) < 5 * (q * (1 - q) / (n // 2)) ** 0.5
+
+
+def test_random_words__every_bit_uniform_and_reproducible_from_torchs_seed():
+    torch.manual_seed(3)
+    words = random_words(200_000, torch.device("cpu"))
+    assert words.dtype == torch.int64 and words.shape == (200_000,)
+    bits = (words.unsqueeze(1) >> torch.arange(64)) & 1  # (n, 64): bit k of every word
+    ones = bits.double().mean(0)
+    assert (ones - 0.5).abs().max().item() < 5 * (0.25 / 200_000) ** 0.5
+    torch.manual_seed(3)
+    assert torch.equal(random_words(200_000, torch.device("cpu")), words)
+    assert not torch.equal(random_words(200_000, torch.device("cpu")), words)
 
 
 def test_keep_mask__shape_seed_and_fresh_draws():
