@@ -141,9 +141,9 @@ def keep_mask(like: Tensor, p: float) -> Tensor:
     """A dropout mask for ``like``: bool, contiguous, True (kept) with probability ``1 - p``.
 
     One 64-bit word of :func:`random_words` gives two elements their 32 random bits, compared
-    with a threshold. PyTorch's CPU dropout draws a double per element instead (``bernoulli_``,
-    2.5x slower than even ``random_`` words, 5.8 vs 2.3 ns per element); CUDA's compares
-    24-bit floats. The masks are not the ones ``torch.nn.Dropout`` would draw.
+    with a threshold. PyTorch's CPU dropout draws a double per element instead (``bernoulli_``:
+    13.6 ns per element here, against 3.3 ns for this mask, drawn and compared); CUDA's
+    compares 24-bit floats. The masks are not the ones ``torch.nn.Dropout`` would draw.
     """
     n = like.numel()
     words = random_words((n + 1) // 2, like.device)
