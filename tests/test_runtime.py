@@ -83,7 +83,9 @@ def test_audio_embed__releases_free_memory_once_when_backward_reaches_the_cnn(mo
     assert calls == [1]
 
 
-def test_encoder__releases_free_memory_halfway_through_the_blocks_both_ways(monkeypatch):
+def test_encoder__releases_free_memory_halfway_through_the_blocks_and_a_quarter_back(
+    monkeypatch,
+):
     import torch
 
     import data2vec._runtime as runtime
@@ -100,19 +102,21 @@ def test_encoder__releases_free_memory_halfway_through_the_blocks_both_ways(monk
     assert len(blocks) >= 2
     for i, block in enumerate(blocks):
         block.register_forward_pre_hook(lambda m, args, i=i: events.append(f"block {i}"))
+        block.register_full_backward_pre_hook(lambda m, g, i=i: events.append(f"back {i}"))
     x = torch.randn(2, 5, model.embed_dim, requires_grad=True)
     out = model.forward_blocks(Context(x, None, None))
-    mid = len(blocks) // 2
-    assert events == [f"block {i}" for i in range(mid)] + ["trim"] + [
-        f"block {i}" for i in range(mid, len(blocks))
-    ]
+    n, mid, late = len(blocks), len(blocks) // 2, 3 * len(blocks) // 4
+    assert n == 4 and (mid, late) == (2, 3)  # the positions the assertions below spell out
+    assert events == ["block 0", "block 1", "trim", "block 2", "block 3"]
     events.clear()
     grad = torch.randn_like(out.x)
     (g,) = torch.autograd.grad(out.x, x, grad)
-    assert events == ["backward trim"]
-    # the hook leaves the gradient as it is: the same as with the hooks' trims switched off
+    # once the last quarter's (block 3's) backward is done, and again halfway back
+    assert events == ["back 3", "backward trim", "back 2", "backward trim", "back 1", "back 0"]
+    # the hooks leave the gradient as it is: the same as with the hooks' trims switched off
     events.clear()
     monkeypatch.setattr(encoder, "_release_midway", lambda x: None)
+    monkeypatch.setattr(encoder, "_release_a_quarter_back", lambda x: None)
     (plain,) = torch.autograd.grad(model.forward_blocks(Context(x, None, None)).x, x, grad)
     torch.testing.assert_close(g, plain, rtol=0, atol=0)
     monkeypatch.undo()
