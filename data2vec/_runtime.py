@@ -22,8 +22,9 @@ live in one heap, and after a training step that heap is full of holes a few MiB
 small for the next step's tensors, so each step's activations take fresh pages while the holes
 stay resident (text-v2-base: 1.6 GB of them). :func:`release_free_memory` (``malloc_trim(0)``)
 returns the holes' pages; called after the forward pass, halfway through the blocks both ways
-(``models/encoder.py``) and where the backward pass has freed the transformer's activations, it
-lowers the peak RSS of a step by 0.5-1.8 GB (see ``benchmarks/README.md``). Not between steps:
+and a quarter of the way back (``models/encoder.py``) and where the backward pass has freed
+the transformer's activations, it lowers the peak RSS of a step by 0.5-1.8 GB (see
+``benchmarks/README.md``). Not between steps:
 the next forward pass reuses the step's holes while they are resident. The pages come back as
 page faults when the heap is reused, which small models notice: image-v2-tiny (500 MB) +15-20 %
 step time for 20 MB less; the issue's tiny ViT (width 192, 224 px, 16 x 16 clones, 1.7 GB)
