@@ -31,22 +31,6 @@ from torch import Tensor
 MIN_POSITIONS = 32
 
 
-def applies(x: Tensor, conv_args_2d: tuple) -> bool:
-    """Whether :func:`weight_grad` takes the weight gradient of ``conv2d(x, ...)`` with these
-    height-one ``(stride, padding, dilation, groups)``: an ungrouped, undilated float32 CPU
-    convolution of a ``(N, C, 1, T)`` input (the caller rules out autocast, which would run
-    it in another dtype)."""
-    _, _, dilation, groups = conv_args_2d
-    return (
-        x.dim() == 4
-        and x.shape[2] == 1
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and groups == 1
-        and tuple(dilation) == (1, 1)
-    )
-
-
 def weight_grad(grad: Tensor, x: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
     """``dW`` of ``conv2d(x, W, stride=(1, stride), padding=(0, padding))`` (no groups or
     dilation), one matrix product per tap and sample.
@@ -78,13 +62,22 @@ def weight_grad(grad: Tensor, x: Tensor, kernel: int, stride: int, padding: int)
 
 
 def worth_it(x: Tensor, weight: Tensor, conv_args_2d: tuple) -> bool:
-    """:func:`applies` to a strided convolution with long enough outputs for the per-sample
-    products to pay (see the module's docstring)."""
-    if not applies(x, conv_args_2d):
+    """Whether :func:`weight_grad` should take the weight gradient of ``conv2d(x, weight)``
+    with these height-one ``(stride, padding, dilation, groups)``: an ungrouped, undilated,
+    strided float32 CPU convolution of a ``(N, C, 1, T)`` input, with long enough outputs for
+    the per-sample products to pay (see the module's docstring). The caller rules out
+    autocast, which would run the convolution in another dtype."""
+    if not (x.dim() == 4 and x.shape[2] == 1 and x.device.type == "cpu"):
         return False
-    (_, stride), (_, padding), _, _ = conv_args_2d
+    (_, stride), (_, padding), dilation, groups = conv_args_2d
     t_out = (x.shape[3] + 2 * padding - weight.shape[3]) // stride + 1
-    return stride > 1 and t_out >= MIN_POSITIONS
+    return (
+        x.dtype == torch.float32
+        and groups == 1
+        and tuple(dilation) == (1, 1)
+        and stride > 1
+        and t_out >= MIN_POSITIONS
+    )
 
 
 class HeightOneConv(torch.autograd.Function):
