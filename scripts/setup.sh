@@ -32,10 +32,31 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv"
   "$PYTHON" -m venv .venv
 fi
-echo "setup: installing pinned packages into .venv (CPU PyTorch 2.13.0)"
-.venv/bin/python -m pip install -q --disable-pip-version-check -c requirements/lock.txt torch==2.13.0
-.venv/bin/python -m pip install -q --disable-pip-version-check -c requirements/lock.txt -e ".[test]"
+# requirements/lock.txt pins the exact versions of the CI machines: Python 3.11 with the CPU
+# build of PyTorch that lies on their disk. Elsewhere pip takes a CUDA build, whose own pins
+# (Triton, NVIDIA libraries) the lock does not hold, and numpy 2.4 / scipy 1.17 need 3.11+; so
+# on other Pythons, or where the lock does not fit the PyTorch build pip finds, pyproject.toml's
+# ranges decide. On 3.10 aeon comes as 1.3.0, its last release for 3.10 (the same .ts files).
+LOCK=()
+AEON=aeon==1.6.0
+PYVER=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+case "$PYVER" in
+  3.11) LOCK=(-c requirements/lock.txt) ;;
+  3.10) AEON=aeon==1.3.0 ;;
+esac
+if [ ${#LOCK[@]} -eq 0 ]; then
+  echo "setup: Python $PYVER: versions from pyproject.toml's ranges (the lock is for 3.11)"
+fi
+echo "setup: installing packages into .venv (PyTorch 2.13.0; the CPU build where one is on disk)"
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+if ! "${PIP[@]}" "${LOCK[@]}" torch==2.13.0; then
+  [ ${#LOCK[@]} -gt 0 ] || exit 1
+  echo "setup: the lock does not fit this PyTorch build; versions from pyproject.toml's ranges"
+  LOCK=()
+  "${PIP[@]}" torch==2.13.0
+fi
+"${PIP[@]}" "${LOCK[@]}" -e ".[test]"
 # Real UCR/UEA time-series data sets for the signal demo (JapaneseVowels, GunPoint, ...) ship
 # inside the aeon wheel; data2vec reads its .ts files by path and never imports aeon, so its
 # dependencies (numba, pandas, scikit-learn pins) are not installed.
-.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps aeon==1.6.0
+"${PIP[@]}" --no-deps "$AEON"

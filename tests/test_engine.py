@@ -142,6 +142,35 @@ def test_save_then_resume__identical_next_steps(tmp_path, image_folder):
         assert torch.equal(v, s2[1][k]), k
 
 
+def test_rng_state__survives_a_weights_only_round_trip(tmp_path):
+    """Every global RNG draws the same after save / load / restore; numpy's uint32 key words
+    go to the file as int64 (torch 2.4 cannot save uint32 tensors), and the uint32 tensors of
+    older checkpoints still restore."""
+    import random
+
+    import numpy as np
+
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    state = ckpt.rng_state()
+    assert state["numpy"][1].dtype == torch.int64
+    torch.save(state, tmp_path / "rng.pt")
+    expected = (np.random.rand(4), torch.rand(4), random.random())
+    np.random.seed(0)
+    torch.manual_seed(0)
+    random.seed(0)
+    ckpt.set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    again = (np.random.rand(4), torch.rand(4), random.random())
+    assert np.array_equal(expected[0], again[0]) and torch.equal(expected[1], again[1])
+    assert expected[2] == again[2]
+    if hasattr(torch, "uint32"):  # the layout written before
+        name, keys, *rest = state["numpy"]
+        legacy = torch.from_numpy(keys.numpy().astype(np.uint32))
+        ckpt.set_rng_state({**state, "numpy": (name, legacy, *rest)})
+        assert np.array_equal(np.random.rand(4), expected[0])
+
+
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path, image_folder):
     run = tmp_path / "run"
     pretrain(tiny_config("train.max_steps=1"), image_folder, run)

@@ -2,6 +2,7 @@
 CPU workers (gloo) with 2 micro-batches of B/4 each train what one process does with a batch of
 B; an FSDP checkpoint resumes under FSDP and in a plain single-process run."""
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -16,6 +17,7 @@ from data2vec.engine.trainer import pretrain
 from tests.conftest import TINY, make_image_folder
 from tests.test_distributed import NO_NOISE
 
+FSDP2 = hasattr(importlib.import_module("torch.distributed.fsdp"), "fully_shard")  # torch >= 2.6
 PRESET = "image-v2-tiny"
 # 3 steps, no randomness outside the data stream; a fast EMA so the teacher visibly moves
 COMMON = [*TINY, *NO_NOISE, "ema.decay=0.9", "ema.end_decay=0.9"]
@@ -69,6 +71,7 @@ def test_ddp_two_accumulating_workers_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not FSDP2, reason="FSDP2 (fully_shard) needs torch >= 2.6")
 def test_fsdp_two_accumulating_workers_match_one_process_and_checkpoints_resume_anywhere(
     tmp_path,
 ):
@@ -95,4 +98,15 @@ def test_fsdp_refuses_layerdrop(tmp_path):
 
     cfg = load_config(PRESET, [*TINY, "model.layerdrop=0.1", "train.distributed=fsdp"])
     with pytest.raises(ConfigError, match=r"model\.layerdrop"):
+        fsdp.check_supported(cfg, torch.device("cpu"))
+
+
+def test_fsdp_without_fully_shard_is_refused_naming_ddp(monkeypatch):
+    """Before torch 2.6 there is no FSDP2: refused before any work, with the way out."""
+    from data2vec.engine import fsdp
+    from data2vec.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "torch.distributed.fsdp", None)  # the import fails
+    cfg = load_config(PRESET, [*TINY, "train.distributed=fsdp"])
+    with pytest.raises(ConfigError, match=r"torch >= 2\.6.*train\.distributed=ddp"):
         fsdp.check_supported(cfg, torch.device("cpu"))

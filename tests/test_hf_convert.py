@@ -231,3 +231,13 @@ def test_model_directory__versioned_config_json(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps({"model_type": "data2vec-vision"}))
     with pytest.raises(data2vec.errors.UserError, match="convert --from hf"):
         data2vec.load_model(tmp_path / "m")
+
+
+def test_a_transformers_that_cannot_use_this_torch_is_named(tmp_path, monkeypatch):
+    """transformers 5 under PyTorch < 2.6 keeps its models off: said before any work."""
+    from data2vec.convert.hf import import_hf
+    from data2vec.errors import UserError
+
+    monkeypatch.setattr(transformers.utils, "is_torch_available", lambda: False)
+    with pytest.raises(UserError, match=r"PyTorch 2\.6 or newer.*'transformers>=4\.40,<5'"):
+        import_hf(tmp_path)

@@ -183,8 +183,19 @@ def test_sdpa__efficient_kernel_first_for_short_cuda_sequences_only():
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]):  # the caller's own choice
         assert not attention.prefers_efficient(q(40))
     assert attention.prefers_efficient(q(40))  # and restored after it
-    assert attention._SHORT_BACKENDS[0] == SDPBackend.EFFICIENT_ATTENTION
-    assert SDPBackend.MATH in attention._SHORT_BACKENDS  # always something to fall back on
+    backends = attention.short_backends()
+    assert backends[0] == SDPBackend.EFFICIENT_ATTENTION
+    assert SDPBackend.MATH in backends  # always something to fall back on
+    # cuDNN's kernel (off by default in torch 2.4) does not decide the rule, and a caller who
+    # switched it off does not get it back as a fallback.
+    everything_but_cudnn = [
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.MATH,
+    ]
+    with sdpa_kernel(everything_but_cudnn):
+        assert attention.prefers_efficient(q(40))
+        assert SDPBackend.CUDNN_ATTENTION not in attention.short_backends()
     x = torch.randn(2, 3, 5, 8)
     torch.testing.assert_close(
         attention.sdpa(x, x, x, None, 0.0), F.scaled_dot_product_attention(x, x, x)

@@ -7,6 +7,7 @@ here, what runs without it.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -25,8 +26,25 @@ from data2vec.nn.block import PostLNBlock
 HERE = Path(__file__).parent
 
 
+def _installed_triton() -> str | None:
+    try:
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def test_kernels_match_the_plain_ops_under_the_interpreter():
-    assert token_conv.triton is not None, "the tests need Triton: pip install -e '.[test]'"
+    installed = _installed_triton()
+    assert installed is not None, f"the tests need {token_conv.NEEDS_TRITON}"
+    if not token_conv.supported_triton(installed):
+        # An older Triton (torch 2.4's own 3.0, say): the kernels stay off, and asking for
+        # them says which Triton they need.
+        assert token_conv.triton is None
+        dec = ConvDecoder(8, 8, 2, 3, 2, grid=(2, 3), conv_impl="triton")
+        with pytest.raises(RuntimeError, match=r"Triton >= 3\.2"):
+            dec(torch.randn(2, 6, 8))
+        return
+    assert token_conv.triton is not None
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     inner = [str(HERE / f"interpreted_token_{name}.py") for name in ("kernels", "norm")]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
@@ -34,6 +52,14 @@ def test_kernels_match_the_plain_ops_under_the_interpreter():
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "35 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+
+
+def test_triton_releases_older_than_the_kernels_need_are_refused():
+    assert token_conv.MIN_TRITON == (3, 2)
+    for version in ("3.2.0", "3.6.0", "3.10.1", "4.0.0", "3.3.0+git9a2f", "3.2.0rc1"):
+        assert token_conv.supported_triton(version), version
+    for version in ("3.1.0", "3.0.0", "2.3.1", "3.1.0+gitabc"):
+        assert not token_conv.supported_triton(version), version
 
 
 def test_conv_impl_is_validated():

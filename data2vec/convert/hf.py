@@ -71,6 +71,14 @@ def _transformers():
         raise UserError(
             "Hugging Face conversion needs transformers: pip install 'data2vec[hf]'"
         ) from None
+    if not transformers.utils.is_torch_available():
+        # transformers 5 switches its models off under PyTorch < 2.6 (the error would come
+        # later, from the first model class, and not say why)
+        raise UserError(
+            f"transformers {transformers.__version__} does not use this PyTorch "
+            f"({torch.__version__}; transformers 5 needs PyTorch 2.6 or newer): with an older "
+            "PyTorch, pip install 'transformers>=4.40,<5'"
+        )
     return transformers
 
 

@@ -137,7 +137,7 @@ def aeon_data_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DataNotFoundError(
             "ucr: data sets come from the aeon wheel: pip install --no-deps aeon==1.6.0 "
-            "(scripts/setup.sh does this)"
+            "(aeon==1.3.0 on Python 3.10; scripts/setup.sh does this)"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
 

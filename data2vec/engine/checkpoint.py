@@ -74,7 +74,8 @@ def attach_assets(encoder: Any, model_dir: Path, cfg: Config) -> None:
 def rng_state() -> dict[str, Any]:
     """Every global RNG, in types that ``torch.load(weights_only=True)`` accepts."""
     name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
-    numpy_state = (name, torch.from_numpy(keys.copy()), pos, has_gauss, cached)
+    # The uint32 key words as int64: torch 2.4's torch.save cannot write uint32 tensors.
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
     state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -84,7 +85,8 @@ def rng_state() -> dict[str, Any]:
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy(), pos, has_gauss, cached))
+    # int64 words (uint32 in checkpoints of earlier data2vec versions), as uint32 again
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -20,6 +20,7 @@ blocks at random per rank, is refused.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from typing import Any
@@ -36,13 +37,6 @@ OPTIMIZER_FORMAT = "fqn"  # trainer_state["optimizer_format"] of FSDP checkpoint
 
 def check_supported(cfg: Any, device: torch.device) -> None:
     """Refuse what FSDP cannot run here, before any work starts."""
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401  (torch >= 2.6)
-    except ImportError as exc:
-        raise ConfigError(
-            f"train.distributed=fsdp needs torch.distributed.fsdp.fully_shard (FSDP2, torch >= "
-            f"2.6); this is torch {torch.__version__}. Use train.distributed=ddp"
-        ) from exc
     if cfg.model.modality == "multi":
         raise ConfigError(
             "train.distributed=fsdp is not available for joint models (model.modality=multi: "
@@ -53,6 +47,13 @@ def check_supported(cfg: Any, device: torch.device) -> None:
             f"model.layerdrop={cfg.model.layerdrop} cannot be used with train.distributed=fsdp "
             "(ranks would skip different blocks and wait for each other); set model.layerdrop=0"
         )
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401  (torch >= 2.6)
+    except ImportError as exc:
+        raise ConfigError(
+            f"train.distributed=fsdp needs torch.distributed.fsdp.fully_shard (FSDP2, torch >= "
+            f"2.6); this is torch {torch.__version__}. Use train.distributed=ddp"
+        ) from exc
 
 
 def repeated_layers(module: nn.Module) -> list[nn.Module]:
@@ -100,10 +101,23 @@ def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
     model.set_requires_gradient_sync(enabled)  # type: ignore[operator]
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
+@functools.cache
+def _dtensor_type() -> type | None:
+    """``DTensor``, public since torch 2.5 (``torch.distributed._tensor`` before), or None
+    in a build without distributed support."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        try:
+            from torch.distributed._tensor import DTensor
+        except ImportError:
+            return None
+    return DTensor
 
-    return isinstance(t, DTensor)
+
+def _is_dtensor(t: Tensor) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
 
 
 def local(t: Tensor) -> Tensor:

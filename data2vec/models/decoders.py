@@ -148,9 +148,9 @@ class ConvDecoder(nn.Module):
         ok = token_conv.available(x) and all(token_conv.supports(c.weight, c.groups) for c in convs)
         if self.conv_impl == "triton" and not ok:
             raise RuntimeError(
-                "decoder.conv_impl=triton needs Triton, an NVIDIA GPU of compute capability >= 8.0 "
-                "(or TRITON_INTERPRET=1 on the CPU) and at most 128 channels per group; use "
-                "decoder.conv_impl=torch"
+                f"decoder.conv_impl=triton needs {token_conv.NEEDS_TRITON}, an NVIDIA GPU of "
+                "compute capability >= 8.0 (or TRITON_INTERPRET=1 on the CPU) and at most 128 "
+                "channels per group; use decoder.conv_impl=torch"
             )
         return ok if self.conv_impl == "triton" else ok and x.is_cuda
 

@@ -44,15 +44,9 @@ def attention_mask(
 # -1.5 to -2 %, b32 -4 %, audio-v2-base b32 (2 s clips, 99 frames) -13 %; flash attention was
 # 9 % slower at b128. Longer sequences were not measured and keep PyTorch's choice.
 SHORT_SEQUENCE = 256
-# With ``set_priority`` (torch >= 2.6) the others stay as fallbacks in PyTorch's order;
-# before it, only the math kernel backs the efficient one up.
+# With ``set_priority`` (torch >= 2.6) the other enabled kernels stay as fallbacks in
+# PyTorch's order; before it, only the math kernel backs the efficient one up.
 _PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
-_SHORT_BACKENDS = (
-    [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-     SDPBackend.MATH]
-    if _PRIORITY
-    else [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-)  # fmt: skip
 _SHORT_KWARGS = {"set_priority": True} if _PRIORITY else {}
 
 
@@ -60,25 +54,32 @@ def prefers_efficient(q: Tensor) -> bool:
     """Whether :func:`sdpa` ranks the memory-efficient kernel first for queries ``q``.
 
     Only on CUDA, for at most :data:`SHORT_SEQUENCE` tokens, outside ``torch.compile``
-    (Inductor picks its own), and only while every backend is enabled: a caller's own
-    ``sdpa_kernel`` choice is left alone.
+    (Inductor picks its own), and only while the efficient, flash and math kernels are all
+    enabled, as PyTorch ships them: a caller's own ``sdpa_kernel`` choice turns some off and
+    is left alone. (cuDNN's kernel is enabled by default only in some releases, off in 2.4.)
     """
     if not q.is_cuda or q.shape[-2] > SHORT_SEQUENCE or torch.compiler.is_compiling():
         return False
     b = torch.backends.cuda
-    return (
-        b.mem_efficient_sdp_enabled()
-        and b.flash_sdp_enabled()
-        and b.math_sdp_enabled()
-        and b.cudnn_sdp_enabled()
-    )
+    return b.mem_efficient_sdp_enabled() and b.flash_sdp_enabled() and b.math_sdp_enabled()
+
+
+def short_backends() -> list[SDPBackend]:
+    """The kernels :func:`sdpa` enables for short sequences, the efficient one first.
+
+    cuDNN's joins the fallbacks only where it is enabled now, so it is never switched on here.
+    """
+    if not _PRIORITY:
+        return [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    cudnn = [SDPBackend.CUDNN_ATTENTION] if torch.backends.cuda.cudnn_sdp_enabled() else []
+    return [SDPBackend.EFFICIENT_ATTENTION, *cudnn, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH]
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float) -> Tensor:
     """``F.scaled_dot_product_attention``, through the memory-efficient kernel where
     :func:`prefers_efficient` says so. ``q, k, v: (B, H, T, d)`` -> ``(B, H, T, d)``."""
     if prefers_efficient(q):
-        with sdpa_kernel(_SHORT_BACKENDS, **_SHORT_KWARGS):
+        with sdpa_kernel(short_backends(), **_SHORT_KWARGS):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 

@@ -187,7 +187,7 @@ def decoder_layer(
         dtype for the next layer (no gradient flows through the copy; see ``_DecoderLayer``).
     """
     if triton is None:
-        raise RuntimeError("decoder_layer needs Triton (pip install triton)")
+        raise RuntimeError(f"decoder_layer needs {token_conv.NEEDS_TRITON}")
     if weight.dim() == 3:
         weight = weight.unsqueeze(2)
     N, T, cin = h.shape

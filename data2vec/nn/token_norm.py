@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from data2vec.nn import token_conv
 from data2vec.nn.token_conv import triton
 from data2vec.nn.token_layer import rows_launch
 
@@ -198,7 +199,7 @@ def add_layer_norm(x: Tensor, a: Tensor, norm: nn.LayerNorm, low_dtype) -> tuple
         ``(y, y_low)``: ``(..., C)`` float32 and ``low_dtype``; gradients through both add up.
     """
     if triton is None:
-        raise RuntimeError("add_layer_norm needs Triton (pip install triton)")
+        raise RuntimeError(f"add_layer_norm needs {token_conv.NEEDS_TRITON}")
     shape = x.shape
     C = shape[-1]
     x2, a2 = x.reshape(-1, C).contiguous(), a.reshape(-1, C).contiguous()
