@@ -110,3 +110,19 @@ def test_fsdp_without_fully_shard_is_refused_naming_ddp(monkeypatch):
     cfg = load_config(PRESET, [*TINY, "train.distributed=fsdp"])
     with pytest.raises(ConfigError, match=r"torch >= 2\.6.*train\.distributed=ddp"):
         fsdp.check_supported(cfg, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not FSDP2, reason="FSDP2 (fully_shard) needs torch >= 2.6")
+def test_fsdp_on_the_cpu_before_torch_2_7_is_refused_naming_ddp(monkeypatch):
+    """torch 2.6 has FSDP2, but its first forward fails on CPU streams: refused up front there,
+    and only there."""
+    from data2vec.engine import fsdp
+    from data2vec.errors import ConfigError
+
+    cfg = load_config(PRESET, [*TINY, "train.distributed=fsdp"])
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cu124")
+    with pytest.raises(ConfigError, match=r"on the CPU needs torch >= 2\.7.*distributed=ddp"):
+        fsdp.check_supported(cfg, torch.device("cpu"))
+    fsdp.check_supported(cfg, torch.device("cuda"))  # a GPU run goes on
+    monkeypatch.setattr(torch, "__version__", "2.7.1")
+    fsdp.check_supported(cfg, torch.device("cpu"))

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.torch_version import TorchVersion
 
 from data2vec.errors import ConfigError
 
@@ -54,6 +55,13 @@ def check_supported(cfg: Any, device: torch.device) -> None:
             f"train.distributed=fsdp needs torch.distributed.fsdp.fully_shard (FSDP2, torch >= "
             f"2.6); this is torch {torch.__version__}. Use train.distributed=ddp"
         ) from exc
+    if device.type == "cpu" and TorchVersion(torch.__version__) < (2, 7):
+        # torch 2.6's fully_shard records stream events, which CPU streams do not have
+        # (AttributeError in the first forward); 2.7 runs tests/test_fsdp.py on the CPU.
+        raise ConfigError(
+            f"train.distributed=fsdp on the CPU needs torch >= 2.7; this is torch "
+            f"{torch.__version__}. Use train.distributed=ddp"
+        )
 
 
 def repeated_layers(module: nn.Module) -> list[nn.Module]:
@@ -91,9 +99,18 @@ def shard(model: nn.Module) -> None:
         # Each teacher layer is its own FSDP root (the teacher never runs a root forward);
         # an explicit reshard_after_forward frees the gathered weights after use.
         fully_shard(layer, reshard_after_forward=True)
+        # torch 2.7 keeps a root's gathered weights after forward whatever it is told, and the
+        # EMA step then wrote to that gathered copy, lost at the next reshard (the teacher was
+        # off by 1e-4 after one step, tests/test_fsdp.py); resharding here holds everywhere.
+        layer.register_forward_hook(_reshard)
     for layer in repeated_layers(model):
         fully_shard(layer)
     fully_shard(model)
+
+
+def _reshard(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook: free ``module``'s gathered parameters (a no-op where FSDP already has)."""
+    module.reshard()  # type: ignore[operator]
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
