@@ -404,7 +404,7 @@ class _Conv1dAfter(torch.autograd.Function):
         z_conv = z.detach().to(dtype)
         # The weight gradient as conv1d_any's backward takes it (the same function), so the
         # gradients are bit-identical to those of the plain composition.
-        taps = need[3] and x.dim() == 4 and conv_taps.worth_it(z_conv, w, conv_args)
+        taps = need[3] and conv_taps.worth_it(z_conv, w, conv_args)  # False unless (N, C, 1, T)
         # aten::convolution's own backward, on the operands autocast gave the convolution
         grad_z, grad_w, grad_b = torch.ops.aten.convolution_backward(
             grad, z_conv, w.to(dtype), ctx.bias_shape, stride, padding,
