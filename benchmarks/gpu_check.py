@@ -17,21 +17,25 @@ script can sit in any checklist.
    milliseconds of forward and forward + backward; with ``--sweep``, each Triton kernel timed
    under several tile settings.
    ``--norms``: the blocks' fused ``LayerNorm(x + a)`` alone against the torch ops, at several
-   token counts (both in ``gpu_kernels.py``).
+   token counts; ``--attention``: a block's attention alone, the Triton kernels against each
+   SDPA backend (all in ``gpu_kernels.py``).
 3. **Throughput**: ``data2vec bench`` of image-v2-base in bf16 autocast for each ``--batch`` and
    ``--conv-impl`` (FLOPs from ``torch.utils.flop_counter``, MFU against the measured bf16
    matmul peak of the same GPU), plus the peak GPU memory.
 4. **Variants** (``--variants``): step time, first loss and peak memory with the torch norms,
    the memory-lean layers switched to the plain ops, ``train.compile=true``, the decoder
    convolution's two ways of walking its sum (``conv taps`` / ``conv packed``), the
-   attention's earlier head split (``heads permuted``) and each SDPA backend alone (``sdpa
-   flash`` / ``efficient`` / ``cudnn``), at each ``--on`` setting (default image-v2-base at
-   batch 128).
+   attention's earlier head split (``heads permuted``), each SDPA backend alone (``sdpa
+   flash`` / ``efficient`` / ``cudnn``), the short-sequence Triton attention off (``attention
+   sdpa``), the fifth pass's decoder-input, projection and loss changes undone (``glue
+   before``) and both (``before fifth pass``), the memory-lean MLP instead of the fused
+   backward (``lean mlp``), the fused block norms from 16384 tokens or at any size instead of
+   ``token_norm.MIN_ROWS``, at each ``--on`` setting (default image-v2-base at batch 128).
 5. **Profile** (``--profile``): the top CUDA kernels of a few steps at each ``--on`` setting.
 
 python benchmarks/gpu_check.py [--batch 32 128] [--conv-impl torch triton] [--steps 10]
-    [--no-agreement] [--conv] [--sweep] [--norms] [--norm-min-rows N] [--variants [NAME ...]]
-    [--repeat N] [--audio BATCH] [--profile] [--on PRESET:BATCH ...]
+    [--no-agreement] [--conv] [--sweep] [--norms] [--attention] [--norm-min-rows N]
+    [--variants [NAME ...]] [--repeat N] [--audio BATCH] [--profile] [--on PRESET:BATCH ...]
 """
 
 from __future__ import annotations
@@ -53,10 +57,15 @@ from data2vec.bench import bench, matmul_peak_flops, prepare_steps
 from data2vec.config import load_config
 from data2vec.masking import inverse_block_mask, make_rng
 from data2vec.models.registry import build_model
-from data2vec.nn import attention, token_conv, token_norm
+from data2vec.nn import attention, token_attention, token_conv, token_mlp, token_norm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_kernels import conv_check, conv_settings, norm_check  # sibling script modules
+from gpu_kernels import (  # sibling script modules
+    attention_check,
+    conv_check,
+    conv_settings,
+    norm_check,
+)
 from saved_activations import CHANGES, plain
 
 TINY = [
@@ -238,6 +247,77 @@ def _sdpa(backend: str):
     return functools.partial(sdpa_kernel, [getattr(SDPBackend, backend)])
 
 
+@contextlib.contextmanager
+def _patched(*patches: tuple[Any, str, Any]) -> Iterator[None]:
+    """Set ``(owner, attribute, value)`` for the block, then restore them."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def _decoder_input_before(self, student, mask, noise=None):
+    """``Data2Vec2.decoder_input`` before the fifth pass: noise drawn for the masked slots and
+    both parts placed by boolean-mask assignments."""
+    from data2vec.models.data2vec2 import lean_dropout
+
+    visible = lean_dropout(student.tokens, self.decoder_input_dropout, self.training)
+    N, V, D = visible.shape
+    T = mask.mask.shape[1]
+    if noise is None:
+        noise = visible.new_empty(N * (T - V), D).normal_(0.0, self.noise_std)
+    full = visible.new_empty(N, T, D)
+    full[mask.mask] = noise.to(visible.dtype)
+    full[~mask.mask] = visible.reshape(N * V, D)
+    return full
+
+
+def _decoder_forward_before(self, x, mask=None, padding_mask=None):
+    """``ConvDecoder.forward`` before the fifth pass: the projection reads the float32 output
+    (autocast casts the gathered rows)."""
+    h = self.forward_features(x, padding_mask)
+    return self.proj(h if mask is None else h[mask])
+
+
+@torch.no_grad()
+def _per_dim_std_before(x):
+    x = x.float().reshape(-1, x.shape[-1])
+    return torch.sqrt(x.var(dim=0) + 1e-6).mean()
+
+
+def _glue_before() -> contextlib.AbstractContextManager:
+    """The fifth pass's changes around the decoder and the loss undone (the attention kept)."""
+    from data2vec import targets
+    from data2vec.models import data2vec2, decoders
+
+    class Composition:
+        @staticmethod
+        def apply(pred, target):
+            return (pred - target).square().sum()
+
+    return _patched(
+        (data2vec2.Data2Vec2, "decoder_input", _decoder_input_before),
+        (decoders.ConvDecoder, "forward", _decoder_forward_before),
+        (data2vec2, "per_dim_std", _per_dim_std_before),
+        (targets, "_SquaredErrorSum", Composition),
+    )
+
+
+def _attention_sdpa() -> contextlib.AbstractContextManager:
+    """Every attention through SDPA (the short-sequence Triton kernels off)."""
+    return _patched((token_attention, "MAX_TOKENS", 0))
+
+
+@contextlib.contextmanager
+def _before_fifth_pass() -> Iterator[None]:
+    with _glue_before(), _attention_sdpa(), _patched((token_mlp, "ENABLED", False)):
+        yield
+
+
 # (name, config overrides, memory-lean layers switched to the plain ops, code switch)
 VARIANTS = [
     ("default", (), False, contextlib.nullcontext),
@@ -254,6 +334,12 @@ VARIANTS = [
     ("sdpa flash", (), False, _sdpa("FLASH_ATTENTION")),
     ("sdpa efficient", (), False, _sdpa("EFFICIENT_ATTENTION")),
     ("sdpa cudnn", (), False, _sdpa("CUDNN_ATTENTION")),
+    ("attention sdpa", (), False, _attention_sdpa),
+    ("glue before", (), False, _glue_before),
+    ("before fifth pass", (), False, _before_fifth_pass),
+    ("lean mlp", (), False, lambda: _patched((token_mlp, "ENABLED", False))),
+    ("norms from 16384 rows", (), False, lambda: _patched((token_norm, "MIN_ROWS", 16384))),
+    ("norms at any size", (), False, lambda: _patched((token_norm, "MIN_ROWS", 0))),
 ]  # fmt: skip
 
 
@@ -411,6 +497,8 @@ def main() -> None:
     p.add_argument("--conv", action="store_true", help="time the decoder convolution alone")
     p.add_argument("--sweep", action="store_true", help="with --conv: Triton tile settings")
     p.add_argument("--norms", action="store_true", help="time the fused block norms alone")
+    p.add_argument("--attention", action="store_true",
+                   help="time the short-sequence attention alone")  # fmt: skip
     p.add_argument("--norm-min-rows", type=int, default=None,
                    help="set data2vec.nn.token_norm.MIN_ROWS for this run")  # fmt: skip
     p.add_argument("--variants", nargs="*", metavar="NAME", default=None,
@@ -454,6 +542,9 @@ def main() -> None:
     if args.norms:
         result["norms"] = _guarded(norm_check)
         _print({"norms": result["norms"]})
+    if args.attention:
+        result["attention"] = _guarded(attention_check, args.batch[-1] if args.batch else 128)
+        _print({"attention": result["attention"]})
     result["throughput"] = []
     for batch in args.batch:
         for impl in args.conv_impl:

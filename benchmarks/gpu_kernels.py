@@ -1,10 +1,14 @@
-"""Kernels alone on CUDA, for ``gpu_check.py``: the decoder convolution and the block norms.
+"""Kernels alone on CUDA, for ``gpu_check.py``: the decoder convolution, the block norms and
+the short-sequence attention.
 
 * :func:`conv_check` - image-v2-base's decoder convolution, bf16, Triton against cuDNN:
   agreement of output and gradients, milliseconds forward and forward + backward, and with
   ``sweep`` each Triton kernel under several tile settings;
 * :func:`norm_check` - a block's ``LayerNorm(x + a)``, forward + backward, fused Triton kernels
-  against the torch ops at several token counts.
+  against the torch ops at several token counts;
+* :func:`attention_check` - one block's attention (image-v2-base student: 40 tokens, 12 heads
+  of 64), bf16: the Triton kernels against each SDPA backend, errors against float32 and
+  milliseconds forward and forward + backward.
 """
 
 from __future__ import annotations
@@ -129,6 +133,67 @@ def norm_check(rows: tuple[int, ...] = (2048, 8192, 32768, 131072)) -> list[dict
             torch.autograd.backward([y, low], [gy, glow])  # noqa: B023
 
         out.append({"rows": m, "fused_ms": gpu_ms(fused), "torch_ms": gpu_ms(plain)})
+    return out
+
+
+def attention_check(
+    batch: int, tokens: int = 40, clones: int = 16, dev: torch.device | None = None
+) -> dict[str, Any]:
+    """Attention alone on the fused projection's ``(B, T, 3C)`` output, output ``(B, T, C)``
+    as the block's projection reads it (see module doc)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from data2vec.nn import token_attention
+    from data2vec.nn.attention import split_heads
+
+    dev = dev or torch.device("cuda")
+    B, H, C = batch * clones, 12, 768
+    gen = torch.Generator(device=dev).manual_seed(0)
+    qkv32 = 1.5 * torch.randn(B, tokens, 3 * C, device=dev, generator=gen)
+    g32 = torch.randn(B, tokens, C, device=dev, generator=gen)
+    qkv, g = qkv32.bfloat16(), g32.bfloat16()
+
+    def sdpa(x):
+        q, k, v = split_heads(x, H)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, tokens, C)
+
+    def grads(fn, x):
+        x = x.detach().clone().requires_grad_()
+        out = fn(x)
+        out.backward(g.to(out.dtype))
+        return out.detach().float(), x.grad.float()
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = grads(sdpa, qkv.float())  # float32 on the bf16-rounded operands
+    runs = {"triton": (lambda x: token_attention.attend(x, H), None)}
+    for backend in ("EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "FLASH_ATTENTION"):
+        runs[backend.split("_")[0].lower()] = (sdpa, getattr(SDPBackend, backend))
+    out: dict[str, Any] = {"shape": f"{B} x {tokens} tokens x {H} heads of {C // H}"}
+    for name, (fn, backend) in runs.items():
+        ctx = sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()
+        try:
+            with ctx:
+                got = grads(fn, qkv)
+                x = qkv.detach().clone().requires_grad_()
+                out[f"{name}_forward_ms"] = gpu_ms(lambda: fn(qkv))  # noqa: B023
+                out[f"{name}_forward_backward_ms"] = gpu_ms(lambda: fn(x).backward(g))  # noqa: B023
+        except RuntimeError as exc:  # a backend that does not take these shapes here
+            out[f"{name}_error"] = str(exc).splitlines()[0][:200]
+            continue
+        for i, part in enumerate(("out", "grad")):
+            err = (got[i] - ref[i]).abs().max() / ref[i].abs().max()
+            out[f"{name}_rel_diff_{part}"] = float(err)
+    launch = token_attention._launch
+    x = qkv.detach().clone().requires_grad_()
+    for warps in (2, 4, 8):  # the kernels' one tile setting
+        token_attention._launch = lambda T: {**launch(T), "num_warps": warps}  # noqa: B023
+        try:
+            out[f"triton_{warps}_warps_forward_backward_ms"] = gpu_ms(
+                lambda: token_attention.attend(x, H).backward(g)
+            )
+        finally:
+            token_attention._launch = launch
     return out
 
 

@@ -123,6 +123,27 @@ def build_targets(
     return acc.result()
 
 
+class _SquaredErrorSum(torch.autograd.Function):
+    """``((pred - target)²).sum()`` in float32, for a float32 ``target`` that needs no gradient:
+    the composition's value, bit for bit, with a backward that writes ``2 g (pred - target)``
+    straight in ``pred``'s dtype. The composition's backward wrote it in float32, then cast it
+    (on a GPU, where these passes are memory-bound, 2 GB less traffic per step at
+    image-v2-base batch 128)."""
+
+    @staticmethod
+    def forward(ctx, pred: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
+        diff = pred - target  # bf16 promoted exactly, as .float() would
+        ctx.save_for_backward(diff)
+        ctx.dtype = pred.dtype
+        return diff.square().sum()
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (diff,) = ctx.saved_tensors
+        grad = torch.empty(diff.shape, device=diff.device, dtype=ctx.dtype)
+        return torch.mul(diff, 2 * g, out=grad), None
+
+
 def regression_loss(
     pred: Tensor, target: Tensor, beta: float = 0.0, scale: float | None = None
 ) -> Tensor:
@@ -135,7 +156,10 @@ def regression_loss(
         pred, target: ``(N, D)``.
     """
     target = target.float()
-    if beta == 0:
+    if beta == 0 and pred.is_cuda and not target.requires_grad:
+        # one pass fewer in backward on a GPU (see _SquaredErrorSum); the same bits
+        loss = _SquaredErrorSum.apply(pred, target)
+    elif beta == 0:
         # (pred - target)² summed: the same kernels and bits as F.mse_loss(reduction="sum"),
         # but backward keeps the difference only, where mse_loss keeps both inputs. A bf16
         # prediction is promoted by the subtraction itself (exactly, as .float() would), which
@@ -152,14 +176,17 @@ def per_dim_std(x: Tensor) -> Tensor:
 
     This is the collapse statistic of fairseq's ``compute_var`` (``sqrt(var + 1e-6)``).
     """
-    x = x.float().reshape(-1, x.shape[-1])
+    x = x.reshape(-1, x.shape[-1])
     if x.shape[0] < 2:
-        return x.new_tensor(float("nan"))
+        return x.new_tensor(float("nan"), dtype=torch.float32)
     if x.is_cuda:
         # One pass over memory on a GPU, where the four of the CPU path below took 3-4 ms per
-        # step for image-v2-base at batch 128 (H100).
-        var = x.var(dim=0)
+        # step for image-v2-base at batch 128 (H100). A bf16 input is read as it is (the sums
+        # are float32 inside; the variances come back rounded to bf16, 3 significant digits,
+        # enough for a logged statistic) instead of through a float32 copy of it.
+        var = x.var(dim=0).float()
     else:
+        x = x.float()
         # Two passes (mean, then squared deviations) instead of x.var(dim=0): the same unbiased
         # variance, 3x faster on CPU for (tokens, D) inputs (7 vs 23 ms at 40k x 192).
         dev = x - x.mean(dim=0)

@@ -81,8 +81,19 @@ def test_decoder_input__visible_in_place_noise_elsewhere():
     assert (full[mask] == 7.0).all()
     for n in range(mask.shape[0]):
         torch.testing.assert_close(full[n, info.ids_keep[n]], student.tokens[n])
-    drawn = model.decoder_input(student, info)[mask].detach()  # N(0, 0.01²)
+    full = model.decoder_input(student, info)
+    drawn = full[mask].detach()  # N(0, 0.01²)
     assert abs(float(drawn.std()) - cfg.mask.noise_std) < 0.003
+    assert abs(float(drawn.mean())) < 0.001
+    for n in range(mask.shape[0]):
+        torch.testing.assert_close(full[n, info.ids_keep[n]], student.tokens[n])
+    # the gradient reaches each visible output from its own position, nothing from the noise
+    r = torch.randn(full.shape)
+    (grad,) = torch.autograd.grad((full * r).sum(), student.x)
+    extra = student.x.shape[1] - student.tokens.shape[1]
+    assert not grad[:, :extra].any()
+    for n in range(mask.shape[0]):
+        assert torch.equal(grad[n, extra:], r[n, info.ids_keep[n]])
 
 
 def test_cls_loss_weight_and_logged_statistics():

@@ -55,6 +55,23 @@ def test_regression_loss__l2_scaled_and_smooth_l1():
     assert float(regression_loss(pred, target, beta=4.0, scale=1.0)) == pytest.approx(0.625)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_squared_error_sum__bits_of_the_composition(dtype):
+    """The GPU's loss function (here run on the CPU): the value of ``(pred - y)².sum()`` bit
+    for bit, and the gradient written in the prediction's dtype with the composition's bits."""
+    from data2vec.targets import _SquaredErrorSum
+
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(300, 48, generator=g).to(dtype).requires_grad_()
+    y = torch.randn(300, 48, generator=g)
+    got = _SquaredErrorSum.apply(pred, y)
+    (got_grad,) = torch.autograd.grad(got * 0.7, pred)
+    want = (pred - y).square().sum()
+    (want_grad,) = torch.autograd.grad(want * 0.7, pred)
+    assert torch.equal(got, want)
+    assert got_grad.dtype == dtype and torch.equal(got_grad, want_grad)
+
+
 def test_regression_loss__bf16_prediction_as_if_cast_first():
     """A bf16 prediction is promoted by the subtraction: the loss and its gradient have the
     bits of casting it to float32 first."""

@@ -1,8 +1,8 @@
-"""The Triton kernels (``data2vec/nn/token_conv.py``, ``token_layer.py``, ``token_norm.py``).
+"""The Triton kernels (``data2vec/nn/token_conv.py``, ``token_layer.py``, ``token_norm.py``,
+``token_attention.py``, ``token_mlp.py``).
 
 The kernels themselves are checked against the plain PyTorch ops in a fresh process under
-Triton's CPU interpreter (``interpreted_token_kernels.py``, ``interpreted_token_norm.py``);
-here, what runs without it.
+Triton's CPU interpreter (``interpreted_token_*.py``); here, what runs without it.
 """
 
 from __future__ import annotations
@@ -46,12 +46,13 @@ def test_kernels_match_the_plain_ops_under_the_interpreter():
         return
     assert token_conv.triton is not None
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    inner = [str(HERE / f"interpreted_token_{name}.py") for name in ("kernels", "norm")]
+    names = ("kernels", "norm", "attention", "mlp")
+    inner = [str(HERE / f"interpreted_token_{name}.py") for name in names]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
            "-o", "python_files=interpreted_*.py", *inner]  # fmt: skip
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "35 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+    assert "52 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 
 def test_triton_releases_older_than_the_kernels_need_are_refused():
@@ -66,6 +67,17 @@ def test_conv_impl_is_validated():
     with pytest.raises(ConfigError, match=r"decoder.conv_impl.*'auto', 'torch', 'triton'"):
         load_config("image-v2-tiny", ["decoder.conv_impl=cudnn"])
     assert load_config("image-v2-tiny", ["decoder.conv_impl=torch"]).decoder.conv_impl == "torch"
+
+
+@pytest.mark.skipif(token_conv.interpreting(), reason="this process runs the interpreter")
+def test_the_cpu_attends_through_sdpa_and_keeps_the_memory_lean_mlp():
+    from data2vec.nn import token_attention, token_mlp
+    from data2vec.nn.attention import short_kernel
+    from data2vec.nn.block import Mlp
+
+    qkv = torch.randn(2, 40, 3 * 64)
+    assert not token_attention.supports(qkv, 4) and not short_kernel(qkv, 4)
+    assert token_mlp.ENABLED and not token_mlp.supports(qkv[..., :64], Mlp(64, 256))
 
 
 @pytest.mark.skipif(token_conv.interpreting(), reason="this process runs the interpreter")

@@ -114,6 +114,11 @@ class ConvDecoder(nn.Module):
         ``padding_mask: (N, T)`` (1-D only): padded positions are zeroed before every conv, so
         they cannot leak into valid positions.
         """
+        return self._features(x, padding_mask)[0]
+
+    def _features(self, x: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """:meth:`forward_features` and, where the fused Triton layers ran, their output's copy
+        in the compute dtype (else None)."""
         if self.uses_triton(x):
             return self._forward_tokens(x, padding_mask)
         N, T, D = x.shape
@@ -138,7 +143,7 @@ class ConvDecoder(nn.Module):
             # recomputing both from the conv output keeps one copy instead of three.
             out = checkpoint_elementwise(out, norm, act)
             h = out + h if self.residual and out.shape[1] == h.shape[1] else out
-        return h.reshape(N, h.shape[1], T).transpose(1, 2)
+        return h.reshape(N, h.shape[1], T).transpose(1, 2), None
 
     def uses_triton(self, x: Tensor) -> bool:
         """Whether this forward runs the Triton kernels (see ``conv_impl``)."""
@@ -154,8 +159,10 @@ class ConvDecoder(nn.Module):
             )
         return ok if self.conv_impl == "triton" else ok and x.is_cuda
 
-    def _forward_tokens(self, x: Tensor, padding_mask: Tensor | None) -> Tensor:
-        """:meth:`forward_features` on ``(N, T, C)`` tokens with the Triton kernels."""
+    def _forward_tokens(
+        self, x: Tensor, padding_mask: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """:meth:`_features` on ``(N, T, C)`` tokens with the Triton kernels."""
         if x.is_cuda and x.device != torch.device("cuda", torch.cuda.current_device()):
             # Triton launches on the current device (autograd's backward threads already run
             # on the tensors' own), so a model on another GPU makes it current for the forward.
@@ -175,7 +182,7 @@ class ConvDecoder(nn.Module):
                 y = token_conv.conv_tokens(h, conv.weight, conv.bias, hw)  # (N, T, dim)
                 out = checkpoint_elementwise(y, norm.forward_last, act)
                 h, h_low = (out + h if residual else out), None
-        return h
+        return h, h_low
 
     def forward(
         self, x: Tensor, mask: Tensor | None = None, padding_mask: Tensor | None = None
@@ -190,7 +197,13 @@ class ConvDecoder(nn.Module):
         Returns:
             ``(N, T, D)``; with ``mask``, ``(num_masked, D)`` rows in row-major mask order.
         """
-        h = self.forward_features(x, padding_mask)
+        h, h_low = self._features(x, padding_mask)
+        if h_low is not None:
+            # The fused layers' copy in the compute dtype: what autocast would cast ``h`` to
+            # for the projection, so the masked rows are gathered at half the width and the
+            # gradient reaches the last layer unwidened (about 2 GB less traffic per step at
+            # image-v2-base batch 128).
+            h = h_low
         return self.proj(h if mask is None else h[mask])
 
 

@@ -1,4 +1,5 @@
-"""Multi-head self-attention through ``F.scaled_dot_product_attention``.
+"""Multi-head self-attention through ``F.scaled_dot_product_attention``, or, for short
+unmasked sequences on CUDA, through :mod:`data2vec.nn.token_attention`'s Triton kernels.
 
 Module and parameter names (``qkv``, ``proj``) follow the fairseq/timm layout so that weight
 conversion is a rename, not a reshuffle.
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from data2vec.nn import token_attention, token_conv
 from data2vec.nn.lean import dropout_attention, dropout_or_identity
 from data2vec.nn.lean_fused import dropout_attention_proj
 
@@ -84,6 +86,14 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: f
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
+def short_kernel(qkv: Tensor, num_heads: int) -> bool:
+    """Whether unmasked attention without dropout on ``qkv: (B, T, 3C)`` runs
+    :func:`~data2vec.nn.token_attention.attend`: on CUDA (or the CPU under Triton's
+    interpreter, for the tests) where :func:`~data2vec.nn.token_attention.supports` says so."""
+    on_device = qkv.is_cuda or token_conv.interpreting()
+    return on_device and token_attention.supports(qkv, num_heads)
+
+
 def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """The fused projection's output as per-head queries, keys and values (views, no copy).
 
@@ -145,8 +155,11 @@ class Attention(nn.Module):
             ``(B, T, C)``.
         """
         B, T, C = x.shape
-        q, k, v = split_heads(self.qkv(x), self.num_heads)
+        qkv = self.qkv(x)
         drop = self.attn_drop if self.training else 0.0
+        if attn_mask is None and drop == 0 and short_kernel(qkv, self.num_heads):
+            return self.proj_drop(self.proj(token_attention.attend(qkv, self.num_heads)))
+        q, k, v = split_heads(qkv, self.num_heads)
         if attn_mask is not None:
             attn_mask = attn_mask.to(q.dtype)
         if 0 < drop < 1 and x.device.type == "cpu" and torch.is_grad_enabled():

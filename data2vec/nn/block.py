@@ -25,7 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from data2vec.nn import token_conv, token_norm
+from data2vec.nn import token_conv, token_mlp, token_norm
 from data2vec.nn.attention import Attention
 from data2vec.nn.drop_path import drop_path_or_identity
 from data2vec.nn.lean import dropout_or_identity, gelu_linear
@@ -59,6 +59,8 @@ class Mlp(nn.Module):
         self.recompute_act = exact_gelu and drop == 0
 
     def forward(self, x: Tensor) -> Tensor:
+        if token_mlp.supports(x, self):
+            return token_mlp.mlp_forward(x, self.fc1, self.fc2)
         return self.from_hidden(self.fc1(x))
 
     def from_hidden(self, h: Tensor) -> Tensor:
@@ -138,7 +140,7 @@ class PostLNBlock(nn.Module):
         low_dtype = torch.get_autocast_dtype(x.device.type)
         a = self.drop_path(self.attn(x if x_low is None else x_low, attn_mask))
         x, y_low = token_norm.add_layer_norm(x, a, self.norm1, low_dtype)
-        f = self.mlp.from_hidden(self.mlp.fc1(y_low))
+        f = self.mlp(y_low)
         x, x_low = token_norm.add_layer_norm(
             x, self.drop_path(self.post_mlp_dropout(f)), self.norm2, low_dtype
         )

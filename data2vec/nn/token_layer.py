@@ -110,7 +110,9 @@ def rows_launch(M: int, C: int) -> tuple[tuple[int], dict[str, int]]:
 class _DecoderLayer(torch.autograd.Function):
     """``(h, h_low) -> (out, out_low)``; ``h_low`` (``h`` in the compute dtype, or None to
     read ``h`` itself) gets no gradient: it stands for ``h`` (autocast's cast, whose
-    gradient passes straight through)."""
+    gradient passes straight through). ``out_low`` stands for ``out`` likewise: a gradient
+    that reaches it (the decoder's projection reads the last layer's copy) joins ``out``'s,
+    so the projection's gradient need not be widened to float32 first."""
 
     @staticmethod
     def forward(ctx, h, h_low, weight, bias, hw, eps, residual, out_dtype):  # type: ignore[override]
@@ -129,13 +131,16 @@ class _DecoderLayer(torch.autograd.Function):
         ctx.save_for_backward(x, y, weight)
         ctx.hw, ctx.eps, ctx.residual = hw, eps, residual
         ctx.has_bias, ctx.h_dtype = bias is not None, h.dtype
-        ctx.mark_non_differentiable(low)
+        ctx.set_materialize_grads(False)  # an unused output gets None, not a tensor of zeros
         return out, low
 
     @staticmethod
-    def backward(ctx, g: Tensor, _g_low: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx, g: Tensor | None, g_low: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, y, weight = ctx.saved_tensors
-        g = g.contiguous()
+        if g is None and g_low is None:
+            return (None,) * 8
+        # the kernels read either dtype and sum in float32
+        g = (g_low if g is None else g if g_low is None else g + g_low).contiguous()
         M, C = y.shape
         gy = torch.empty_like(y)
         grid, blocks = rows_launch(M, C)

@@ -1,0 +1,221 @@
+"""Self-attention over short sequences, one Triton program per (sequence, head), for CUDA.
+
+A data2vec 2.0 image student attends over 40 tokens (196 patches, 80 % masked, plus CLS) in
+16 clones of every image: at batch 128 that is 2048 x 12 tiny attention problems per block.
+PyTorch's fused kernels tile queries and keys in blocks of 64 or 128 and walk the keys with an
+online softmax, which at 40 tokens mostly moves padding, and they want ``(B, H, T, d)``
+operands, so the output is transposed back to ``(B, T, C)`` with a copy, and so is its gradient.
+Here, for sequences of at most :data:`MAX_TOKENS` tokens:
+
+* **forward**: a program loads one head's queries, keys and values straight from the fused
+  projection's ``(B, T, 3C)`` output, forms the whole ``T x T`` score matrix in registers
+  (float32), takes an exact softmax, multiplies by the values and writes ``(B, T, C)``, the
+  output projection's input, plus each row's log-sum-exp for backward;
+* **backward**: a program recomputes the probabilities from the log-sum-exp and writes the
+  query, key and value gradients into one ``(B, T, 3C)`` tensor, the fused projection's
+  output gradient (FlashAttention-2's formulas: ``dS = P * (dP - rowsum(dO * O))``).
+
+Products take the operands' dtype (bf16 under autocast), sums are float32, and the
+(unnormalized) probabilities are rounded to the operands' dtype before they meet the values,
+as the fused kernels do. No mask and no dropout: other calls go to
+``F.scaled_dot_product_attention``.
+Triton's interpreter runs the kernels on the CPU for the tests (``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from data2vec.nn import token_conv
+from data2vec.nn.token_conv import triton
+
+# Sequences up to this many tokens take these kernels (0: never). One program holds a
+# ``T x T`` float32 score matrix in registers; 64 covers the image students (40 tokens).
+MAX_TOKENS = 64
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _load_head(qkv_ptr, part, rows, ok, h, C: tl.constexpr, D: tl.constexpr):
+        """``(BLOCK_T, D)`` queries (``part`` 0), keys (1) or values (2) of head ``h``."""
+        cols = h * D + tl.arange(0, D)
+        offs = rows[:, None] * (3 * C) + part * C + cols[None, :]
+        return tl.load(qkv_ptr + offs, mask=ok[:, None], other=0.0)
+
+    @triton.jit
+    def _scores(q, k, scale, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        return tl.dot(q, tl.trans(k)) * scale
+
+    @triton.jit
+    def _mm(a, b, IEEE: tl.constexpr):
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _attention_forward(
+        qkv_ptr,
+        o_ptr,
+        lse_ptr,
+        T,
+        H,
+        scale,
+        C: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        SAVE_LSE: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """``o = softmax(q k^T * scale) v`` for one (sequence, head) per program."""
+        pid = tl.program_id(0)
+        b, h = pid // H, pid % H
+        t = tl.arange(0, BLOCK_T)
+        ok = t < T
+        rows = (b * T + t).to(tl.int64)
+        q = _load_head(qkv_ptr, 0, rows, ok, h, C, D)
+        k = _load_head(qkv_ptr, 1, rows, ok, h, C, D)
+        v = _load_head(qkv_ptr, 2, rows, ok, h, C, D)
+        s = tl.where(ok[None, :], _scores(q, k, scale, IEEE), float("-inf"))
+        m = tl.max(s, axis=1)
+        p = tl.exp(s - m[:, None])  # at most 1, and exactly 1 at each row's maximum
+        denom = tl.sum(p, axis=1)
+        # normalized after the product, in float32, as the fused kernels do: the rounding of
+        # p to the operands' dtype then spares each row's largest weight
+        o = _mm(p.to(v.dtype), v, IEEE) / denom[:, None]
+        cols = h * D + tl.arange(0, D)
+        tl.store(o_ptr + rows[:, None] * C + cols[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=ok[:, None])  # fmt: skip
+        if SAVE_LSE:
+            tl.store(lse_ptr + pid * T + t, m + tl.log(denom), mask=ok)
+
+    @triton.jit
+    def _attention_backward(
+        qkv_ptr,
+        o_ptr,
+        do_ptr,
+        lse_ptr,
+        dqkv_ptr,
+        T,
+        H,
+        scale,
+        C: tl.constexpr,
+        D: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """Query, key and value gradients of one (sequence, head) per program."""
+        pid = tl.program_id(0)
+        b, h = pid // H, pid % H
+        t = tl.arange(0, BLOCK_T)
+        ok = t < T
+        rows = (b * T + t).to(tl.int64)
+        q = _load_head(qkv_ptr, 0, rows, ok, h, C, D)
+        k = _load_head(qkv_ptr, 1, rows, ok, h, C, D)
+        v = _load_head(qkv_ptr, 2, rows, ok, h, C, D)
+        cols = h * D + tl.arange(0, D)
+        offs = rows[:, None] * C + cols[None, :]
+        o = tl.load(o_ptr + offs, mask=ok[:, None], other=0.0)
+        do = tl.load(do_ptr + offs, mask=ok[:, None], other=0.0)
+        lse = tl.load(lse_ptr + pid * T + t, mask=ok, other=0.0)
+        s = _scores(q, k, scale, IEEE)
+        p = tl.where(ok[:, None] & ok[None, :], tl.exp(s - lse[:, None]), 0.0)
+        dv = _mm(tl.trans(p.to(do.dtype)), do, IEEE)
+        dp = _mm(do, tl.trans(v), IEEE)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)
+        ds = (p * (dp - delta[:, None])).to(q.dtype)
+        dq = _mm(ds, k, IEEE) * scale
+        dk = _mm(tl.trans(ds), q, IEEE) * scale
+        out = rows[:, None] * (3 * C) + cols[None, :]
+        dt = dqkv_ptr.dtype.element_ty
+        tl.store(dqkv_ptr + out, dq.to(dt), mask=ok[:, None])
+        tl.store(dqkv_ptr + out + C, dk.to(dt), mask=ok[:, None])
+        tl.store(dqkv_ptr + out + 2 * C, dv.to(dt), mask=ok[:, None])
+
+
+def _launch(T: int) -> dict[str, int]:
+    block_t = max(16, triton.next_power_of_2(T))
+    return {"BLOCK_T": block_t, "num_warps": 4 if block_t <= 64 else 8, "num_stages": 1}
+
+
+def _ieee(qkv: Tensor) -> bool:
+    """float32 operands multiply in full precision unless the user allowed TF32 matmuls."""
+    return qkv.dtype == torch.float32 and not (
+        qkv.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    )
+
+
+def _forward(qkv: Tensor, num_heads: int, save_lse: bool) -> tuple[Tensor, Tensor, float]:
+    """``(out, lse, scale)``: one launch of the forward kernel (``lse`` unwritten unless
+    ``save_lse``)."""
+    B, T, C3 = qkv.shape
+    C = C3 // 3
+    out = torch.empty(B, T, C, device=qkv.device, dtype=qkv.dtype)
+    lse = torch.empty(B * num_heads, T, device=qkv.device, dtype=torch.float32)
+    scale = 1.0 / math.sqrt(C // num_heads)
+    _attention_forward[(B * num_heads,)](
+        qkv, out, lse, T, num_heads, scale, C=C, D=C // num_heads, SAVE_LSE=save_lse,
+        IEEE=_ieee(qkv), **_launch(T),
+    )  # fmt: skip
+    return out, lse, scale
+
+
+class _ShortAttention(torch.autograd.Function):
+    """``qkv: (B, T, 3C) -> (B, T, C)``, heads of width ``C / num_heads``."""
+
+    @staticmethod
+    def forward(ctx, qkv: Tensor, num_heads: int) -> Tensor:  # type: ignore[override]
+        out, lse, scale = _forward(qkv, num_heads, save_lse=True)
+        ctx.save_for_backward(qkv, out, lse)
+        ctx.num_heads, ctx.scale = num_heads, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        qkv, out, lse = ctx.saved_tensors
+        B, T, C3 = qkv.shape
+        H = ctx.num_heads
+        dqkv = torch.empty_like(qkv)
+        _attention_backward[(B * H,)](
+            qkv, out, g.contiguous(), lse, dqkv, T, H, ctx.scale, C=C3 // 3, D=C3 // (3 * H),
+            IEEE=_ieee(qkv), **_launch(T),
+        )  # fmt: skip
+        return dqkv, None
+
+
+def supports(qkv: Tensor, num_heads: int) -> bool:
+    """Whether :func:`attend` runs on ``qkv: (B, T, 3C)``: Triton on its device (see
+    ``token_conv.available``), at most :data:`MAX_TOKENS` tokens, heads of a power-of-two
+    width from 16 to 128, and (on a GPU) 16-bit operands, where it was measured."""
+    if qkv.dim() != 3 or not token_conv.available(qkv) or token_conv.is_suspended():
+        return False
+    T, C3 = qkv.shape[1:]
+    d = C3 // (3 * num_heads)
+    width_ok = 3 * num_heads * d == C3 and d in (16, 32, 64, 128)
+    dtype_ok = qkv.dtype in (torch.bfloat16, torch.float16) or not qkv.is_cuda
+    return 0 < T <= MAX_TOKENS and width_ok and dtype_ok and not torch.compiler.is_compiling()
+
+
+def attend(qkv: Tensor, num_heads: int) -> Tensor:
+    """Softmax attention of the fused projection's output, without mask or dropout.
+
+    Args:
+        qkv: ``(B, T, 3C)``, ``[q; k; v]`` along the last axis, heads inside each (as
+            ``attention.split_heads`` reads it).
+        num_heads: ``H``.
+
+    Returns:
+        ``(B, T, C)``: the heads' outputs side by side, as ``F.scaled_dot_product_attention``
+        on ``split_heads(qkv)`` followed by ``transpose(1, 2).reshape(B, T, C)``.
+    """
+    if triton is None:
+        raise RuntimeError(f"short-sequence attention needs {token_conv.NEEDS_TRITON}")
+    qkv = qkv.contiguous()
+    if torch.is_grad_enabled() and qkv.requires_grad:
+        return _ShortAttention.apply(qkv, num_heads)
+    return _forward(qkv, num_heads, save_lse=False)[0]  # nothing kept (the teacher)
