@@ -40,11 +40,20 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _load_head(qkv_ptr, part, rows, ok, h, C: tl.constexpr, D: tl.constexpr):
-        """``(BLOCK_T, D)`` queries (``part`` 0), keys (1) or values (2) of head ``h``."""
-        cols = h * D + tl.arange(0, D)
-        offs = rows[:, None] * (3 * C) + part * C + cols[None, :]
-        return tl.load(qkv_ptr + offs, mask=ok[:, None], other=0.0)
+    def _program_head(qkv_ptr, T, H, C: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):
+        """This program's (sequence, head): ``(q, k, v, rows, ok, cols)``, the ``(BLOCK_T, D)``
+        queries, keys and values, the sequence's token rows, which of them exist (``T`` of
+        ``BLOCK_T``), and the head's columns in a ``(rows, C)`` tensor."""
+        pid = tl.program_id(0)
+        t = tl.arange(0, BLOCK_T)
+        ok = t < T
+        rows = ((pid // H) * T + t).to(tl.int64)
+        cols = (pid % H) * D + tl.arange(0, D)
+        offs = rows[:, None] * (3 * C) + cols[None, :]
+        q = tl.load(qkv_ptr + offs, mask=ok[:, None], other=0.0)
+        k = tl.load(qkv_ptr + offs + C, mask=ok[:, None], other=0.0)
+        v = tl.load(qkv_ptr + offs + 2 * C, mask=ok[:, None], other=0.0)
+        return q, k, v, rows, ok, cols
 
     @triton.jit
     def _scores(q, k, scale, IEEE: tl.constexpr):
@@ -73,14 +82,7 @@ if triton is not None:
         IEEE: tl.constexpr,
     ):
         """``o = softmax(q k^T * scale) v`` for one (sequence, head) per program."""
-        pid = tl.program_id(0)
-        b, h = pid // H, pid % H
-        t = tl.arange(0, BLOCK_T)
-        ok = t < T
-        rows = (b * T + t).to(tl.int64)
-        q = _load_head(qkv_ptr, 0, rows, ok, h, C, D)
-        k = _load_head(qkv_ptr, 1, rows, ok, h, C, D)
-        v = _load_head(qkv_ptr, 2, rows, ok, h, C, D)
+        q, k, v, rows, ok, cols = _program_head(qkv_ptr, T, H, C, D, BLOCK_T)
         s = tl.where(ok[None, :], _scores(q, k, scale, IEEE), float("-inf"))
         m = tl.max(s, axis=1)
         p = tl.exp(s - m[:, None])  # at most 1, and exactly 1 at each row's maximum
@@ -88,11 +90,11 @@ if triton is not None:
         # normalized after the product, in float32, as the fused kernels do: the rounding of
         # p to the operands' dtype then spares each row's largest weight
         o = _mm(p.to(v.dtype), v, IEEE) / denom[:, None]
-        cols = h * D + tl.arange(0, D)
         tl.store(o_ptr + rows[:, None] * C + cols[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=ok[:, None])  # fmt: skip
         if SAVE_LSE:
-            tl.store(lse_ptr + pid * T + t, m + tl.log(denom), mask=ok)
+            t = tl.program_id(0) * T + tl.arange(0, BLOCK_T)
+            tl.store(lse_ptr + t, m + tl.log(denom), mask=ok)
 
     @triton.jit
     def _attention_backward(
@@ -110,19 +112,11 @@ if triton is not None:
         IEEE: tl.constexpr,
     ):
         """Query, key and value gradients of one (sequence, head) per program."""
-        pid = tl.program_id(0)
-        b, h = pid // H, pid % H
-        t = tl.arange(0, BLOCK_T)
-        ok = t < T
-        rows = (b * T + t).to(tl.int64)
-        q = _load_head(qkv_ptr, 0, rows, ok, h, C, D)
-        k = _load_head(qkv_ptr, 1, rows, ok, h, C, D)
-        v = _load_head(qkv_ptr, 2, rows, ok, h, C, D)
-        cols = h * D + tl.arange(0, D)
+        q, k, v, rows, ok, cols = _program_head(qkv_ptr, T, H, C, D, BLOCK_T)
         offs = rows[:, None] * C + cols[None, :]
         o = tl.load(o_ptr + offs, mask=ok[:, None], other=0.0)
         do = tl.load(do_ptr + offs, mask=ok[:, None], other=0.0)
-        lse = tl.load(lse_ptr + pid * T + t, mask=ok, other=0.0)
+        lse = tl.load(lse_ptr + tl.program_id(0) * T + tl.arange(0, BLOCK_T), mask=ok, other=0.0)
         s = _scores(q, k, scale, IEEE)
         p = tl.where(ok[:, None] & ok[None, :], tl.exp(s - lse[:, None]), 0.0)
         dv = _mm(tl.trans(p.to(do.dtype)), do, IEEE)
