@@ -55,6 +55,23 @@ def test_kernels_match_the_plain_ops_under_the_interpreter():
     assert "52 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 
+def test_device_guard_makes_the_tensors_gpu_current_only_when_it_is_not(monkeypatch):
+    """Triton launches on the current GPU: a model on cuda:1 while cuda:0 is current gets a
+    guard for cuda:1 around its launches; on the current GPU or the CPU, none."""
+    import contextlib
+
+    class OnGpu1:  # stands in for a tensor on cuda:1 (no GPU here)
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    guard = token_conv.device_guard(OnGpu1())
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert isinstance(token_conv.device_guard(OnGpu1()), contextlib.nullcontext)
+    assert isinstance(token_conv.device_guard(torch.zeros(1)), contextlib.nullcontext)
+
+
 def test_triton_releases_older_than_the_kernels_need_are_refused():
     assert token_conv.MIN_TRITON == (3, 2)
     for version in ("3.2.0", "3.6.0", "3.10.1", "4.0.0", "3.3.0+git9a2f", "3.2.0rc1"):

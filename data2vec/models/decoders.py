@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -163,11 +162,11 @@ class ConvDecoder(nn.Module):
         self, x: Tensor, padding_mask: Tensor | None
     ) -> tuple[Tensor, Tensor | None]:
         """:meth:`_features` on ``(N, T, C)`` tokens with the Triton kernels."""
-        if x.is_cuda and x.device != torch.device("cuda", torch.cuda.current_device()):
-            # Triton launches on the current device (autograd's backward threads already run
-            # on the tensors' own), so a model on another GPU makes it current for the forward.
-            with torch.cuda.device(x.device):
-                return self._forward_tokens(x, padding_mask)
+        with token_conv.device_guard(x):
+            return self._run_tokens(x, padding_mask)
+
+    def _run_tokens(self, x: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """:meth:`_forward_tokens` with ``x``'s device current."""
         hw = self.grid if self.grid is not None else (1, x.shape[1])
         keep = None if padding_mask is None else (~padding_mask).unsqueeze(-1).to(x.dtype)
         h, h_low = x, None  # h_low: h in the compute dtype, from the previous fused layer

@@ -210,6 +210,7 @@ def attend(qkv: Tensor, num_heads: int) -> Tensor:
     if triton is None:
         raise RuntimeError(f"short-sequence attention needs {token_conv.NEEDS_TRITON}")
     qkv = qkv.contiguous()
-    if torch.is_grad_enabled() and qkv.requires_grad:
-        return _ShortAttention.apply(qkv, num_heads)
-    return _forward(qkv, num_heads, save_lse=False)[0]  # nothing kept (the teacher)
+    with token_conv.device_guard(qkv):
+        if torch.is_grad_enabled() and qkv.requires_grad:
+            return _ShortAttention.apply(qkv, num_heads)
+        return _forward(qkv, num_heads, save_lse=False)[0]  # nothing kept (the teacher)

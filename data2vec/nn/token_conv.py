@@ -96,6 +96,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def device_guard(x: Tensor) -> contextlib.AbstractContextManager:
+    """Make ``x``'s GPU the current one for a block of kernel launches, if it is not already.
+
+    Triton launches on the current CUDA device, so a model on another GPU (``cuda:1`` in a
+    single process) must make its own current for the forward; autograd's backward threads
+    already run on the tensors' device.
+    """
+    if x.is_cuda and x.device.index is not None and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
 def supports(weight: Tensor, groups: int) -> bool:
     """Whether the kernels handle a Conv1d/Conv2d ``weight`` of ``groups`` groups: odd kernel
     sizes and at most 128 channels per group (the weight-gradient kernel holds a group's

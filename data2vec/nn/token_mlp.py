@@ -148,4 +148,5 @@ def mlp_forward(x: Tensor, fc1: nn.Linear, fc2: nn.Linear) -> Tensor:
     """``fc2(gelu(fc1(x)))`` (exact GELU) with the fused backward. ``x: (..., C) -> (..., C)``."""
     if triton is None:
         raise RuntimeError(f"the fused MLP needs {token_conv.NEEDS_TRITON}")
+    # (no device guard: the kernel runs in backward, on the thread of x's device)
     return _Mlp.apply(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias)

@@ -204,10 +204,11 @@ def add_layer_norm(x: Tensor, a: Tensor, norm: nn.LayerNorm, low_dtype) -> tuple
     C = shape[-1]
     x2, a2 = x.reshape(-1, C).contiguous(), a.reshape(-1, C).contiguous()
     params = (norm.weight, norm.bias)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, a, *params)):
-        y, low = _AddLayerNorm.apply(x2, a2, *params, norm.eps, low_dtype)
-    else:  # nothing to keep for backward (the teacher, evaluation)
-        y, low, _ = _forward(x2, a2, *params, norm.eps, low_dtype, save_z=False)
+    with token_conv.device_guard(x):
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, a, *params)):
+            y, low = _AddLayerNorm.apply(x2, a2, *params, norm.eps, low_dtype)
+        else:  # nothing to keep for backward (the teacher, evaluation)
+            y, low, _ = _forward(x2, a2, *params, norm.eps, low_dtype, save_z=False)
     return y.view(shape), low.view(shape)
 
 
