@@ -18,7 +18,8 @@ script can sit in any checklist.
    under several tile settings.
    ``--norms``: the blocks' fused ``LayerNorm(x + a)`` alone against the torch ops, at several
    token counts; ``--attention``: a block's attention alone, the Triton kernels against each
-   SDPA backend (all in ``gpu_kernels.py``).
+   SDPA backend; ``--mlp``: the MLP's fused hidden-layer backward alone, with a sweep of its
+   launch settings (all in ``gpu_kernels.py``).
 3. **Throughput**: ``data2vec bench`` of image-v2-base in bf16 autocast for each ``--batch`` and
    ``--conv-impl`` (FLOPs from ``torch.utils.flop_counter``, MFU against the measured bf16
    matmul peak of the same GPU), plus the peak GPU memory.
@@ -34,7 +35,7 @@ script can sit in any checklist.
 5. **Profile** (``--profile``): the top CUDA kernels of a few steps at each ``--on`` setting.
 
 python benchmarks/gpu_check.py [--batch 32 128] [--conv-impl torch triton] [--steps 10]
-    [--no-agreement] [--conv] [--sweep] [--norms] [--attention] [--norm-min-rows N]
+    [--no-agreement] [--conv] [--sweep] [--norms] [--attention] [--mlp] [--norm-min-rows N]
     [--variants [NAME ...]] [--repeat N] [--audio BATCH] [--profile] [--on PRESET:BATCH ...]
 """
 
@@ -64,6 +65,7 @@ from gpu_kernels import (  # sibling script modules
     attention_check,
     conv_check,
     conv_settings,
+    mlp_check,
     norm_check,
 )
 from saved_activations import CHANGES, plain
@@ -497,6 +499,8 @@ def main() -> None:
     p.add_argument("--conv", action="store_true", help="time the decoder convolution alone")
     p.add_argument("--sweep", action="store_true", help="with --conv: Triton tile settings")
     p.add_argument("--norms", action="store_true", help="time the fused block norms alone")
+    p.add_argument("--mlp", action="store_true",
+                   help="time the MLP's fused backward pass alone, with a sweep")  # fmt: skip
     p.add_argument("--attention", action="store_true",
                    help="time the short-sequence attention alone")  # fmt: skip
     p.add_argument("--norm-min-rows", type=int, default=None,
@@ -542,6 +546,9 @@ def main() -> None:
     if args.norms:
         result["norms"] = _guarded(norm_check)
         _print({"norms": result["norms"]})
+    if args.mlp:
+        result["mlp"] = _guarded(mlp_check)
+        _print({"mlp": result["mlp"]})
     if args.attention:
         result["attention"] = _guarded(attention_check, args.batch[-1] if args.batch else 128)
         _print({"attention": result["attention"]})

@@ -6,6 +6,8 @@ the short-sequence attention.
   ``sweep`` each Triton kernel under several tile settings;
 * :func:`norm_check` - a block's ``LayerNorm(x + a)``, forward + backward, fused Triton kernels
   against the torch ops at several token counts;
+* :func:`mlp_check` - the MLP's fused hidden-layer backward pass alone (image-v2-base b128:
+  81920 x 3072, bf16) against the torch ops it replaces, and under several launch settings;
 * :func:`attention_check` - one block's attention (image-v2-base student: 40 tokens, 12 heads
   of 64), bf16: the Triton kernels against each SDPA backend, errors against float32 and
   milliseconds forward and forward + backward.
@@ -133,6 +135,52 @@ def norm_check(rows: tuple[int, ...] = (2048, 8192, 32768, 131072)) -> list[dict
             torch.autograd.backward([y, low], [gy, glow])  # noqa: B023
 
         out.append({"rows": m, "fused_ms": gpu_ms(fused), "torch_ms": gpu_ms(plain)})
+    return out
+
+
+def mlp_check(tokens: int = 81920, hidden: int = 3072) -> dict[str, Any]:
+    """``token_mlp.gelu_grad`` alone against GELU recomputed, GELU's backward and the column
+    sum (the memory-lean MLP's three passes), and a sweep of its launch settings; with the
+    bytes each must move (read ``h`` and the hidden gradient, write ``gelu(h)`` and ``h``'s
+    gradient), as an effective bandwidth."""
+    import torch.nn.functional as F
+
+    from data2vec.nn import token_mlp
+
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    h = torch.randn(tokens, hidden, device=dev, generator=gen).to(dtype)
+    gg = torch.randn(tokens, hidden, device=dev, generator=gen).to(dtype)
+    moved = 4 * h.numel() * h.element_size()
+
+    def plain():
+        g = F.gelu(h)
+        dh = torch.ops.aten.gelu_backward(gg, h)
+        return g, dh, dh.sum(0, dtype=torch.float32)
+
+    out: dict[str, Any] = {"shape": f"{tokens} x {hidden}", "torch_ms": gpu_ms(plain)}
+    want = plain()
+    got = token_mlp.gelu_grad(h, gg.clone())
+    for i, part in enumerate(("gelu", "grad", "bias_grad")):
+        err = (got[i].float() - want[i].float()).abs().max() / want[i].float().abs().max()
+        out[f"rel_diff_{part}"] = float(err)
+    saved = dict(token_mlp.LAUNCH)
+    scratch = gg.clone()  # overwritten call after call (its values do not change the timing)
+    sweep = []
+    settings = [{}, {"ROWS_PER_PROGRAM": 64}, {"ROWS_PER_PROGRAM": 256},
+                {"BLOCK_N": 256}, {"BLOCK_N": 1024}, {"BLOCK_R": 4}, {"BLOCK_R": 16},
+                {"num_warps": 8}, {"BLOCK_R": 16, "num_warps": 8}]  # fmt: skip
+    for setting in settings:
+        token_mlp.LAUNCH.update(setting)
+        try:
+            ms = gpu_ms(lambda: token_mlp.gelu_grad(h, scratch))
+            sweep.append({**token_mlp.LAUNCH, "ms": ms, "tb_per_s": moved / ms / 1e9})
+        finally:
+            token_mlp.LAUNCH.clear()
+            token_mlp.LAUNCH.update(saved)
+    out["torch_tb_per_s"] = 1.5 * moved / out["torch_ms"] / 1e9  # six passes, not four
+    out["sweep"] = sweep
     return out
 
 

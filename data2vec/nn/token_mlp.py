@@ -29,8 +29,8 @@ from data2vec.nn.token_conv import triton
 ENABLED = True
 
 # Rows each program walks (so the partial bias sums stay small next to the hidden layer), in
-# steps of ``BLOCK_R``, over ``BLOCK_N`` columns.
-ROWS_PER_PROGRAM, BLOCK_R, BLOCK_N = 128, 8, 512
+# steps of ``BLOCK_R``, over ``BLOCK_N`` columns. Not tuned yet: gpu_check.py --mlp sweeps it.
+LAUNCH = {"ROWS_PER_PROGRAM": 128, "BLOCK_R": 8, "BLOCK_N": 512, "num_warps": 4}
 
 if triton is not None:
     import triton.language as tl
@@ -83,13 +83,10 @@ def gelu_grad(h: Tensor, gg: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     M, N = h.shape
     g = torch.empty_like(h)
-    programs = triton.cdiv(M, ROWS_PER_PROGRAM)
+    programs = triton.cdiv(M, LAUNCH["ROWS_PER_PROGRAM"])
     part = torch.empty(programs, N, device=h.device, dtype=torch.float32)
-    grid = (programs, triton.cdiv(N, BLOCK_N))
-    _gelu_grad_kernel[grid](
-        h, gg, g, part, M, N=N, ROWS_PER_PROGRAM=ROWS_PER_PROGRAM, BLOCK_R=BLOCK_R,
-        BLOCK_N=BLOCK_N, num_warps=4,
-    )  # fmt: skip
+    grid = (programs, triton.cdiv(N, LAUNCH["BLOCK_N"]))
+    _gelu_grad_kernel[grid](h, gg, g, part, M, N=N, **LAUNCH)
     return g, gg, part.sum(0)
 
 
