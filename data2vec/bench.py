@@ -31,8 +31,9 @@ from data2vec.engine.trainer import StepResult, new_state, train_step
 from data2vec.masking import make_rng, random_mask
 from data2vec.models.decoders import ConvDecoder
 from data2vec.models.registry import build_model
-from data2vec.nn import token_conv, token_norm
-from data2vec.nn.block import PostLNBlock
+from data2vec.nn import attention, token_attention, token_conv, token_mlp, token_norm
+from data2vec.nn.attention import Attention
+from data2vec.nn.block import Mlp, PostLNBlock
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -209,6 +210,33 @@ def block_norms(model: torch.nn.Module, device: torch.device, precision: str) ->
     return f"triton from {many} tokens" if fused(many) else "torch"
 
 
+def block_kernels(model: torch.nn.Module, device: torch.device, precision: str) -> dict:
+    """Which attention and MLP backward the model's blocks run in training on ``device`` at
+    ``precision``, as they decide it themselves: ``{"attention": "triton up to N tokens" |
+    "sdpa" | None, "mlp_backward": "triton" | "torch" | None}`` (None: no such layers).
+    The Triton attention takes unmasked attention without dropout of at most ``N`` tokens
+    (``token_attention.MAX_TOKENS``); everything else goes to SDPA."""
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    mlps = [m for m in model.modules() if isinstance(m, Mlp)]
+    dtype = _DTYPES[precision] if device.type == "cuda" else torch.float32
+    out: dict[str, str | None] = {"attention": None, "mlp_backward": None}
+    if attns:
+        short = False
+        for a in attns:
+            width = a.qkv.out_features
+            probe = torch.empty(1, 1, width, device=device, dtype=dtype)
+            short |= a.attn_drop == 0 and attention.short_kernel(probe, a.num_heads)
+        out["attention"] = f"triton up to {token_attention.MAX_TOKENS} tokens" if short else "sdpa"
+    if mlps:
+        with torch.enable_grad():
+            fused = any(
+                token_mlp.supports(torch.empty(1, 1, m.fc1.in_features, device=device), m)
+                for m in mlps
+            )
+        out["mlp_backward"] = "triton" if fused else "torch"
+    return out
+
+
 def time_steps(
     cfg: Config,
     steps: int,
@@ -224,7 +252,8 @@ def time_steps(
 
     Returns:
         ``{"times": [s, ...], "losses": [loss, ...], "skipped_steps", "flops": FLOPs of one
-        step or None, "threads", "device", "decoder_conv", "block_norms", "peak_rss_mb",
+        step or None, "threads", "device", "decoder_conv", "block_norms", "attention",
+        "mlp_backward", "peak_rss_mb",
         "peak_rss_is_steps_only", "peak_rss_setup_mb"}``.
     """
     model, step, device, threads = prepare_steps(cfg, seconds, seq_len)
@@ -261,6 +290,7 @@ def time_steps(
         "device": device,
         "decoder_conv": decoder_conv(model, device),
         "block_norms": block_norms(model, device, cfg.train.precision),
+        **block_kernels(model, device, cfg.train.precision),
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_is_steps_only": steps_only,
         "peak_rss_setup_mb": setup_peak,
@@ -330,6 +360,8 @@ def bench(
             "heap": heap_mode() if device.type == "cpu" else None,
             "decoder_conv": run["decoder_conv"],
             "block_norms": run["block_norms"],
+            "attention": run["attention"],
+            "mlp_backward": run["mlp_backward"],
         },
     }
 

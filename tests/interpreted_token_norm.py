@@ -199,3 +199,24 @@ def test_bench_reports_the_fused_norms():
         model = build_model(cfg)
         assert block_norms(model, torch.device("cpu"), "bf16") == label
         assert block_norms(model, torch.device("cpu"), "fp32") == "torch"  # no autocast
+
+
+def test_bench_reports_the_attention_and_mlp_kernels(monkeypatch):
+    """Under the interpreter the CPU takes the Triton attention and MLP backward (any dtype
+    there); without them, SDPA and the memory-lean MLP."""
+    from data2vec.bench import block_kernels
+    from data2vec.nn import token_attention, token_mlp
+
+    model = build_model(load_config("image-v2-tiny"))
+    cpu = torch.device("cpu")
+    assert block_kernels(model, cpu, "bf16") == {
+        "attention": f"triton up to {token_attention.MAX_TOKENS} tokens",
+        "mlp_backward": "triton",
+    }
+    monkeypatch.setattr(token_attention, "MAX_TOKENS", 0)
+    monkeypatch.setattr(token_mlp, "ENABLED", False)
+    assert block_kernels(model, cpu, "bf16") == {"attention": "sdpa", "mlp_backward": "torch"}
+    assert block_kernels(torch.nn.Linear(2, 2), cpu, "bf16") == {
+        "attention": None,
+        "mlp_backward": None,
+    }
