@@ -31,7 +31,7 @@ from data2vec.engine.trainer import StepResult, new_state, train_step
 from data2vec.masking import make_rng, random_mask
 from data2vec.models.decoders import ConvDecoder
 from data2vec.models.registry import build_model
-from data2vec.nn import attention, token_attention, token_conv, token_mlp, token_norm
+from data2vec.nn import token_attention, token_conv, token_mlp, token_norm
 from data2vec.nn.attention import Attention
 from data2vec.nn.block import Mlp, PostLNBlock
 
@@ -221,11 +221,13 @@ def block_kernels(model: torch.nn.Module, device: torch.device, precision: str) 
     dtype = _DTYPES[precision] if device.type == "cuda" else torch.float32
     out: dict[str, str | None] = {"attention": None, "mlp_backward": None}
     if attns:
-        short = False
-        for a in attns:
-            width = a.qkv.out_features
-            probe = torch.empty(1, 1, width, device=device, dtype=dtype)
-            short |= a.attn_drop == 0 and attention.short_kernel(probe, a.num_heads)
+        short = any(
+            a.attn_drop == 0
+            and token_attention.supports(
+                torch.empty(1, 1, a.qkv.out_features, device=device, dtype=dtype), a.num_heads
+            )
+            for a in attns
+        )
         out["attention"] = f"triton up to {token_attention.MAX_TOKENS} tokens" if short else "sdpa"
     if mlps:
         with torch.enable_grad():

@@ -89,11 +89,10 @@ def test_conv_impl_is_validated():
 @pytest.mark.skipif(token_conv.interpreting(), reason="this process runs the interpreter")
 def test_the_cpu_attends_through_sdpa_and_keeps_the_memory_lean_mlp():
     from data2vec.nn import token_attention, token_mlp
-    from data2vec.nn.attention import short_kernel
     from data2vec.nn.block import Mlp
 
     qkv = torch.randn(2, 40, 3 * 64)
-    assert not token_attention.supports(qkv, 4) and not short_kernel(qkv, 4)
+    assert not token_attention.supports(qkv, 4)
     assert token_mlp.ENABLED and not token_mlp.supports(qkv[..., :64], Mlp(64, 256))
 
 

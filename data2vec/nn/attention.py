@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from data2vec.nn import token_attention, token_conv
+from data2vec.nn import token_attention
 from data2vec.nn.lean import dropout_attention, dropout_or_identity
 from data2vec.nn.lean_fused import dropout_attention_proj
 
@@ -86,14 +86,6 @@ def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: f
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
-def short_kernel(qkv: Tensor, num_heads: int) -> bool:
-    """Whether unmasked attention without dropout on ``qkv: (B, T, 3C)`` runs
-    :func:`~data2vec.nn.token_attention.attend`: on CUDA (or the CPU under Triton's
-    interpreter, for the tests) where :func:`~data2vec.nn.token_attention.supports` says so."""
-    on_device = qkv.is_cuda or token_conv.interpreting()
-    return on_device and token_attention.supports(qkv, num_heads)
-
-
 def split_heads(qkv: Tensor, num_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """The fused projection's output as per-head queries, keys and values (views, no copy).
 
@@ -157,7 +149,8 @@ class Attention(nn.Module):
         B, T, C = x.shape
         qkv = self.qkv(x)
         drop = self.attn_drop if self.training else 0.0
-        if attn_mask is None and drop == 0 and short_kernel(qkv, self.num_heads):
+        # short sequences, on CUDA (or the CPU under Triton's interpreter, for the tests)
+        if attn_mask is None and drop == 0 and token_attention.supports(qkv, self.num_heads):
             return self.proj_drop(self.proj(token_attention.attend(qkv, self.num_heads)))
         q, k, v = split_heads(qkv, self.num_heads)
         if attn_mask is not None:
