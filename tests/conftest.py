@@ -62,6 +62,13 @@ def torch_dropout_draws(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference of ``a`` from the reference ``b``, relative to ``b``'s largest
+    magnitude (computed in float64)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
 def reference_attention_bf16(q, k, v, attn_mask, p):
     """Attention with dropout as fairseq's data2vec 2.0 ``AltAttention`` computes it under bf16
     autocast, in plain autograd ops: both products in bf16, the mask and softmax in float32 (q

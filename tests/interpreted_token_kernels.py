@@ -18,14 +18,9 @@ from torch import nn
 from data2vec.models.decoders import ConvDecoder
 from data2vec.nn import token_conv
 from data2vec.nn.token_layer import decoder_layer
+from tests.conftest import rel
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_token_kernels.py"
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest difference relative to the reference's largest magnitude."""
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def plain_conv(x: torch.Tensor, w: torch.Tensor, b, hw: tuple[int, int]) -> torch.Tensor:

@@ -16,14 +16,9 @@ import torch.nn.functional as F
 from data2vec.nn import token_mlp
 from data2vec.nn.block import Mlp
 from data2vec.nn.token_mlp import gelu_grad
+from tests.conftest import rel
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_token_kernels.py"
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest difference relative to the reference's largest magnitude."""
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -19,14 +19,9 @@ from data2vec.models.registry import build_model
 from data2vec.nn import token_norm
 from data2vec.nn.block import PostLNBlock, run_blocks
 from data2vec.nn.token_norm import add_layer_norm
+from tests.conftest import rel
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_token_kernels.py"
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest difference relative to the reference's largest magnitude."""
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def _norm(C: int, g: torch.Generator) -> nn.LayerNorm:
