@@ -32,7 +32,8 @@ script can sit in any checklist.
    before``) and both (``before fifth pass``), the memory-lean MLP instead of the fused
    backward (``lean mlp``), the fused block norms from 16384 tokens or at any size instead of
    ``token_norm.MIN_ROWS``, at each ``--on`` setting (default image-v2-base at batch 128).
-5. **Profile** (``--profile``): the top CUDA kernels of a few steps at each ``--on`` setting.
+5. **Profile** (``--profile``): the top CUDA kernels of a few steps at each ``--on`` setting,
+   and the GPU's idle gaps with what the host was doing in them (``gpu_gaps.py``).
 
 python benchmarks/gpu_check.py [--batch 32 128] [--conv-impl torch triton] [--steps 10]
     [--no-agreement] [--conv] [--sweep] [--norms] [--attention] [--mlp] [--norm-min-rows N]
@@ -61,6 +62,7 @@ from data2vec.models.registry import build_model
 from data2vec.nn import attention, token_attention, token_conv, token_mlp, token_norm
 
 sys.path.insert(0, str(Path(__file__).parent))
+import gpu_gaps  # sibling script modules
 from gpu_kernels import (  # sibling script modules
     attention_check,
     conv_check,
@@ -465,6 +467,8 @@ def profile(
             for e in shaped
         ],
         "gpu_busy_ms": sum(e.self_device_time_total for e in gpu) / 1e3 / steps,
+        # where the GPU waited for the host, by step stage and the host's first operation
+        "idle_gaps": _guarded(gpu_gaps.from_profiler, prof.events(), steps),
         "kernels": rows(gpu, "self_device_time_total"),
         "ops_by_gpu_time": rows(cpu, "self_device_time_total"),
         "ops_by_cpu_time": rows(cpu, "self_cpu_time_total"),

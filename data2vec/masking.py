@@ -268,19 +268,26 @@ def _place_rectangle(
 
 @dataclass(frozen=True)
 class MaskInfo:
-    """A batch of masks in the two forms the model needs.
+    """A batch of masks in the forms the model needs.
 
     Attributes:
         mask: ``(N, T)`` bool, True = masked.
         ids_keep: ``(N, V)`` int64, the visible positions of each row in ascending order.
+        ids_masked: ``(N, T - V)`` int64, the masked positions of each row in ascending order.
     """
 
     mask: Tensor
     ids_keep: Tensor
+    ids_masked: Tensor
 
     @classmethod
-    def from_mask(cls, mask: Tensor) -> MaskInfo:
-        """Build from a ``(N, T)`` bool mask whose rows all keep the same number of tokens."""
+    def from_mask(cls, mask: Tensor, device: torch.device | str | None = None) -> MaskInfo:
+        """Build from a ``(N, T)`` bool mask whose rows all keep the same number of tokens.
+
+        The rows are checked and counted where ``mask`` is, then it is moved to ``device``
+        (default: where it is). A mask on the CPU (the data loader's) is thus checked without
+        waiting for a GPU; the sort that lists the positions runs on ``device``.
+        """
         if mask.ndim != 2 or mask.dtype != torch.bool:
             raise ValueError(
                 f"mask must be a 2-D bool tensor, got {tuple(mask.shape)} {mask.dtype}"
@@ -292,10 +299,38 @@ class MaskInfo:
                 f"visible tokens); got counts {sorted(set(visible.tolist()))}"
             )
         n_keep = int(visible[0]) if visible.numel() else 0
-        # A stable sort of the 0/1 mask lists visible positions first, in ascending order.
+        if device is not None:
+            mask = mask.to(device, non_blocking=True)
+        # A stable sort of the 0/1 mask lists visible positions first, then the masked ones,
+        # each in ascending order.
         order = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices
-        return cls(mask=mask, ids_keep=order[:, :n_keep])
+        return cls(mask=mask, ids_keep=order[:, :n_keep], ids_masked=order[:, n_keep:])
+
+    def masked_rows(self) -> Tensor:
+        """``(N * (T - V),)`` int64: the masked positions as indices into the ``N * T`` rows
+        of a flattened ``(N, T, ...)`` tensor, row-major, the order of ``x[mask]``.
+
+        Unlike ``x[mask]``, indexing with these does not wait for the device to count the
+        mask (the count is known on the host).
+        """
+        N, T = self.mask.shape
+        starts = torch.arange(N, device=self.ids_masked.device).mul_(T).unsqueeze(1)
+        return (starts + self.ids_masked).reshape(-1)
 
     @property
     def num_visible(self) -> int:
         return self.ids_keep.shape[1]
+
+
+def select_positions(x: Tensor, positions: Tensor | None) -> Tensor:
+    """The rows of ``x: (N, T, ...)`` at ``positions``: ``(num_selected, ...)``, row-major.
+
+    ``positions`` is a ``(N, T)`` bool mask, or the same positions as flat indices into the
+    ``N * T`` rows (:meth:`MaskInfo.masked_rows`), which select without waiting for the device
+    to count the mask; None selects everything, unflattened.
+    """
+    if positions is None:
+        return x
+    if positions.dtype == torch.bool:
+        return x[positions]
+    return x.flatten(0, 1)[positions]

@@ -69,6 +69,31 @@ def test_loss_only_over_masked_positions():
     assert model.forward_loss(pred, targets, student, info.mask).sample_size == int(mask.sum())
 
 
+def test_loss_from_masked_row_indices_equals_loss_from_the_mask():
+    """The forward pass hands the decoder and the loss flat indices (no device sync); the
+    boolean mask (which finds them on the device) gives the same values and gradients."""
+    cfg = tiny_config()
+    model = build_model(cfg)
+    x, mask = _batch(cfg, B=2)
+    info = MaskInfo.from_mask(mask)
+    local, _ = model.encoder.modality.embed(x)
+    targets = model.forward_targets(x, None, local, None)
+    student = model.forward_student(local, None, info)
+    full = model.decoder_input(student, info, torch.randn(int(mask.sum()), cfg.model.embed_dim))
+    results = []
+    for rows in (None, info.masked_rows()):
+        model.zero_grad()
+        pred = model.decoder(full, info.mask if rows is None else rows)
+        out = model.forward_loss(pred, targets, student, info.mask, rows)
+        out.loss.backward(retain_graph=True)
+        grads = [p.grad.clone() for p in model.decoder.parameters()]
+        results.append((out.loss.detach(), out.sample_size, out.logs["target_std"], grads))
+    (loss_a, n_a, std_a, g_a), (loss_b, n_b, std_b, g_b) = results
+    assert torch.equal(loss_a, loss_b) and n_a == n_b == int(mask.sum())
+    assert torch.equal(std_a, std_b)
+    assert all(torch.equal(a, b) for a, b in zip(g_a, g_b))
+
+
 def test_decoder_input__visible_in_place_noise_elsewhere():
     cfg = tiny_config()
     model = build_model(cfg)

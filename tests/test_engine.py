@@ -237,6 +237,74 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, image_fo
     assert trainer_state["skipped_steps"] == 0  # saved before the bad steps
 
 
+def test_train_step__reads_the_device_once(monkeypatch):
+    """A data2vec 2.0 step reads no value from the device before its loss and gradient norm,
+    which come back together: each read stalls a GPU until the host queues work again. The
+    mask is checked and counted on the host, where the loader made it (not counted here)."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    import data2vec.engine.trainer as trainer
+    from data2vec.bench import _synthetic_batch
+    from data2vec.masking import MaskInfo
+
+    reads = {"aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal"}
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.where: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            # Boolean indexing counts the mask inside the kernel (a read on a GPU).
+            boolean = name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1]
+            )
+            if name in reads or boolean:
+                ours = [f for f in traceback.extract_stack() if "/data2vec/" in f.filename]
+                line = f"{ours[-1].filename}:{ours[-1].lineno}" if ours else "?"
+                self.where.append(f"{name} at {line}")
+            return func(*args, **(kwargs or {}))
+
+    original = MaskInfo.from_mask.__func__
+
+    def on_host(cls, mask, device=None):
+        assert mask.device.type == "cpu"  # as the loader made it
+        with _disable_current_modes():
+            return original(cls, mask, device)
+
+    monkeypatch.setattr(MaskInfo, "from_mask", classmethod(on_host))
+    monkeypatch.setattr(trainer, "read_scalars", _counted(trainer.read_scalars))
+    cfg = tiny_config("mask.clones=2")
+    device = torch.device("cpu")
+    state = trainer.new_state(build_model(cfg), cfg, device)
+    batch = _synthetic_batch(cfg, 2)
+    with Reads() as seen:
+        result = trainer.train_step(state, batch, cfg, device)
+    assert result.updated and math.isfinite(result.loss) and math.isfinite(result.grad_norm)
+    assert seen.where == []
+    assert trainer.read_scalars.calls == 1
+
+
+def _counted(fn):
+    def wrapper(*args, **kwargs):
+        wrapper.calls += 1
+        return fn(*args, **kwargs)
+
+    wrapper.calls = 0
+    return wrapper
+
+
+def test_read_scalars__one_list_in_order():
+    from data2vec.engine.trainer import read_scalars
+
+    got = read_scalars([torch.tensor(2.5), 1.0, torch.tensor([3.0], dtype=torch.bfloat16), 4])
+    assert got == [2.5, 1.0, 3.0, 4.0] and all(type(v) is float for v in got)
+    assert read_scalars([]) == []
+
+
 def test_bad_files_are_skipped_and_reported(tmp_path):
     data = make_image_folder(tmp_path / "data")
     (data / "class0" / "broken.png").write_bytes(b"\x89PNG not really")

@@ -2,7 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from data2vec.masking import MaskInfo, inverse_block_mask, make_rng, num_visible, random_mask
+from data2vec.masking import (
+    MaskInfo,
+    inverse_block_mask,
+    make_rng,
+    num_visible,
+    random_mask,
+    select_positions,
+)
 
 
 def _kept_neighbour_rate(mask: np.ndarray, h: int, w: int) -> float:
@@ -61,6 +68,29 @@ def test_mask_info__visible_ids_ascending_and_complementary():
     info = MaskInfo.from_mask(mask)
     assert info.ids_keep.tolist() == [[1, 3], [0, 1]]
     assert info.num_visible == 2
+
+
+def test_mask_info__masked_positions_ascending_as_boolean_indexing_gives_them():
+    mask = torch.from_numpy(random_mask(20, 6, 0.6, make_rng(4)))
+    info = MaskInfo.from_mask(mask)
+    N, T = mask.shape
+    expected = [[t for t in range(T) if mask[n, t]] for n in range(N)]
+    assert info.ids_masked.tolist() == expected
+    assert info.masked_rows().tolist() == mask.reshape(-1).nonzero().squeeze(1).tolist()
+    x = torch.randn(N, T, 3)
+    assert torch.equal(select_positions(x, info.masked_rows()), x[mask])
+    assert torch.equal(select_positions(x, mask), x[mask])
+
+
+def test_mask_info__checks_and_counts_the_mask_before_moving_it():
+    # A "meta" tensor has no values: had the rows been counted after the move, reading the
+    # count would raise. The positions are listed on the target device.
+    mask = torch.tensor([[True, False, True, False], [False, False, True, True]])
+    info = MaskInfo.from_mask(mask, "meta")
+    assert info.mask.device.type == info.ids_keep.device.type == "meta"
+    assert info.ids_keep.shape == info.ids_masked.shape == (2, 2)
+    with pytest.raises(ValueError, match="same number"):
+        MaskInfo.from_mask(torch.tensor([[True, False], [True, True]]), "meta")
 
 
 def test_mask_info__rejects_unequal_rows():

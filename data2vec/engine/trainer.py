@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -125,26 +126,30 @@ def train_step(
     model.train()
     scaler = state.scaler
     counts: list[int] = []  # masked tokens of each micro-batch, summed over ranks
-    losses: list[float] = []
-    logs: dict[str, float] = {}
+    losses: list[Tensor] = []
+    logs: dict[str, Tensor | float] = {}
     for i, batch in enumerate(micro):
         with _gradient_sync(state, i == k - 1):
-            with autocast(device, cfg.train.precision), distributed.micro_batches(k):
+            with (
+                autocast(device, cfg.train.precision),
+                distributed.micro_batches(k),
+                _stage("forward"),
+            ):
                 pad = batch.padding_mask
                 # a joint model's batches name their modality
                 extra = {} if batch.modality is None else {"modality": batch.modality}
+                # The mask goes as the loader made it: the model checks and counts it on the
+                # host and moves it itself (data2vec 2.0 needs its counts on the host).
                 out = state.runner(
                     batch.source.to(device, non_blocking=True),
-                    batch.mask.to(device, non_blocking=True),
+                    batch.mask,
                     None if pad is None else pad.to(device, non_blocking=True),
                     **extra,
                 )
-            losses.append(float(out.loss.detach()))
+            losses.append(out.loss.detach())
             for key, v in out.logs.items():
-                logs[key] = logs.get(key, 0.0) + float(v) / k
-            # Every rank must skip together, or the others would wait in the gradient reduction.
-            if distributed.any_rank(not math.isfinite(losses[-1]), device):
-                return _skip_step(state, losses[-1], lr, logs)
+                value = v.detach() if isinstance(v, Tensor) else float(v)
+                logs[key] = logs.get(key, 0.0) + value / k
             counts.append(max(out.sample_size // k, 1))
             # The model divided by k * counts[i]; reweight to counts[i] / counts[0] now and by
             # k * counts[0] / total below, once the total is known (exact for the per-token
@@ -154,9 +159,12 @@ def train_step(
                 # The forward's temporaries are free now; hand their heap pages back before
                 # backward allocates its own (glibc heap holes; see data2vec/_runtime.py).
                 release_free_memory()
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            # Backward runs even where the loss is not finite (the step is skipped below): its
+            # value is read with the gradient norm's, in one wait for the device, instead of
+            # stalling the GPU between the forward and the backward pass of every step.
+            with _stage("backward"):
+                (scaler.scale(loss) if scaler is not None else loss).backward()
     total = sum(counts)
-    loss_value = sum(v * k * n / total for v, n in zip(losses, counts))
     if scaler is not None:
         scaler.unscale_(opt)  # clip the true gradients
     if k > 1:
@@ -164,30 +172,63 @@ def train_step(
         torch._foreach_mul_(grads, k * counts[0] / total)
     clip = cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else math.inf
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
-    grad_norm = fsdp.to_float(norm)
+    with _stage("read"):
+        values = read_scalars([fsdp.full(norm), *losses, *logs.values()])
+    grad_norm, loss_values = values[0], values[1 : k + 1]
+    host_logs = dict(zip(logs, values[k + 1 :]))
+    loss_value = sum(v * k * n / total for v, n in zip(loss_values, counts))
+    # Every rank must skip together (DDP's gradients are averaged, so a non-finite gradient
+    # is everywhere; a rank's non-finite loss is not).
+    if distributed.any_rank(not all(math.isfinite(v) for v in loss_values), device):
+        if scaler is not None:
+            scaler.update()  # unscale_ ran: the scaler expects an update before the next step
+        return _skip_step(state, loss_value, lr, host_logs)
     if not math.isfinite(grad_norm):
         if scaler is not None:
             scaler.update()  # overflow: lower the loss scale for the next step
-        return _skip_step(state, loss_value, lr, logs)
-    if scaler is not None:
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
+        return _skip_step(state, loss_value, lr, host_logs)
+    with _stage("optimizer"):
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
     state.step += 1
     state.nonfinite_in_a_row = 0
-    if state.sharded:
-        decay = fsdp.update_teacher(model, state.step)
-    else:
-        decay = model.update_teacher(state.step)
+    with _stage("teacher"):
+        if state.sharded:
+            decay = fsdp.update_teacher(model, state.step)
+        else:
+            decay = model.update_teacher(state.step)
     if device.type == "cpu":
         choose_heap_mode()  # once, now that the process's size is known (data2vec/_runtime.py)
         # No trim here, though the step's activations are all free: the next forward pass
         # reuses their resident holes, where after a trim it would fault every page back in
         # (text-v2-base b8: 1.3-1.5M faults and 4-5 s of system time per step with it, 1.1M and
         # 3.0-3.5 s without, the same peak; benchmarks/README.md, eighth pass).
-    return StepResult(loss_value, lr, grad_norm, decay, True, logs)
+    return StepResult(loss_value, lr, grad_norm, decay, True, host_logs)
+
+
+def _stage(name: str) -> contextlib.AbstractContextManager:
+    """A named range of the step in ``torch.profiler`` traces (``data2vec::forward``, ...):
+    ``benchmarks/gpu_gaps.py`` says in which stage a GPU waited for the host."""
+    return torch.profiler.record_function(f"data2vec::{name}")
+
+
+def read_scalars(values: list[Tensor | float]) -> list[float]:
+    """Python floats of scalar tensors and numbers, in order, with one device-to-host copy per
+    device (a step's loss, logs and gradient norm: one wait for the GPU, not one each)."""
+    out: list[float | None] = [v if isinstance(v, float | int) else None for v in values]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, v in enumerate(values):
+        if isinstance(v, Tensor):
+            by_device.setdefault(v.device, []).append(i)
+    for idx in by_device.values():
+        stacked = torch.stack([values[i].detach().reshape(()).float() for i in idx])  # type: ignore[union-attr]
+        for i, x in zip(idx, stacked.tolist()):
+            out[i] = x
+    return [float(v) for v in out]  # type: ignore[arg-type]
 
 
 def _lr_scale(model: torch.nn.Module, micro: list[PretrainBatch]) -> float:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from data2vec.config import DecoderConfig, SignalEncoderConfig
 from data2vec.errors import ConfigError
+from data2vec.masking import select_positions
 from data2vec.modalities.base import ContextEncoder, ModalityEncoder
 from data2vec.models.decoders import ChannelLayerNorm, _projection
 from data2vec.nn.positions import sincos_1d
@@ -229,6 +230,7 @@ class SignalDecoder(nn.Module):
     def forward(
         self, x: Tensor, mask: Tensor | None = None, padding_mask: Tensor | None = None
     ) -> Tensor:
-        """``x: (N, T, D)`` -> ``(N, T, D)``, or ``(num_masked, D)`` rows when ``mask`` is given."""
+        """``x: (N, T, D)`` -> ``(N, T, D)``, or ``(num_masked, D)`` rows when ``mask`` (bool or
+        flat indices, see :func:`select_positions`) is given."""
         h = self.forward_features(x, padding_mask)
-        return self.proj(h if mask is None else h[mask])
+        return self.proj(select_positions(h, mask))

@@ -167,7 +167,7 @@ class Data2Vec1(nn.Module):
             noise: unused (the 2.0 objective's mask-token values; kept for one signature).
         """
         local, pad = self.encoder.modality.embed(source, padding_mask)
-        mask = mask.to(local.device)
+        mask = mask.to(local.device, non_blocking=True)
         if mask.shape != local.shape[:2]:
             raise ValueError(f"expected a {tuple(local.shape[:2])} mask, got {tuple(mask.shape)}")
         targets = self.forward_targets(source, padding_mask, local, pad)

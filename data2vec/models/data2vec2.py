@@ -169,6 +169,7 @@ class Data2Vec2(nn.Module):
         targets: Tensor,
         student: EncoderOutput,
         loss_mask: Tensor,
+        loss_rows: Tensor | None = None,
     ) -> PretrainOutput:
         """Loss over the masked (non-padded) positions only.
 
@@ -177,9 +178,15 @@ class Data2Vec2(nn.Module):
             targets: ``(B, T, D)`` un-cloned teacher targets.
             student: the student's output (its first token is the CLS prediction).
             loss_mask: ``(B·M, T)`` bool: masked and not padding.
+            loss_rows: ``loss_mask``'s positions as flat row-major indices into ``B·M x T``
+                (:meth:`MaskInfo.masked_rows`), if known; found from ``loss_mask`` otherwise
+                (which waits for the device).
         """
         N, B = loss_mask.shape[0], targets.shape[0]
-        rows, cols = loss_mask.nonzero(as_tuple=True)
+        T = loss_mask.shape[1]
+        if loss_rows is None:
+            loss_rows = loss_mask.reshape(-1).nonzero().squeeze(1)
+        rows, cols = loss_rows.div(T, rounding_mode="floor"), loss_rows.remainder(T)
         # Clone row n belongs to sample n // M: index targets instead of repeating them M times.
         y = targets[rows.div(N // B, rounding_mode="floor"), cols]  # (num_loss, D)
         local_size = max(int(rows.numel()), 1)
@@ -221,7 +228,9 @@ class Data2Vec2(nn.Module):
             padding_mask: ``(B, S)`` input padding, True = padding, or None.
             noise: optional fixed mask-token values (see :meth:`decoder_input`).
         """
-        info = MaskInfo.from_mask(mask.to(source.device))
+        # Checked and counted where the loader left it (the host), so nothing in the forward
+        # pass waits for the GPU before the loss is read.
+        info = MaskInfo.from_mask(mask, source.device)
         if info.mask.shape[0] != source.shape[0] * self.clones:
             raise ValueError(
                 f"expected {source.shape[0]} x {self.clones} clones = "
@@ -236,9 +245,13 @@ class Data2Vec2(nn.Module):
         if pad is not None and self.exact_padding:
             dec_pad = pad.repeat_interleave(self.clones, dim=0)  # (N, T)
             loss_mask = info.mask & ~dec_pad
+            # Rows differ in their count of masked frames: found on the device.
+            loss_rows = loss_mask.reshape(-1).nonzero().squeeze(1)
+        else:
+            loss_rows = info.masked_rows()
         full = self.decoder_input(student, info, noise)
-        pred = self.decoder(full, loss_mask, dec_pad)
-        return self.forward_loss(pred, targets, student, loss_mask)
+        pred = self.decoder(full, loss_rows, dec_pad)
+        return self.forward_loss(pred, targets, student, loss_mask, loss_rows)
 
     def update_teacher(self, step: int) -> float:
         """EMA step after ``step`` optimizer updates; returns the decay used."""

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data2vec.config import DecoderConfig
+from data2vec.masking import select_positions
 from data2vec.nn import token_conv
 from data2vec.nn.lean import checkpoint_elementwise, conv1d_any, conv1d_args
 from data2vec.nn.token_layer import decoder_layer
@@ -190,7 +191,9 @@ class ConvDecoder(nn.Module):
 
         Args:
             x: ``(N, T, D)`` encoder output with masked slots filled.
-            mask: ``(N, T)`` bool; when given, only the masked positions are projected.
+            mask: ``(N, T)`` bool, or the same positions as flat row-major indices into the
+                ``N * T`` rows (:meth:`MaskInfo.masked_rows`: no wait for the device to count
+                them); when given, only these positions are projected.
             padding_mask: ``(N, T)`` bool, True = padding (see :meth:`forward_features`).
 
         Returns:
@@ -203,7 +206,7 @@ class ConvDecoder(nn.Module):
             # gradient reaches the last layer unwidened (about 2 GB less traffic per step at
             # image-v2-base batch 128).
             h = h_low
-        return self.proj(h if mask is None else h[mask])
+        return self.proj(select_positions(h, mask))
 
 
 def build_conv_decoder(
