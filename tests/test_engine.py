@@ -288,6 +288,49 @@ def test_train_step__reads_the_device_once(monkeypatch):
     assert trainer.read_scalars.calls == 1
 
 
+def test_train_step__a_skipped_update_leaves_weights_and_optimizer_state(monkeypatch):
+    """The update is queued before the loss is read; a non-finite loss must then leave the
+    weights, the AdamW moments and its step count as they were (the fused kernel skips it)."""
+    import data2vec.engine.trainer as trainer
+    from data2vec.bench import _synthetic_batch
+    from data2vec.models.data2vec2 import Data2Vec2
+
+    cfg = tiny_config("mask.clones=2")
+    device = torch.device("cpu")
+    state = trainer.new_state(build_model(cfg), cfg, device)
+    batch = _synthetic_batch(cfg, 2)
+    assert trainer.train_step(state, batch, cfg, device).updated
+    assert trainer._fused(state.optimizer)  # the queued path (PyTorch >= 2.4 on the CPU)
+
+    def snapshot():
+        weights = {n: p.detach().clone() for n, p in state.model.named_parameters()}
+        moments = {
+            (id(p), k): v.clone() for p, st in state.optimizer.state.items() for k, v in st.items()
+        }
+        return weights, moments
+
+    before = snapshot()
+    original = Data2Vec2.forward_loss
+
+    def poisoned(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Data2Vec2, "forward_loss", poisoned)
+    result = trainer.train_step(state, batch, cfg, device)
+    assert not result.updated and state.step == 1 and state.skipped_steps == 1
+    after = snapshot()
+    for part_before, part_after in zip(before, after):
+        assert part_before.keys() == part_after.keys()
+        assert all(torch.equal(part_before[k], part_after[k]) for k in part_before)
+    assert all(p.grad is None for p in state.model.parameters())
+    monkeypatch.setattr(Data2Vec2, "forward_loss", original)
+    assert trainer.train_step(state, batch, cfg, device).updated and state.step == 2
+    steps = {float(st["step"]) for st in state.optimizer.state.values()}
+    assert steps == {2.0}  # the skipped update did not count
+
+
 def _counted(fn):
     def wrapper(*args, **kwargs):
         wrapper.calls += 1

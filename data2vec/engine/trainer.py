@@ -171,9 +171,23 @@ def train_step(
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         torch._foreach_mul_(grads, k * counts[0] / total)
     clip = cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else math.inf
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True)
+    norm = fsdp.full(torch.nn.utils.clip_grad_norm_(model.parameters(), clip, foreach=True))
+    # The update is queued before the values are read where the optimizer can skip it on the
+    # device (PyTorch's fused AdamW takes a ``found_inf`` flag, as from a loss scaler): the host
+    # then prepares it while the GPU still runs the backward pass, instead of after the read.
+    queued = scaler is None and not distributed.active() and _fused(opt)
+    if queued:
+        bad = ~torch.isfinite(norm)
+        for v in losses:
+            bad |= ~torch.isfinite(v)
+        opt.found_inf = bad.float()  # type: ignore[attr-defined]
+        try:
+            with _stage("optimizer"):
+                opt.step()
+        finally:
+            del opt.found_inf  # type: ignore[attr-defined]
     with _stage("read"):
-        values = read_scalars([fsdp.full(norm), *losses, *logs.values()])
+        values = read_scalars([norm, *losses, *logs.values()])
     grad_norm, loss_values = values[0], values[1 : k + 1]
     host_logs = dict(zip(logs, values[k + 1 :]))
     loss_value = sum(v * k * n / total for v, n in zip(loss_values, counts))
@@ -191,7 +205,7 @@ def train_step(
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
-        else:
+        elif not queued:
             opt.step()
         opt.zero_grad(set_to_none=True)
     state.step += 1
@@ -208,6 +222,12 @@ def train_step(
         # (text-v2-base b8: 1.3-1.5M faults and 4-5 s of system time per step with it, 1.1M and
         # 3.0-3.5 s without, the same peak; benchmarks/README.md, eighth pass).
     return StepResult(loss_value, lr, grad_norm, decay, True, host_logs)
+
+
+def _fused(opt: torch.optim.Optimizer) -> bool:
+    """Whether every parameter group of ``opt`` runs PyTorch's fused kernel (which can skip
+    an update on the device: ``found_inf``)."""
+    return bool(opt.param_groups) and all(g.get("fused") for g in opt.param_groups)
 
 
 def _stage(name: str) -> contextlib.AbstractContextManager:
