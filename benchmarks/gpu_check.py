@@ -43,13 +43,10 @@ python benchmarks/gpu_check.py [--batch 32 128] [--conv-impl torch triton] [--st
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
 import json
 import statistics
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,17 +56,17 @@ from data2vec.bench import bench, matmul_peak_flops, prepare_steps
 from data2vec.config import load_config
 from data2vec.masking import inverse_block_mask, make_rng
 from data2vec.models.registry import build_model
-from data2vec.nn import attention, token_attention, token_conv, token_mlp, token_norm
+from data2vec.nn import token_conv, token_norm
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu_gaps  # sibling script modules
 from gpu_kernels import (  # sibling script modules
     attention_check,
     conv_check,
-    conv_settings,
     mlp_check,
     norm_check,
 )
+from gpu_variants import VARIANTS
 from saved_activations import CHANGES, plain
 
 TINY = [
@@ -224,127 +221,6 @@ def _median_step(step, steps: int, warmup: int = 2) -> tuple[float, float]:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), first_loss
-
-
-@contextlib.contextmanager
-def _heads_permuted() -> Iterator[None]:
-    """The attention's heads split as before ``split_heads`` (move, then unbind), whose
-    backward copies the q/k/v gradient once more."""
-
-    def permuted(qkv: torch.Tensor, num_heads: int):
-        B, T, C3 = qkv.shape
-        parts = qkv.view(B, T, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
-        return parts.unbind(0)
-
-    saved = attention.split_heads
-    attention.split_heads = permuted
-    try:
-        yield
-    finally:
-        attention.split_heads = saved
-
-
-def _sdpa(backend: str):
-    """A code switch: attention through one SDPA backend only (``torch.nn.attention``)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return functools.partial(sdpa_kernel, [getattr(SDPBackend, backend)])
-
-
-@contextlib.contextmanager
-def _patched(*patches: tuple[Any, str, Any]) -> Iterator[None]:
-    """Set ``(owner, attribute, value)`` for the block, then restore them."""
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    for owner, name, value in patches:
-        setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
-
-
-def _decoder_input_before(self, student, mask, noise=None):
-    """``Data2Vec2.decoder_input`` before the fifth pass: noise drawn for the masked slots and
-    both parts placed by boolean-mask assignments."""
-    from data2vec.models.data2vec2 import lean_dropout
-
-    visible = lean_dropout(student.tokens, self.decoder_input_dropout, self.training)
-    N, V, D = visible.shape
-    T = mask.mask.shape[1]
-    if noise is None:
-        noise = visible.new_empty(N * (T - V), D).normal_(0.0, self.noise_std)
-    full = visible.new_empty(N, T, D)
-    full[mask.mask] = noise.to(visible.dtype)
-    full[~mask.mask] = visible.reshape(N * V, D)
-    return full
-
-
-def _decoder_forward_before(self, x, mask=None, padding_mask=None):
-    """``ConvDecoder.forward`` before the fifth pass: the projection reads the float32 output
-    (autocast casts the gathered rows)."""
-    h = self.forward_features(x, padding_mask)
-    return self.proj(h if mask is None else h[mask])
-
-
-@torch.no_grad()
-def _per_dim_std_before(x):
-    x = x.float().reshape(-1, x.shape[-1])
-    return torch.sqrt(x.var(dim=0) + 1e-6).mean()
-
-
-def _glue_before() -> contextlib.AbstractContextManager:
-    """The fifth pass's changes around the decoder and the loss undone (the attention kept)."""
-    from data2vec import targets
-    from data2vec.models import data2vec2, decoders
-
-    class Composition:
-        @staticmethod
-        def apply(pred, target):
-            return (pred - target).square().sum()
-
-    return _patched(
-        (data2vec2.Data2Vec2, "decoder_input", _decoder_input_before),
-        (decoders.ConvDecoder, "forward", _decoder_forward_before),
-        (data2vec2, "per_dim_std", _per_dim_std_before),
-        (targets, "_SquaredErrorSum", Composition),
-    )
-
-
-def _attention_sdpa() -> contextlib.AbstractContextManager:
-    """Every attention through SDPA (the short-sequence Triton kernels off)."""
-    return _patched((token_attention, "MAX_TOKENS", 0))
-
-
-@contextlib.contextmanager
-def _before_fifth_pass() -> Iterator[None]:
-    with _glue_before(), _attention_sdpa(), _patched((token_mlp, "ENABLED", False)):
-        yield
-
-
-# (name, config overrides, memory-lean layers switched to the plain ops, code switch)
-VARIANTS = [
-    ("default", (), False, contextlib.nullcontext),
-    ("model.norm_impl=torch", ("model.norm_impl=torch",), False, contextlib.nullcontext),
-    ("plain layers", (), True, contextlib.nullcontext),
-    ("plain layers, model.norm_impl=torch", ("model.norm_impl=torch",), True,
-     contextlib.nullcontext),
-    ("train.compile=true", ("train.compile=true",), False, contextlib.nullcontext),
-    ("train.compile=true model.norm_impl=torch", ("train.compile=true", "model.norm_impl=torch"),
-     False, contextlib.nullcontext),
-    ("conv taps", (), False, functools.partial(conv_settings, PACK_K=0)),
-    ("conv packed", (), False, functools.partial(conv_settings, PACK_K=1)),
-    ("heads permuted", (), False, _heads_permuted),
-    ("sdpa flash", (), False, _sdpa("FLASH_ATTENTION")),
-    ("sdpa efficient", (), False, _sdpa("EFFICIENT_ATTENTION")),
-    ("sdpa cudnn", (), False, _sdpa("CUDNN_ATTENTION")),
-    ("attention sdpa", (), False, _attention_sdpa),
-    ("glue before", (), False, _glue_before),
-    ("before fifth pass", (), False, _before_fifth_pass),
-    ("lean mlp", (), False, lambda: _patched((token_mlp, "ENABLED", False))),
-    ("norms from 16384 rows", (), False, lambda: _patched((token_norm, "MIN_ROWS", 16384))),
-    ("norms at any size", (), False, lambda: _patched((token_norm, "MIN_ROWS", 0))),
-]  # fmt: skip
 
 
 def variants(

@@ -80,9 +80,14 @@ def test_weight_gradient_slices_sum_to_the_same(splits, packing):
     w = torch.randn(C, C // G, 3, 3, requires_grad=True)
     ref = plain_conv(x.view(N, H * W, C), w, None, (H, W))
     (ref_gw,) = torch.autograd.grad(ref, [w], gy.view(N, H * W, C))
-    ws = token_conv.conv_tokens_weight_grad(x, gy, (H, W), (G, 3, 3, C // G, C // G), splits)
+    shape = (G, 3, 3, C // G, C // G)
+    ws = token_conv.conv_tokens_weight_grad(x, gy, (H, W), shape, splits)
     gw = ws.reshape(G, 3, 3, C // G, C // G).permute(0, 3, 4, 1, 2).reshape(C, C // G, 3, 3)
     assert rel(gw, ref_gw) < 1e-5
+    # the bias gradient's partial sums come from the same tiles of gy
+    ws_b, gb = token_conv.conv_tokens_grads(x, gy, (H, W), shape, splits, bias=True)
+    assert torch.equal(ws_b, ws) and gb.shape == (C,)
+    assert rel(gb, gy.double().sum(0)) < 1e-6
 
 
 def plain_layer(h, w, b, hw, residual):

@@ -261,6 +261,7 @@ if triton is not None:
         x_ptr,
         gy_ptr,
         ws_ptr,
+        bs_ptr,
         M,
         H,
         W,
@@ -278,15 +279,18 @@ if triton is not None:
         PACK: tl.constexpr,
         VEC: tl.constexpr,
         N_COLS: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
     ):
-        """Partial weight gradients, one per slice of rows.
+        """Partial weight (and bias) gradients, one per slice of rows.
 
         ``ws[s, g, tap, o, i] = sum_{m in slice s} gy[m, g*COUT_G + o] x[m + shift, g*CIN_G + i]``;
         ``ws: (S, G, KH*KW, COUT_G, CIN_G)`` float32, one slice ``s`` of ``ITERS * BLOCK_M``
         rows per program; ``BLOCK_O >= COUT_G`` and ``BLOCK_I >= CIN_G``. With ``PACK`` a
         program computes ``BLOCK_I`` packed (tap, channel) columns ``k = tap * CIN_G + i``
         instead of one tap's, into ``ws: (S, G, COUT_G, KH*KW*CIN_G)``; ``VEC`` as in
-        :func:`_conv_kernel`.
+        :func:`_conv_kernel`. ``HAS_BIAS``: the first column block's programs also write the
+        slice's column sums of ``gy``, ``bs[s, g*COUT_G + o]`` (the bias gradient's partial
+        sums, from the tiles of ``gy`` they load anyway).
         """
         # Column blocks fastest, then groups: the programs of one slice run together and share
         # its rows (N_COLS column blocks: KH*KW taps, or the packed columns' blocks).
@@ -301,6 +305,7 @@ if triton is not None:
         else:
             ks = ins
         acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+        gsum = tl.zeros((BLOCK_O,), dtype=tl.float32)
         # A compile-time trip count (a power of two, so few variants get compiled) and the
         # same loop in every program.
         for it in range(ITERS):
@@ -312,6 +317,8 @@ if triton is not None:
                 mask=in_rows[:, None] & (outs[None, :] < COUT_G),
                 other=0.0,
             )
+            if HAS_BIAS:
+                gsum += tl.sum(gy.to(tl.float32), axis=0)
             if PACK:
                 src, ok = _packed_rows(
                     rows, in_rows, pos // W, pos % W, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC
@@ -333,6 +340,9 @@ if triton is not None:
                 acc = tl.dot(tl.trans(gy), xs, acc, input_precision="ieee")
             else:
                 acc = tl.dot(tl.trans(gy), xs, acc)
+        if HAS_BIAS:  # one program of each (slice, group) stores
+            ok_b = (outs < COUT_G) & (kc == 0)
+            tl.store(bs_ptr + s * C_OUT + g * COUT_G + outs, gsum, mask=ok_b)
         if PACK:
             dst = (s * (C_OUT // COUT_G) + g) * COUT_G * KH * KW * CIN_G
             tl.store(
@@ -447,6 +457,19 @@ def conv_tokens_weight_grad(
     ``shape = (G, KH, KW, C_in/G, C_out/G)``; ``splits``: slices of rows summed separately
     (default: ``WEIGHT_GRAD["programs_per_sm"]`` programs per multiprocessor).
     """
+    return conv_tokens_grads(x, gy, hw, shape, splits)[0]
+
+
+def conv_tokens_grads(
+    x: Tensor,
+    gy: Tensor,
+    hw: tuple[int, int],
+    shape: tuple[int, int, int, int, int],
+    splits: int | None = None,
+    bias: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`conv_tokens_weight_grad`, and with ``bias`` the bias gradient ``(C_out,)``
+    float32 (``gy``'s column sums) from the same pass over ``gy`` (else None)."""
     G, KH, KW, cin_g, cout_g = shape
     M = x.shape[0]
     block_m = WEIGHT_GRAD["BLOCK_M"]
@@ -471,15 +494,20 @@ def conv_tokens_weight_grad(
     else:
         shape_s = (splits, G, KH * KW, cout_g, cin_g)
     ws = torch.empty(shape_s, device=x.device, dtype=torch.float32)
+    # The bias gradient's partial sums, one row per slice (a separate pass over ``gy`` cost
+    # 0.24 ms per layer at image-v2-base batch 128 on an H100).
+    bs = torch.empty(splits, G * cout_g, device=x.device, dtype=torch.float32) if bias else ws
     _wgrad_kernel[(splits * programs,)](
-        x, gy, ws, M, hw[0], hw[1],
+        x, gy, ws, bs, M, hw[0], hw[1],
         C_IN=x.shape[1], C_OUT=gy.shape[1], CIN_G=cin_g, COUT_G=cout_g, KH=KH, KW=KW,
         IEEE=_ieee(gy), ITERS=iters, BLOCK_M=block_m, BLOCK_O=_block(cout_g, 128),
-        BLOCK_I=block_i, PACK=pack, VEC=_vec(cin_g), N_COLS=n_cols, **_launch(WEIGHT_GRAD),
+        BLOCK_I=block_i, PACK=pack, VEC=_vec(cin_g), N_COLS=n_cols, HAS_BIAS=bias,
+        **_launch(WEIGHT_GRAD),
     )  # fmt: skip
+    gb = bs.sum(0) if bias else None
     if pack:  # (G, C_out/G, KH*KW, C_in/G) -> (G, KH*KW, C_out/G, C_in/G)
-        return ws.sum(0).view(G, cout_g, KH * KW, cin_g).transpose(1, 2)
-    return ws.sum(0)
+        return ws.sum(0).view(G, cout_g, KH * KW, cin_g).transpose(1, 2), gb
+    return ws.sum(0), gb
 
 
 def forward_weight(weight: Tensor, groups: int) -> Tensor:
@@ -498,12 +526,15 @@ def input_grad_weight(weight: Tensor, groups: int) -> Tensor:
     return w5.flip(3, 4).permute(0, 3, 4, 1, 2).contiguous()
 
 
-def weight_grad(x: Tensor, gy: Tensor, hw: tuple[int, int], weight: Tensor, groups: int) -> Tensor:
-    """The gradient of ``weight`` (its shape and dtype) from the input and output gradient."""
+def weight_bias_grad(
+    x: Tensor, gy: Tensor, hw: tuple[int, int], weight: Tensor, groups: int, bias: bool = False
+) -> tuple[Tensor, Tensor | None]:
+    """The gradient of ``weight`` (its shape and dtype) from the input and output gradient,
+    and with ``bias`` the bias gradient (float32, ``gy``'s column sums) from the same pass."""
     cout, cin_g, KH, KW = weight.shape
-    ws = conv_tokens_weight_grad(x, gy, hw, (groups, KH, KW, cin_g, cout // groups))
+    ws, gb = conv_tokens_grads(x, gy, hw, (groups, KH, KW, cin_g, cout // groups), bias=bias)
     gw = ws.reshape(groups, KH, KW, cout // groups, cin_g).permute(0, 3, 4, 1, 2)
-    return gw.reshape(cout, cin_g, KH, KW).to(weight.dtype)
+    return gw.reshape(cout, cin_g, KH, KW).to(weight.dtype), gb
 
 
 class _TokenConv(torch.autograd.Function):
@@ -525,9 +556,10 @@ class _TokenConv(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             w_back = input_grad_weight(weight, groups)
             gx = conv_tokens_forward(gy, w_back, None, ctx.hw, x.shape[1], out_dtype=x.dtype)
+        want_gb = ctx.has_bias and ctx.needs_input_grad[2]
         if ctx.needs_input_grad[1]:
-            gw = weight_grad(x, gy, ctx.hw, weight, groups)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gw, gb = weight_bias_grad(x, gy, ctx.hw, weight, groups, bias=want_gb)
+        elif want_gb:
             gb = gy.sum(0, dtype=torch.float32)
         return gx, gw, gb, None
 

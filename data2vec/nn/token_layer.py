@@ -153,9 +153,10 @@ class _DecoderLayer(torch.autograd.Function):
                 gy, token_conv.input_grad_weight(weight, groups), None, ctx.hw, x.shape[1],
                 out_dtype=ctx.h_dtype, add=g if ctx.residual else None,
             )  # fmt: skip
+        want_gb = ctx.has_bias and ctx.needs_input_grad[3]
         if ctx.needs_input_grad[2]:
-            gw = token_conv.weight_grad(x, gy, ctx.hw, weight, groups)
-        if ctx.has_bias and ctx.needs_input_grad[3]:
+            gw, gb = token_conv.weight_bias_grad(x, gy, ctx.hw, weight, groups, bias=want_gb)
+        elif want_gb:
             gb = gy.sum(0, dtype=torch.float32)
         return gh, None, gw, gb, None, None, None, None
 

@@ -172,8 +172,10 @@ class _AddLayerNorm(torch.autograd.Function):
         gz = torch.empty_like(z)
         split_a = ctx.a_dtype != z.dtype
         ga = torch.empty(M, C, device=z.device, dtype=ctx.a_dtype) if split_a else gz
-        gw = torch.empty(programs, C, device=z.device, dtype=torch.float32)
-        gb = torch.empty_like(gw)
+        # The weight and bias partial sums side by side, so one reduction finishes both (each
+        # took about 20 us of GPU time on an H100, 48 per step at image-v2-base batch 128).
+        parts = torch.empty(2, programs, C, device=z.device, dtype=torch.float32)
+        gw, gb = parts[0], parts[1]
         gy = None if gy is None else gy.contiguous()
         glow = None if glow is None else glow.contiguous()
         _add_norm_backward[(programs,)](
@@ -181,8 +183,7 @@ class _AddLayerNorm(torch.autograd.Function):
             M, ctx.eps, C=C, HAS_GY=gy is not None, HAS_GLOW=glow is not None,
             HAS_GA=split_a, ROWS_PER_PROGRAM=rows, **blocks,
         )  # fmt: skip
-        gw = gw.sum(0).to(weight.dtype)
-        gb = gb.sum(0).to(weight.dtype)
+        gw, gb = parts.sum(1).to(weight.dtype)
         return gz, ga, gw, gb, None, None
 
 

@@ -1,0 +1,202 @@
+"""Code switches for ``gpu_check.py --variants``: earlier versions of changed code, and
+settings, each applied around the steps of one variant so that variants alternate in one
+process (a GPU's speed drifts between lends and over minutes).
+
+Each entry of :data:`VARIANTS` is ``(name, config overrides, memory-lean layers switched to the
+plain ops, code switch)``; a code switch is a context manager factory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from gpu_kernels import conv_settings  # sibling script module
+
+from data2vec.masking import select_positions
+from data2vec.nn import attention, token_attention, token_conv, token_mlp, token_norm
+
+
+@contextlib.contextmanager
+def _heads_permuted() -> Iterator[None]:
+    """The attention's heads split as before ``split_heads`` (move, then unbind), whose
+    backward copies the q/k/v gradient once more."""
+
+    def permuted(qkv: torch.Tensor, num_heads: int):
+        B, T, C3 = qkv.shape
+        parts = qkv.view(B, T, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
+        return parts.unbind(0)
+
+    saved = attention.split_heads
+    attention.split_heads = permuted
+    try:
+        yield
+    finally:
+        attention.split_heads = saved
+
+
+def _sdpa(backend: str):
+    """A code switch: attention through one SDPA backend only (``torch.nn.attention``)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return functools.partial(sdpa_kernel, [getattr(SDPBackend, backend)])
+
+
+@contextlib.contextmanager
+def _patched(*patches: tuple[Any, str, Any]) -> Iterator[None]:
+    """Set ``(owner, attribute, value)`` for the block, then restore them."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+def _decoder_input_before(self, student, mask, noise=None):
+    """``Data2Vec2.decoder_input`` before the fifth pass: noise drawn for the masked slots and
+    both parts placed by boolean-mask assignments."""
+    from data2vec.models.data2vec2 import lean_dropout
+
+    visible = lean_dropout(student.tokens, self.decoder_input_dropout, self.training)
+    N, V, D = visible.shape
+    T = mask.mask.shape[1]
+    if noise is None:
+        noise = visible.new_empty(N * (T - V), D).normal_(0.0, self.noise_std)
+    full = visible.new_empty(N, T, D)
+    full[mask.mask] = noise.to(visible.dtype)
+    full[~mask.mask] = visible.reshape(N * V, D)
+    return full
+
+
+def _decoder_forward_before(self, x, mask=None, padding_mask=None):
+    """``ConvDecoder.forward`` before the fifth pass: the projection reads the float32 output
+    (autocast casts the gathered rows)."""
+    h = self.forward_features(x, padding_mask)
+    return self.proj(select_positions(h, mask))
+
+
+@torch.no_grad()
+def _per_dim_std_before(x):
+    x = x.float().reshape(-1, x.shape[-1])
+    return torch.sqrt(x.var(dim=0) + 1e-6).mean()
+
+
+def _glue_before() -> contextlib.AbstractContextManager:
+    """The fifth pass's changes around the decoder and the loss undone (the attention kept)."""
+    from data2vec import targets
+    from data2vec.models import data2vec2, decoders
+
+    class Composition:
+        @staticmethod
+        def apply(pred, target):
+            return (pred - target).square().sum()
+
+    return _patched(
+        (data2vec2.Data2Vec2, "decoder_input", _decoder_input_before),
+        (decoders.ConvDecoder, "forward", _decoder_forward_before),
+        (data2vec2, "per_dim_std", _per_dim_std_before),
+        (targets, "_SquaredErrorSum", Composition),
+    )
+
+
+def _attention_sdpa() -> contextlib.AbstractContextManager:
+    """Every attention through SDPA (the short-sequence Triton kernels off)."""
+    return _patched((token_attention, "MAX_TOKENS", 0))
+
+
+@contextlib.contextmanager
+def _before_fifth_pass() -> Iterator[None]:
+    with _glue_before(), _attention_sdpa(), _patched((token_mlp, "ENABLED", False)):
+        yield
+
+
+def _forward_loss_from_mask(self, pred, targets, student, loss_mask, loss_rows=None):
+    """``Data2Vec2.forward_loss`` before the sixth pass: the masked rows found on the device
+    (``nonzero``: the host waits for the GPU)."""
+    return _FORWARD_LOSS(self, pred, targets, student, loss_mask)
+
+
+def _forward_reading_loss(self, *args, **kwargs):
+    """``Data2Vec2.forward`` reading its loss before backward, as the step did before the
+    sixth pass (a wait for the GPU between the forward and the backward pass)."""
+    out = _FORWARD(self, *args, **kwargs)
+    float(out.loss.detach())
+    return out
+
+
+@contextlib.contextmanager
+def _host_reads() -> Iterator[None]:
+    """The sixth pass's removal of the step's waits for the GPU undone: the decoder and the
+    loss find the masked rows on the device, the loss is read before backward, the optimizer
+    step is prepared after the read (the mask is still checked on the host)."""
+    from data2vec.engine import trainer
+    from data2vec.masking import MaskInfo
+    from data2vec.models import data2vec2
+
+    with _patched(
+        (MaskInfo, "masked_rows", lambda self: self.mask),
+        (data2vec2.Data2Vec2, "forward_loss", _forward_loss_from_mask),
+        (data2vec2.Data2Vec2, "forward", _forward_reading_loss),
+        (trainer, "_fused", lambda opt: False),
+    ):
+        yield
+
+
+def _conv_bias_pass() -> contextlib.AbstractContextManager:
+    """The decoder convolutions' bias gradient as a separate column sum (before the sixth pass)."""
+
+    def weight_bias_grad(x, gy, hw, weight, groups, bias=False):
+        gw, _ = _WEIGHT_BIAS_GRAD(x, gy, hw, weight, groups, bias=False)
+        return gw, gy.sum(0, dtype=torch.float32) if bias else None
+
+    return _patched((token_conv, "weight_bias_grad", weight_bias_grad))
+
+
+@contextlib.contextmanager
+def _before_sixth_pass() -> Iterator[None]:
+    with _host_reads(), _conv_bias_pass():
+        yield
+
+
+def _originals() -> tuple[Any, Any, Any]:
+    from data2vec.models.data2vec2 import Data2Vec2
+
+    return Data2Vec2.forward_loss, Data2Vec2.forward, token_conv.weight_bias_grad
+
+
+# the functions the sixth pass's switches wrap, as they are without a switch
+_FORWARD_LOSS, _FORWARD, _WEIGHT_BIAS_GRAD = _originals()
+
+
+# (name, config overrides, memory-lean layers switched to the plain ops, code switch)
+VARIANTS = [
+    ("default", (), False, contextlib.nullcontext),
+    ("model.norm_impl=torch", ("model.norm_impl=torch",), False, contextlib.nullcontext),
+    ("plain layers", (), True, contextlib.nullcontext),
+    ("plain layers, model.norm_impl=torch", ("model.norm_impl=torch",), True,
+     contextlib.nullcontext),
+    ("train.compile=true", ("train.compile=true",), False, contextlib.nullcontext),
+    ("train.compile=true model.norm_impl=torch", ("train.compile=true", "model.norm_impl=torch"),
+     False, contextlib.nullcontext),
+    ("conv taps", (), False, functools.partial(conv_settings, PACK_K=0)),
+    ("conv packed", (), False, functools.partial(conv_settings, PACK_K=1)),
+    ("heads permuted", (), False, _heads_permuted),
+    ("sdpa flash", (), False, _sdpa("FLASH_ATTENTION")),
+    ("sdpa efficient", (), False, _sdpa("EFFICIENT_ATTENTION")),
+    ("sdpa cudnn", (), False, _sdpa("CUDNN_ATTENTION")),
+    ("attention sdpa", (), False, _attention_sdpa),
+    ("glue before", (), False, _glue_before),
+    ("before fifth pass", (), False, _before_fifth_pass),
+    ("lean mlp", (), False, lambda: _patched((token_mlp, "ENABLED", False))),
+    ("norms from 16384 rows", (), False, lambda: _patched((token_norm, "MIN_ROWS", 16384))),
+    ("norms at any size", (), False, lambda: _patched((token_norm, "MIN_ROWS", 0))),
+    ("host reads", (), False, _host_reads),
+    ("conv bias pass", (), False, _conv_bias_pass),
+    ("before sixth pass", (), False, _before_sixth_pass),
+]  # fmt: skip

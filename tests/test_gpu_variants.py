@@ -1,0 +1,59 @@
+"""``gpu_check.py --variants``' switches for the sixth pass undo how a step waits for the device,
+not what it computes: the same step with and without them gives the same loss and update."""
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data2vec.bench import _synthetic_batch
+from data2vec.engine import trainer
+from data2vec.models.registry import build_model
+from tests.conftest import tiny_config
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def variants():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "gpu_variants", BENCHMARKS / "gpu_variants.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def _step(model, switch):
+    cfg = tiny_config("mask.clones=2")
+    device = torch.device("cpu")
+    state = trainer.new_state(model, cfg, device)
+    torch.manual_seed(3)  # the decoder's mask-token noise
+    with switch():
+        result = trainer.train_step(state, _synthetic_batch(cfg, 2), cfg, device)
+    return result, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["host reads", "before sixth pass"])
+def test_sixth_pass_switches_compute_the_same_step(variants, monkeypatch, name):
+    switch = {v[0]: v[3] for v in variants.VARIANTS}[name]
+    nonzero = []
+    original = torch.Tensor.nonzero
+    monkeypatch.setattr(
+        torch.Tensor, "nonzero", lambda self, *a, **k: nonzero.append(1) or original(self, *a, **k)
+    )
+    model = build_model(tiny_config("mask.clones=2"))
+    ref, ref_weights = _step(copy.deepcopy(model), variants.contextlib.nullcontext)
+    assert not nonzero  # the default step finds no rows on the device
+    got, weights = _step(model, switch)
+    assert nonzero  # the switch brings back the loss's search for the masked rows
+    assert got.updated and ref.updated
+    assert got.loss == ref.loss and got.grad_norm == ref.grad_norm
+    assert all(torch.equal(weights[n], ref_weights[n]) for n in ref_weights)
