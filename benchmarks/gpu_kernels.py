@@ -253,12 +253,16 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
     flops = 2 * rows.shape[0] * cout * w.shape[1] * 9
     results = []
     default_f, default_w = dict(token_conv.FORWARD), dict(token_conv.WEIGHT_GRAD)
-    for bm, bk, pack, warps, stages in [(128, 64, 0, 8, 3), (128, 64, 1, 8, 3), (128, 32, 1, 8, 3),
-                                        (64, 64, 1, 4, 3), (128, 64, 1, 4, 3), (128, 64, 1, 8, 4),
-                                        (256, 64, 1, 8, 3), (128, 128, 1, 8, 3),
-                                        (128, 64, 1, 8, 2)]:  # fmt: skip
+    # (BLOCK_M, BLOCK_K, PACK_K, num_warps, num_stages, SWAP_AB); the transposed products
+    # (SWAP_AB, sixth pass) have not run on a GPU yet
+    for bm, bk, pack, warps, stages, swap in [
+        (128, 64, 1, 4, 3, 0), (128, 64, 1, 8, 3, 0), (64, 64, 1, 4, 3, 0), (256, 64, 1, 8, 3, 0),
+        (128, 64, 1, 4, 4, 0), (128, 64, 1, 4, 3, 1), (256, 64, 1, 4, 3, 1),
+        (256, 64, 1, 8, 3, 1), (128, 64, 1, 8, 3, 1), (256, 64, 1, 8, 4, 1),
+        (256, 32, 1, 8, 3, 1), (512, 64, 1, 8, 3, 1),
+    ]:  # fmt: skip
         token_conv.FORWARD.update(
-            BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps, num_stages=stages
+            BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps, num_stages=stages, SWAP_AB=swap
         )
         try:
             ms = gpu_ms(lambda: token_conv.conv_tokens_forward(rows, w_t, None, hw, cout))

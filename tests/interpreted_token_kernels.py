@@ -42,13 +42,15 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(params=["taps", "packed", "packed16"])
+@pytest.fixture(params=["taps", "packed", "packed16", "swapped", "swapped16"])
 def packing(request, monkeypatch):
     """Both ways the kernels walk the (tap, channel) sum: one tap at a time, or (tap, channel)
-    pairs packed into steps of 64 (16: several steps, each spanning taps)."""
+    pairs packed into steps of 64 (16: several steps, each spanning taps); packed, the
+    forward's products may also run transposed (``SWAP_AB``)."""
     for settings in (token_conv.FORWARD, token_conv.WEIGHT_GRAD):
         monkeypatch.setitem(settings, "PACK_K", int(request.param != "taps"))
-        monkeypatch.setitem(settings, "BLOCK_K", 16 if request.param == "packed16" else 0)
+        monkeypatch.setitem(settings, "BLOCK_K", 16 if request.param.endswith("16") else 0)
+    monkeypatch.setitem(token_conv.FORWARD, "SWAP_AB", int(request.param.startswith("swapped")))
     return request.param
 
 

@@ -179,6 +179,7 @@ if triton is not None:
         BLOCK_K: tl.constexpr,
         PACK: tl.constexpr,
         VEC: tl.constexpr,
+        SWAP: tl.constexpr,
     ):
         """``out[m, g*COUT_G + o] = sum_{tap, i} x[m + shift(tap), g*CIN_G + i] w[g, tap, i, o]``.
 
@@ -187,7 +188,10 @@ if triton is not None:
         ``bias[c]`` (``HAS_BIAS``) and ``add[m, c]`` (``HAS_ADD``, e.g. a residual's gradient).
         ``PACK``: the sum runs over ``BLOCK_K`` (tap, channel) pairs at a time (see
         :func:`_packed_rows`) instead of one tap's channels at a time; ``VEC``: a power of two
-        dividing ``CIN_G`` (the runs of contiguous channels the loads may assume).
+        dividing ``CIN_G`` (the runs of contiguous channels the loads may assume). ``SWAP``
+        (with ``PACK``): the products run transposed, ``out^T = w^T x^T``, so that the many
+        rows are the products' wide side and the group's few channels the narrow one (the
+        shape in which a Hopper GPU's tensor cores run fastest: 64 x up to 256).
         """
         # Programs of one row tile run side by side (group fastest), so the rows they read
         # are fetched from memory once and then served from the cache.
@@ -203,6 +207,7 @@ if triton is not None:
         yy = pos // W
         xx = pos % W
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # used with SWAP only
         if PACK:
             # One group's weight is a (KH*KW*CIN_G, COUT_G) matrix, rows in (tap, channel)
             # order; the input is gathered in the same order, so no column of a product is
@@ -217,10 +222,17 @@ if triton is not None:
                 )
                 src, ok = _packed_rows(rows, in_rows, yy, xx, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC)
                 a = tl.load(x_ptr + src, mask=ok, other=0.0).to(b.dtype)
-                if IEEE:
+                if SWAP:  # (BLOCK_N, BLOCK_M) += (BLOCK_N, BLOCK_K) @ (BLOCK_K, BLOCK_M)
+                    if IEEE:
+                        acc_t = tl.dot(tl.trans(b), tl.trans(a), acc_t, input_precision="ieee")
+                    else:
+                        acc_t = tl.dot(tl.trans(b), tl.trans(a), acc_t)
+                elif IEEE:
                     acc = tl.dot(a, b, acc, input_precision="ieee")
                 else:
                     acc = tl.dot(a, b, acc)
+            if SWAP:
+                acc = tl.trans(acc_t)
         else:
             for ky in tl.static_range(KH):
                 for kx in tl.static_range(KW):
@@ -365,7 +377,9 @@ if triton is not None:
 # pairs packed into the products' K (forward 1.45 ms, weight gradient 1.56 ms, against 1.84
 # and 1.97 ms one tap at a time). BLOCK_K 0 = the packed pairs' count (or, unpacked, the
 # channels per group) rounded up to a power of two, at most 64.
-FORWARD = {"BLOCK_M": 128, "BLOCK_K": 0, "PACK_K": 1, "num_warps": 4, "num_stages": 3}
+FORWARD = {
+    "BLOCK_M": 128, "BLOCK_K": 0, "PACK_K": 1, "SWAP_AB": 0, "num_warps": 4, "num_stages": 3,
+}  # fmt: skip
 WEIGHT_GRAD = {
     "BLOCK_M": 64, "BLOCK_K": 0, "PACK_K": 1, "num_warps": 4, "num_stages": 3,
     "programs_per_sm": 64,
@@ -438,7 +452,7 @@ def conv_tokens_forward(
         hw[0], hw[1], C_IN=cin, C_OUT=cout, CIN_G=cin_g, COUT_G=cout_g, KH=KH, KW=KW,
         HAS_BIAS=bias is not None, HAS_ADD=add is not None, IEEE=_ieee(w_t),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PACK=pack, VEC=_vec(cin_g),
-        **_launch(FORWARD),
+        SWAP=pack and bool(FORWARD.get("SWAP_AB", 0)), **_launch(FORWARD),
     )  # fmt: skip
     return out
 
