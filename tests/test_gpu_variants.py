@@ -57,3 +57,15 @@ def test_sixth_pass_switches_compute_the_same_step(variants, monkeypatch, name):
     assert got.updated and ref.updated
     assert got.loss == ref.loss and got.grad_norm == ref.grad_norm
     assert all(torch.equal(weights[n], ref_weights[n]) for n in ref_weights)
+
+
+def test_swapped_conv_switches_set_the_forward_kernel_only_and_restore_it(variants):
+    from data2vec.nn import token_conv
+
+    switch = {v[0]: v[3] for v in variants.VARIANTS}["conv swapped 256"]
+    forward_settings, weight_grad_settings = token_conv.FORWARD, token_conv.WEIGHT_GRAD
+    forward, weight_grad = dict(forward_settings), dict(weight_grad_settings)
+    with switch():
+        assert forward_settings == {**forward, "SWAP_AB": 1, "BLOCK_M": 256}
+        assert weight_grad_settings == weight_grad
+    assert forward_settings == forward
