@@ -2,8 +2,10 @@
 
 The model returns its loss and logs; the engine owns everything else, in this order, every
 step: learning rate -> (for each of ``train.accum_steps`` micro-batches: autocast forward ->
-finite check -> backward) -> loss normalization -> clip -> optimizer step -> explicit teacher
-update -> logs -> collapse guard -> checkpoint.
+backward) -> loss normalization -> clip -> (fused AdamW: the update queued, to be skipped on
+the device if anything is not finite) -> one read of the losses, logs and gradient norm ->
+finite check -> optimizer step -> explicit teacher update -> logs -> collapse guard ->
+checkpoint. The read is the step's only wait for a GPU.
 """
 
 from __future__ import annotations
