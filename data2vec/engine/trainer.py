@@ -177,7 +177,7 @@ def train_step(
     # The update is queued before the values are read where the optimizer can skip it on the
     # device (PyTorch's fused AdamW takes a ``found_inf`` flag, as from a loss scaler): the host
     # then prepares it while the GPU still runs the backward pass, instead of after the read.
-    queued = scaler is None and not distributed.active() and _fused(opt)
+    queued = scaler is None and not (distributed.active() or state.sharded) and _fused(opt)
     if queued:
         bad = ~torch.isfinite(norm)
         for v in losses:

@@ -17,7 +17,8 @@ decoder's own ``(N, H*W, C)`` token layout directly:
 * **weight gradient**: one program per (group, block of packed (tap, channel) columns, slice
   of positions) computes ``grad_out^T @ shifted_input``; the slices' partial sums (float32)
   are added afterwards by one reduction, so the result does not depend on the order programs
-  finish in.
+  finish in. The bias gradient's partial sums (``grad_out``'s column sums) come from the same
+  tiles of ``grad_out``, instead of another pass over it.
 
 The 1-D convolutions of audio and text are the case ``H = 1``, ``KH = 1``. The products run in
 the weight's dtype (a float32 input is rounded to it as the kernel reads it, which is what
