@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import sys
+import types
+from collections.abc import Iterator
 
 # Before torch loads (see data2vec/_runtime.py): libgomp's spin-waiting makes 2-core runs crawl.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -133,3 +138,20 @@ TINY_AUDIO = [
 
 def tiny_audio_config(*overrides: str) -> Config:
     return load_config("audio-v2-tiny", [*TINY_AUDIO, *overrides])
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@contextlib.contextmanager
+def benchmark_module(name: str) -> Iterator[types.ModuleType]:
+    """``benchmarks/<name>.py`` imported as a module, with ``benchmarks/`` on the path for the
+    block (the scripts import their sibling modules by name)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.path.remove(str(BENCHMARKS))

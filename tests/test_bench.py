@@ -6,6 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from data2vec.bench import _conv_backward_flops, _synthetic_batch, bench
 from data2vec.config import load_config
+from tests.conftest import benchmark_module
 
 SMALL = ["model.depth=1", "target.top_k=1", "mask.clones=2", "train.threads=1"]
 
@@ -80,26 +81,20 @@ def test_bench__counts_and_reports_skipped_steps(monkeypatch):
     assert "2 timed step(s) SKIPPED" in bench_module.format_bench(r)
 
 
-def _gpu_gaps():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_gaps.py"
-    spec = importlib.util.spec_from_file_location("gpu_gaps", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope="module")
+def gpu_gaps():
+    with benchmark_module("gpu_gaps") as module:
+        yield module
 
 
-def test_gpu_gaps__idle_time_grouped_by_stage_and_host_operation():
-    gaps = _gpu_gaps()
+def test_gpu_gaps__idle_time_grouped_by_stage_and_host_operation(gpu_gaps):
     # kernels (us): busy 0-100 (two overlapping), idle 100-150, busy 150-160, idle 160-165
     # (under min_us), busy 165-200, idle 200-300, busy 300-310
     kernels = [(0, 60, "a"), (50, 100, "b"), (150, 160, "c"), (165, 200, "d"), (300, 310, "e")]
-    assert gaps.busy_intervals(kernels) == [(0, 100), (150, 160), (165, 200), (300, 310)]
+    assert gpu_gaps.busy_intervals(kernels) == [(0, 100), (150, 160), (165, 200), (300, 310)]
     host = [(90, 140, "cudaStreamSynchronize"), (140, 149, "aten::sum"), (210, 290, "opt")]
     ranges = [(0, 205, "data2vec::forward"), (0, 400, "step"), (205, 400, "data2vec::optimizer")]
-    got = gaps.idle_gaps(kernels, host, ranges, steps=2, min_us=20)
+    got = gpu_gaps.idle_gaps(kernels, host, ranges, steps=2, min_us=20)
     assert got["idle_ms"] == pytest.approx((50 + 5 + 100) / 1e3 / 2)
     assert got["gaps"] == 1.0  # two gaps of >= 20 us over two steps
     assert [(g["stage"], g["host_first"], g["ms"], g["longest_ms"]) for g in got["by_cause"]] == [
@@ -109,7 +104,7 @@ def test_gpu_gaps__idle_time_grouped_by_stage_and_host_operation():
     assert got["by_cause"][1]["host_ops"] == ["cudaStreamSynchronize", "aten::sum"]
 
 
-def test_train_step__names_its_stages_for_profiles():
+def test_train_step__names_its_stages_for_profiles(gpu_gaps):
     """``gpu_gaps`` finds the step's stages in a profile by these names."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -126,5 +121,5 @@ def test_train_step__names_its_stages_for_profiles():
     stages = sorted({e.name for e in events if e.name.startswith("data2vec::")})
     assert stages == [f"data2vec::{s}" for s in sorted(
         ["forward", "backward", "read", "optimizer", "teacher"])]  # fmt: skip
-    got = _gpu_gaps().from_profiler(events, steps=1)  # no CUDA kernels: nothing idle
+    got = gpu_gaps.from_profiler(events, steps=1)  # no CUDA kernels: nothing idle
     assert got == {"idle_ms": 0.0, "gaps": 0.0, "by_cause": []}

@@ -45,14 +45,20 @@ def test_student_encodes_visible_tokens_only():
     assert shapes == [(2 * 4, 1 + visible, cfg.model.embed_dim)]  # + CLS
 
 
-def test_loss_only_over_masked_positions():
-    cfg = tiny_config("loss.cls_weight=0")
+def _encoded(cfg):
+    """A model of ``cfg`` and its stages on a 2-sample batch: ``(model, mask, info, targets,
+    student)``."""
     model = build_model(cfg)
     x, mask = _batch(cfg, B=2)
     info = MaskInfo.from_mask(mask)
     local, _ = model.encoder.modality.embed(x)
     targets = model.forward_targets(x, None, local, None)
-    student = model.forward_student(local, None, info)
+    return model, mask, info, targets, model.forward_student(local, None, info)
+
+
+def test_loss_only_over_masked_positions():
+    cfg = tiny_config("loss.cls_weight=0")
+    model, mask, info, targets, student = _encoded(cfg)
     pred = model.decoder(model.decoder_input(student, info), info.mask)
     base = model.forward_loss(pred, targets, student, info.mask).loss
     visible_only = targets.clone()
@@ -73,12 +79,7 @@ def test_loss_from_masked_row_indices_equals_loss_from_the_mask():
     """The forward pass hands the decoder and the loss flat indices (no device sync); the
     boolean mask (which finds them on the device) gives the same values and gradients."""
     cfg = tiny_config()
-    model = build_model(cfg)
-    x, mask = _batch(cfg, B=2)
-    info = MaskInfo.from_mask(mask)
-    local, _ = model.encoder.modality.embed(x)
-    targets = model.forward_targets(x, None, local, None)
-    student = model.forward_student(local, None, info)
+    model, mask, info, targets, student = _encoded(cfg)
     full = model.decoder_input(student, info, torch.randn(int(mask.sum()), cfg.model.embed_dim))
     results = []
     for rows in (None, info.masked_rows()):

@@ -2,9 +2,6 @@
 not what it computes: the same step with and without them gives the same loss and update."""
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,23 +9,13 @@ import torch
 from data2vec.bench import _synthetic_batch
 from data2vec.engine import trainer
 from data2vec.models.registry import build_model
-from tests.conftest import tiny_config
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.conftest import benchmark_module, tiny_config
 
 
 @pytest.fixture(scope="module")
 def variants():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "gpu_variants", BENCHMARKS / "gpu_variants.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_module("gpu_variants") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
 
 
 def _step(model, switch):

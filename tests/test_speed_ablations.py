@@ -1,31 +1,17 @@
 """The speed ablations compute what the model computes, only slower: the comparison is fair."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from data2vec.bench import _synthetic_batch
 from data2vec.models.registry import build_model
-from tests.conftest import tiny_config
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from tests.conftest import benchmark_module, tiny_config
 
 
 @pytest.fixture(scope="module")
 def ablations():
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "speed_ablations", BENCHMARKS / "speed_ablations.py"
-        )
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+    with benchmark_module("speed_ablations") as module:
         yield module
-    finally:
-        sys.path.remove(str(BENCHMARKS))
 
 
 def _loss_and_grads(model, batch):
