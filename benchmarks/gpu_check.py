@@ -421,7 +421,7 @@ def main() -> None:
     if args.norm_min_rows is not None:
         token_norm.MIN_ROWS = result["norm_min_rows"] = args.norm_min_rows
     if args.conv:
-        result["conv"] = _guarded(conv_check, args.batch[-1], args.sweep)
+        result["conv"] = _guarded(conv_check, args.batch[-1] if args.batch else 128, args.sweep)
         _print({"conv": result["conv"]})
     if args.norms:
         result["norms"] = _guarded(norm_check)

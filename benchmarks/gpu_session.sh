@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The next GPU session's prepared measurements, in one call of at most 10 minutes
+# (benchmarks/README.md, "GPU, sixth pass"), run from the repository root on a CUDA machine
+# whose PyTorch ships Triton:
+#   1. this pass against the code without it, alternating, and the idle-gap profile;
+#   2. the decoder convolution's tile sweep (transposed settings included) and the MLP
+#      kernel's launch sweep.
+# Results go to $OUT (default benchmarks/results), one JSON and one log per run; each run has
+# its own time limit, so the second one runs even if the first is cut short.
+#
+# Machines without this package's dependencies installed: put wheels for them in .whl/ first
+# (soundfile, soxr, cffi, pycparser for the machine's Python), e.g.
+#   python -m pip download soundfile soxr cffi pycparser --only-binary=:all: \
+#       --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+PYTHON=${PYTHON:-python3}  # the machine's Python with its CUDA build of PyTorch
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD} PYTHONUNBUFFERED=1
+stamp=$(date +%F)
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+
+run() {  # run NAME LIMIT_S ARGS...: gpu_check.py into $OUT/gpu_check_<date>_<NAME>.{json,log}
+  local name=$1 limit=$2
+  shift 2
+  timeout "$limit" "$PYTHON" benchmarks/gpu_check.py "$@" \
+    > "$OUT/gpu_check_${stamp}_${name}.json" 2> "$OUT/gpu_check_${stamp}_${name}.log"
+  echo "$name: rc $? ($(wc -c < "$OUT/gpu_check_${stamp}_${name}.json") bytes of JSON)"
+  tail -n 5 "$OUT/gpu_check_${stamp}_${name}.log"
+}
+
+run sixth_pass 330 --batch 128 --conv-impl auto --no-agreement \
+  --variants default "before sixth pass" "host reads" "lean mlp" --repeat 2 --profile
+run sweeps 220 --batch --no-agreement --conv --sweep --mlp
