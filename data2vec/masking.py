@@ -333,4 +333,25 @@ def select_positions(x: Tensor, positions: Tensor | None) -> Tensor:
         return x
     if positions.dtype == torch.bool:
         return x[positions]
-    return x.flatten(0, 1)[positions]
+    return _DistinctRows.apply(x.flatten(0, 1), positions)
+
+
+class _DistinctRows(torch.autograd.Function):
+    """``x[rows]`` for distinct ``rows`` (as a mask's positions are), ``x: (R, ...)``.
+
+    Autograd's backward of indexing adds the gradient into zeros with ``index_put_(...,
+    accumulate=True)``, which must allow for repeated rows: on the CPU 2.3x the time of
+    copying it in (image-v2-base batch 8, the decoder's ``(25088, 768)`` rows: 157 ms forward
+    + backward against 70 ms). Distinct rows make a copy exact: the same values.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rows: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(rows)
+        ctx.shape = x.shape
+        return x.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (rows,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.shape).index_copy_(0, rows, grad), None

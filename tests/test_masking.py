@@ -82,6 +82,18 @@ def test_mask_info__masked_positions_ascending_as_boolean_indexing_gives_them():
     assert torch.equal(select_positions(x, mask), x[mask])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_select_positions__row_indices_give_boolean_indexings_gradient(dtype):
+    mask = torch.from_numpy(random_mask(12, 5, 0.5, make_rng(5)))
+    rows = MaskInfo.from_mask(mask).masked_rows()
+    x = torch.randn(5, 12, 4, dtype=dtype, requires_grad=True)
+    g = torch.randn(int(mask.sum()), 4, dtype=dtype)
+    (by_mask,) = torch.autograd.grad(select_positions(x, mask), x, g)
+    (by_rows,) = torch.autograd.grad(select_positions(x, rows), x, g)
+    assert by_rows.dtype == dtype and torch.equal(by_rows, by_mask)
+    assert torch.equal(by_rows[~mask], torch.zeros(int((~mask).sum()), 4, dtype=dtype))
+
+
 def test_mask_info__checks_and_counts_the_mask_before_moving_it():
     # A "meta" tensor has no values: had the rows been counted after the move, reading the
     # count would raise. The positions are listed on the target device.
