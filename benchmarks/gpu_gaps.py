@@ -16,6 +16,8 @@ import itertools
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 Interval = tuple[float, float, str]
 
 
@@ -60,6 +62,10 @@ def idle_gaps(
         longest first, each with ``ms`` per step, ``count`` per step and the longest gap.
     """
     busy = busy_intervals(kernels)
+    host = sorted(host_ops)
+    # A profile holds tens of thousands of host operations: find each gap's by array compares.
+    starts = np.array([op[0] for op in host], dtype=np.float64)
+    ends = np.array([op[1] for op in host], dtype=np.float64)
     groups: dict[tuple[str, str], dict[str, Any]] = {}
     idle = 0.0
     n = 0
@@ -68,7 +74,7 @@ def idle_gaps(
         if b - a < min_us:
             continue
         n += 1
-        during = sorted(op for op in host_ops if op[1] > a and op[0] < b)
+        during = [host[i] for i in np.flatnonzero((ends > a) & (starts < b))]
         first = during[0][2] if during else "-"
         key = (_innermost(ranges, (a + b) / 2), first)  # the stage halfway through
         g = groups.setdefault(key, {"stage": key[0], "host_first": first, "us": 0.0,
