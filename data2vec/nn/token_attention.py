@@ -56,12 +56,6 @@ if triton is not None:
         return q, k, v, rows, ok, cols
 
     @triton.jit
-    def _scores(q, k, scale, IEEE: tl.constexpr):
-        if IEEE:
-            return tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        return tl.dot(q, tl.trans(k)) * scale
-
-    @triton.jit
     def _mm(a, b, IEEE: tl.constexpr):
         if IEEE:
             return tl.dot(a, b, input_precision="ieee")
@@ -83,7 +77,7 @@ if triton is not None:
     ):
         """``o = softmax(q k^T * scale) v`` for one (sequence, head) per program."""
         q, k, v, rows, ok, cols = _program_head(qkv_ptr, T, H, C, D, BLOCK_T)
-        s = tl.where(ok[None, :], _scores(q, k, scale, IEEE), float("-inf"))
+        s = tl.where(ok[None, :], _mm(q, tl.trans(k), IEEE) * scale, float("-inf"))
         m = tl.max(s, axis=1)
         p = tl.exp(s - m[:, None])  # at most 1, and exactly 1 at each row's maximum
         denom = tl.sum(p, axis=1)
@@ -117,7 +111,7 @@ if triton is not None:
         o = tl.load(o_ptr + offs, mask=ok[:, None], other=0.0)
         do = tl.load(do_ptr + offs, mask=ok[:, None], other=0.0)
         lse = tl.load(lse_ptr + tl.program_id(0) * T + tl.arange(0, BLOCK_T), mask=ok, other=0.0)
-        s = _scores(q, k, scale, IEEE)
+        s = _mm(q, tl.trans(k), IEEE) * scale
         p = tl.where(ok[:, None] & ok[None, :], tl.exp(s - lse[:, None]), 0.0)
         dv = _mm(tl.trans(p.to(do.dtype)), do, IEEE)
         dp = _mm(do, tl.trans(v), IEEE)

@@ -157,6 +157,14 @@ if triton is not None:
         return src, tl.max_constancy(ok, [1, VEC])
 
     @triton.jit
+    def _dot(a, b, acc, IEEE: tl.constexpr):
+        """``acc + a @ b``; float32 operands multiply in full precision where ``IEEE`` (else
+        as TF32), 16-bit ones as they are."""
+        if IEEE:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc)
+
+    @triton.jit
     def _conv_kernel(
         x_ptr,
         w_ptr,
@@ -224,14 +232,9 @@ if triton is not None:
                 src, ok = _packed_rows(rows, in_rows, yy, xx, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC)
                 a = tl.load(x_ptr + src, mask=ok, other=0.0).to(b.dtype)
                 if SWAP:  # (BLOCK_N, BLOCK_M) += (BLOCK_N, BLOCK_K) @ (BLOCK_K, BLOCK_M)
-                    if IEEE:
-                        acc_t = tl.dot(tl.trans(b), tl.trans(a), acc_t, input_precision="ieee")
-                    else:
-                        acc_t = tl.dot(tl.trans(b), tl.trans(a), acc_t)
-                elif IEEE:
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                    acc_t = _dot(tl.trans(b), tl.trans(a), acc_t, IEEE)
                 else:
-                    acc = tl.dot(a, b, acc)
+                    acc = _dot(a, b, acc, IEEE)
             if SWAP:
                 acc = tl.trans(acc_t)
         else:
@@ -256,10 +259,7 @@ if triton is not None:
                             mask=ok[:, None] & (ks[None, :] < CIN_G),
                             other=0.0,
                         ).to(b.dtype)
-                        if IEEE:
-                            acc = tl.dot(a, b, acc, input_precision="ieee")
-                        else:
-                            acc = tl.dot(a, b, acc)
+                        acc = _dot(a, b, acc, IEEE)
         if HAS_BIAS:
             bias = tl.load(b_ptr + g * COUT_G + cols, mask=cols < COUT_G, other=0.0)
             acc += bias.to(tl.float32)[None, :]
@@ -349,10 +349,7 @@ if triton is not None:
                     mask=ok[:, None] & (ins[None, :] < CIN_G),
                     other=0.0,
                 ).to(gy.dtype)
-            if IEEE:
-                acc = tl.dot(tl.trans(gy), xs, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(tl.trans(gy), xs, acc)
+            acc = _dot(tl.trans(gy), xs, acc, IEEE)
         if HAS_BIAS:  # one program of each (slice, group) stores
             ok_b = (outs < COUT_G) & (kc == 0)
             tl.store(bs_ptr + s * C_OUT + g * COUT_G + outs, gsum, mask=ok_b)
