@@ -322,6 +322,13 @@ class MaskInfo:
         return self.ids_keep.shape[1]
 
 
+def true_rows(mask: Tensor) -> Tensor:
+    """``mask``'s True positions as flat row-major indices into its ``mask.numel()`` elements
+    (the rows of a flattened ``(N, T, ...)`` tensor for a ``(N, T)`` mask). Finding them waits
+    for the device; :meth:`MaskInfo.masked_rows` does not, where every row has the same count."""
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
 def select_positions(x: Tensor, positions: Tensor | None) -> Tensor:
     """The rows of ``x: (N, T, ...)`` at ``positions``: ``(num_selected, ...)``, row-major.
 

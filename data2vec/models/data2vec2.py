@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from data2vec.config import Config
 from data2vec.engine import distributed
-from data2vec.masking import MaskInfo
+from data2vec.masking import MaskInfo, true_rows
 from data2vec.models.encoder import Encoder, EncoderOutput
 from data2vec.nn.lean import lean_dropout
 from data2vec.targets import TopKTargets, per_dim_std, regression_loss
@@ -185,7 +185,7 @@ class Data2Vec2(nn.Module):
         N, B = loss_mask.shape[0], targets.shape[0]
         T = loss_mask.shape[1]
         if loss_rows is None:
-            loss_rows = loss_mask.reshape(-1).nonzero().squeeze(1)
+            loss_rows = true_rows(loss_mask)
         rows, cols = loss_rows.div(T, rounding_mode="floor"), loss_rows.remainder(T)
         # Clone row n belongs to sample n // M: index targets instead of repeating them M times.
         y = targets[rows.div(N // B, rounding_mode="floor"), cols]  # (num_loss, D)
@@ -246,7 +246,7 @@ class Data2Vec2(nn.Module):
             dec_pad = pad.repeat_interleave(self.clones, dim=0)  # (N, T)
             loss_mask = info.mask & ~dec_pad
             # Rows differ in their count of masked frames: found on the device.
-            loss_rows = loss_mask.reshape(-1).nonzero().squeeze(1)
+            loss_rows = true_rows(loss_mask)
         else:
             loss_rows = info.masked_rows()
         full = self.decoder_input(student, info, noise)
