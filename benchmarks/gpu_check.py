@@ -420,8 +420,9 @@ def main() -> None:
     result["bf16_matmul_peak_flops"] = matmul_peak_flops(torch.bfloat16, device, n=8192)
     if args.norm_min_rows is not None:
         token_norm.MIN_ROWS = result["norm_min_rows"] = args.norm_min_rows
+    kernel_batch = args.batch[-1] if args.batch else 128  # for the kernels alone
     if args.conv:
-        result["conv"] = _guarded(conv_check, args.batch[-1] if args.batch else 128, args.sweep)
+        result["conv"] = _guarded(conv_check, kernel_batch, args.sweep)
         _print({"conv": result["conv"]})
     if args.norms:
         result["norms"] = _guarded(norm_check)
@@ -430,7 +431,7 @@ def main() -> None:
         result["mlp"] = _guarded(mlp_check)
         _print({"mlp": result["mlp"]})
     if args.attention:
-        result["attention"] = _guarded(attention_check, args.batch[-1] if args.batch else 128)
+        result["attention"] = _guarded(attention_check, kernel_batch)
         _print({"attention": result["attention"]})
     result["throughput"] = []
     for batch in args.batch:

@@ -26,16 +26,23 @@ from data2vec.nn import token_conv
 
 
 @contextlib.contextmanager
-def conv_settings(**settings: int) -> Iterator[None]:
-    """The decoder convolution's kernels (forward and weight gradient) under ``settings``."""
-    saved = dict(token_conv.FORWARD), dict(token_conv.WEIGHT_GRAD)
-    token_conv.FORWARD.update(settings)
-    token_conv.WEIGHT_GRAD.update(settings)
+def settings(*tables: dict[str, int], **values: int) -> Iterator[None]:
+    """Launch-setting tables (``token_conv.FORWARD``, ``token_mlp.LAUNCH``, ...) updated with
+    ``values`` for the block, then restored as they were."""
+    saved = [dict(table) for table in tables]
+    for table in tables:
+        table.update(values)
     try:
         yield
     finally:
-        token_conv.FORWARD.update(saved[0])
-        token_conv.WEIGHT_GRAD.update(saved[1])
+        for table, before in zip(tables, saved):
+            table.clear()
+            table.update(before)
+
+
+def conv_settings(**values: int) -> contextlib.AbstractContextManager:
+    """The decoder convolution's kernels (forward and weight gradient) under ``values``."""
+    return settings(token_conv.FORWARD, token_conv.WEIGHT_GRAD, **values)
 
 
 def gpu_ms(fn, reps: int = 10) -> float:
@@ -85,8 +92,8 @@ def conv_check(
     grads = {}
     runs = (("cudnn", cudnn, {}), ("triton_taps", triton_conv, {"PACK_K": 0}),
             ("triton_packed", triton_conv, {"PACK_K": 1}))  # fmt: skip
-    for name, fn, settings in runs:
-        with conv_settings(**settings):
+    for name, fn, values in runs:
+        with conv_settings(**values):
             xs, ws, bs = (t.detach().clone().requires_grad_() for t in (x, w, b))
             y = fn(xs, ws, bs)
             y.backward(gy)
@@ -165,20 +172,15 @@ def mlp_check(tokens: int = 81920, hidden: int = 3072) -> dict[str, Any]:
     for i, part in enumerate(("gelu", "grad", "bias_grad")):
         err = (got[i].float() - want[i].float()).abs().max() / want[i].float().abs().max()
         out[f"rel_diff_{part}"] = float(err)
-    saved = dict(token_mlp.LAUNCH)
     scratch = gg.clone()  # overwritten call after call (its values do not change the timing)
     sweep = []
-    settings = [{}, {"ROWS_PER_PROGRAM": 64}, {"ROWS_PER_PROGRAM": 256},
-                {"BLOCK_N": 256}, {"BLOCK_N": 1024}, {"BLOCK_R": 4}, {"BLOCK_R": 16},
-                {"num_warps": 8}, {"BLOCK_R": 16, "num_warps": 8}]  # fmt: skip
-    for setting in settings:
-        token_mlp.LAUNCH.update(setting)
-        try:
+    tried = [{}, {"ROWS_PER_PROGRAM": 64}, {"ROWS_PER_PROGRAM": 256},
+             {"BLOCK_N": 256}, {"BLOCK_N": 1024}, {"BLOCK_R": 4}, {"BLOCK_R": 16},
+             {"num_warps": 8}, {"BLOCK_R": 16, "num_warps": 8}]  # fmt: skip
+    for setting in tried:
+        with settings(token_mlp.LAUNCH, **setting):
             ms = gpu_ms(lambda: token_mlp.gelu_grad(h, scratch))
             sweep.append({**token_mlp.LAUNCH, "ms": ms, "tb_per_s": moved / ms / 1e9})
-        finally:
-            token_mlp.LAUNCH.clear()
-            token_mlp.LAUNCH.update(saved)
     out["torch_tb_per_s"] = 1.5 * moved / out["torch_ms"] / 1e9  # six passes, not four
     out["sweep"] = sweep
     return out
@@ -252,7 +254,6 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
     w_t = w.to(x.dtype).reshape(G, cout // G, w.shape[1], 3, 3).permute(0, 3, 4, 2, 1).contiguous()
     flops = 2 * rows.shape[0] * cout * w.shape[1] * 9
     results = []
-    default_f, default_w = dict(token_conv.FORWARD), dict(token_conv.WEIGHT_GRAD)
     # (BLOCK_M, BLOCK_K, PACK_K, num_warps, num_stages, SWAP_AB); the transposed products
     # (SWAP_AB, sixth pass) have not run on a GPU yet
     for bm, bk, pack, warps, stages, swap in [
@@ -261,16 +262,17 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
         (256, 64, 1, 8, 3, 1), (128, 64, 1, 8, 3, 1), (256, 64, 1, 8, 4, 1),
         (256, 32, 1, 8, 3, 1), (512, 64, 1, 8, 3, 1),
     ]:  # fmt: skip
-        token_conv.FORWARD.update(
-            BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps, num_stages=stages, SWAP_AB=swap
-        )
-        try:
-            ms = gpu_ms(lambda: token_conv.conv_tokens_forward(rows, w_t, None, hw, cout))
-            results.append({"kernel": "forward", **token_conv.FORWARD, "ms": ms,
-                            "tflops": flops / ms / 1e9})  # fmt: skip
-        except Exception as exc:  # a setting the compiler rejects: report, go on
-            results.append({"kernel": "forward", **token_conv.FORWARD, "error": str(exc)[:200]})
-    token_conv.FORWARD.update(default_f)
+        with settings(
+            token_conv.FORWARD, BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps,
+            num_stages=stages, SWAP_AB=swap,
+        ):  # fmt: skip
+            try:
+                ms = gpu_ms(lambda: token_conv.conv_tokens_forward(rows, w_t, None, hw, cout))
+                results.append({"kernel": "forward", **token_conv.FORWARD, "ms": ms,
+                                "tflops": flops / ms / 1e9})  # fmt: skip
+            except Exception as exc:  # a setting the compiler rejects: report, go on
+                results.append({"kernel": "forward", **token_conv.FORWARD,
+                                "error": str(exc)[:200]})  # fmt: skip
     shape = (G, 3, 3, w.shape[1], cout // G)
     grow = gy.reshape(-1, cout)
     for bm, bk, pack, warps, stages, per_sm in [
@@ -278,16 +280,15 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
         (64, 64, 1, 4, 3, 128), (64, 64, 1, 8, 3, 64), (128, 64, 1, 8, 3, 64),
         (32, 64, 1, 4, 3, 64), (64, 64, 1, 4, 4, 64), (64, 128, 1, 8, 3, 64),
     ]:  # fmt: skip
-        token_conv.WEIGHT_GRAD.update(
-            BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps, num_stages=stages,
-            programs_per_sm=per_sm,
-        )  # fmt: skip
-        try:
-            ms = gpu_ms(lambda: token_conv.conv_tokens_weight_grad(rows, grow, hw, shape))
-            results.append({"kernel": "weight_grad", **token_conv.WEIGHT_GRAD, "ms": ms,
-                            "tflops": flops / ms / 1e9})  # fmt: skip
-        except Exception as exc:
-            results.append({"kernel": "weight_grad", **token_conv.WEIGHT_GRAD,
-                            "error": str(exc)[:200]})  # fmt: skip
-    token_conv.WEIGHT_GRAD.update(default_w)
+        with settings(
+            token_conv.WEIGHT_GRAD, BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps,
+            num_stages=stages, programs_per_sm=per_sm,
+        ):  # fmt: skip
+            try:
+                ms = gpu_ms(lambda: token_conv.conv_tokens_weight_grad(rows, grow, hw, shape))
+                results.append({"kernel": "weight_grad", **token_conv.WEIGHT_GRAD, "ms": ms,
+                                "tflops": flops / ms / 1e9})  # fmt: skip
+            except Exception as exc:
+                results.append({"kernel": "weight_grad", **token_conv.WEIGHT_GRAD,
+                                "error": str(exc)[:200]})  # fmt: skip
     return results

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from gpu_kernels import conv_settings  # sibling script module
+from gpu_kernels import conv_settings, settings  # sibling script module
 
 from data2vec.masking import select_positions
 from data2vec.nn import attention, token_attention, token_conv, token_mlp, token_norm
@@ -116,19 +116,6 @@ def _before_fifth_pass() -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _forward_conv(**settings: int) -> Iterator[None]:
-    """The decoder convolution's forward kernel (which also computes the input gradient) under
-    ``settings``; the weight gradient's are left alone."""
-    saved = dict(token_conv.FORWARD)
-    token_conv.FORWARD.update(settings)
-    try:
-        yield
-    finally:
-        token_conv.FORWARD.clear()
-        token_conv.FORWARD.update(saved)
-
-
 def _forward_loss_from_mask(self, pred, targets, student, loss_mask, loss_rows=None):
     """``Data2Vec2.forward_loss`` before the sixth pass: the masked rows found on the device
     (``nonzero``: the host waits for the GPU)."""
@@ -199,8 +186,10 @@ VARIANTS = [
      False, contextlib.nullcontext),
     ("conv taps", (), False, functools.partial(conv_settings, PACK_K=0)),
     ("conv packed", (), False, functools.partial(conv_settings, PACK_K=1)),
-    ("conv swapped", (), False, functools.partial(_forward_conv, SWAP_AB=1)),
-    ("conv swapped 256", (), False, functools.partial(_forward_conv, SWAP_AB=1, BLOCK_M=256)),
+    # the forward kernel's settings only (it also computes the input gradient)
+    ("conv swapped", (), False, functools.partial(settings, token_conv.FORWARD, SWAP_AB=1)),
+    ("conv swapped 256", (), False,
+     functools.partial(settings, token_conv.FORWARD, SWAP_AB=1, BLOCK_M=256)),
     ("heads permuted", (), False, _heads_permuted),
     ("sdpa flash", (), False, _sdpa("FLASH_ATTENTION")),
     ("sdpa efficient", (), False, _sdpa("EFFICIENT_ATTENTION")),
