@@ -16,8 +16,15 @@ from typing import Any
 import torch
 from gpu_kernels import conv_settings, settings  # sibling script module
 
-from data2vec.masking import select_positions
+from data2vec import targets
+from data2vec.engine import trainer
+from data2vec.masking import MaskInfo, select_positions
+from data2vec.models import data2vec2, decoders
 from data2vec.nn import attention, token_attention, token_conv, token_mlp, token_norm
+
+# the functions the sixth pass's switches wrap, as they are without a switch
+_FORWARD_LOSS, _FORWARD = data2vec2.Data2Vec2.forward_loss, data2vec2.Data2Vec2.forward
+_WEIGHT_BIAS_GRAD = token_conv.weight_bias_grad
 
 
 @contextlib.contextmanager
@@ -61,9 +68,7 @@ def _patched(*patches: tuple[Any, str, Any]) -> Iterator[None]:
 def _decoder_input_before(self, student, mask, noise=None):
     """``Data2Vec2.decoder_input`` before the fifth pass: noise drawn for the masked slots and
     both parts placed by boolean-mask assignments."""
-    from data2vec.models.data2vec2 import lean_dropout
-
-    visible = lean_dropout(student.tokens, self.decoder_input_dropout, self.training)
+    visible = data2vec2.lean_dropout(student.tokens, self.decoder_input_dropout, self.training)
     N, V, D = visible.shape
     T = mask.mask.shape[1]
     if noise is None:
@@ -89,8 +94,6 @@ def _per_dim_std_before(x):
 
 def _glue_before() -> contextlib.AbstractContextManager:
     """The fifth pass's changes around the decoder and the loss undone (the attention kept)."""
-    from data2vec import targets
-    from data2vec.models import data2vec2, decoders
 
     class Composition:
         @staticmethod
@@ -134,11 +137,8 @@ def _forward_reading_loss(self, *args, **kwargs):
 def _host_reads() -> Iterator[None]:
     """The sixth pass's removal of the step's waits for the GPU undone: the decoder and the
     loss find the masked rows on the device, the loss is read before backward, the optimizer
-    step is prepared after the read (the mask is still checked on the host)."""
-    from data2vec.engine import trainer
-    from data2vec.masking import MaskInfo
-    from data2vec.models import data2vec2
-
+    step is prepared after the read (the mask is still checked on the host). The masked rows
+    are gathered by boolean indexing again, as before."""
     with _patched(
         (MaskInfo, "masked_rows", lambda self: self.mask),
         (data2vec2.Data2Vec2, "forward_loss", _forward_loss_from_mask),
@@ -162,16 +162,6 @@ def _conv_bias_pass() -> contextlib.AbstractContextManager:
 def _before_sixth_pass() -> Iterator[None]:
     with _host_reads(), _conv_bias_pass():
         yield
-
-
-def _originals() -> tuple[Any, Any, Any]:
-    from data2vec.models.data2vec2 import Data2Vec2
-
-    return Data2Vec2.forward_loss, Data2Vec2.forward, token_conv.weight_bias_grad
-
-
-# the functions the sixth pass's switches wrap, as they are without a switch
-_FORWARD_LOSS, _FORWARD, _WEIGHT_BIAS_GRAD = _originals()
 
 
 # (name, config overrides, memory-lean layers switched to the plain ops, code switch)
