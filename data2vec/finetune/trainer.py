@@ -116,9 +116,14 @@ class FineTuneConfig:
             if key.startswith(f"{cls.SECTION}."):
                 key = key[len(cls.SECTION) + 1 :]
             if not sep or not key or "." in key:
+                fields = [f.name for f in dataclasses.fields(cls)]
+                # Pretraining's sectioned keys (train.max_steps, optim.lr) have flat
+                # counterparts here; name the one meant where there is one.
+                flat = key.rpartition(".")[2]
+                hint = f"; did you mean {flat}={value.strip()}?" if sep and flat in fields else ""
                 raise ConfigError(
                     f"fine-tuning override {item!r} must look like key=value or "
-                    "finetune.key=value (e.g. lr=1e-4)"
+                    f"finetune.key=value (e.g. lr=1e-4){hint} Fields: {', '.join(fields)}"
                 )
             values[key] = _parse_scalar(value.strip())
         return _build_section(cls.SECTION, cls, values)

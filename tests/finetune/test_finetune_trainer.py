@@ -47,6 +47,14 @@ def test_config__bad_values_name_the_field(item: str, field: str) -> None:
         FineTuneConfig.from_overrides([item])
 
 
+def test_config__pretraining_style_key_names_the_flat_one() -> None:
+    with pytest.raises(ConfigError, match=r"did you mean max_steps=10\?.*Fields: .*layer_decay"):
+        FineTuneConfig.from_overrides(["train.max_steps=10"])
+    with pytest.raises(ConfigError, match="must look like") as info:
+        FineTuneConfig.from_overrides(["model.depth=2"])  # no flat field of that name
+    assert "did you mean" not in str(info.value)
+
+
 def test_config__overrides_with_and_without_section() -> None:
     cfg = FineTuneConfig.from_overrides(["lr=1e-4", "finetune.max_steps=7", "betas=[0.9, 0.95]"])
     assert (cfg.lr, cfg.max_steps, cfg.betas) == (1e-4, 7, (0.9, 0.95))
