@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The next GPU session's prepared measurements, in one call of at most 10 minutes
-# (benchmarks/README.md, "GPU, sixth pass"), run from the repository root on a CUDA machine
-# whose PyTorch ships Triton:
-#   1. this pass against the code without it, alternating, and the idle-gap profile;
-#   2. the decoder convolution's tile sweep (transposed settings included) and the MLP
+# (benchmarks/README.md, "GPU, sixth pass" and "GPU, seventh pass"), run from the repository
+# root on a CUDA machine whose PyTorch ships Triton:
+#   1. the sixth pass against the code without it, the decoder convolution's opt-in forms
+#      (transposed products, separate addressing: the seventh pass) in the whole step, all
+#      alternating, and the idle-gap profile;
+#   2. the decoder convolution's tile sweep (both opt-in forms included) and the MLP
 #      kernel's launch sweep.
 # Results go to $OUT (default benchmarks/results), one JSON and one log per run; each run has
 # its own time limit, so the second one runs even if the first is cut short.
@@ -36,5 +38,6 @@ run() {  # run NAME LIMIT_S ARGS...: gpu_check.py into $OUT/gpu_check_<date>_<NA
 }
 
 run sixth_pass 330 --batch 128 --conv-impl auto --no-agreement \
-  --variants default "before sixth pass" "host reads" "lean mlp" --repeat 2 --profile
+  --variants default "before sixth pass" "host reads" "lean mlp" "conv swapped" \
+  "conv separable" "conv separable swapped" --repeat 2 --profile
 run sweeps 220 --batch --no-agreement --conv --sweep --mlp

@@ -157,6 +157,39 @@ if triton is not None:
         return src, tl.max_constancy(ok, [1, VEC])
 
     @triton.jit
+    def _row_taps(rows, in_rows, yy, xx, H, W, C_IN, KH: tl.constexpr, KW: tl.constexpr):
+        """Per row, what :func:`_packed_gather` needs: the offset of ``x[row, 0]`` and a
+        bitmask of the taps that fall inside the image (bit ``t`` for tap ``t``; none for
+        rows past the last). ``KH * KW`` at most 31."""
+        bits = tl.zeros_like(rows)
+        for t in tl.static_range(KH * KW):
+            ys = yy + (t // KW - KH // 2)
+            xs = xx + (t % KW - KW // 2)
+            inside = in_rows & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
+            bits = bits | (inside.to(tl.int32) << t)
+        return rows.to(tl.int64) * C_IN, bits
+
+    @triton.jit
+    def _packed_cols(ks, g, W, C_IN, CIN_G, KH, KW):
+        """Per packed (tap, channel) pair ``ks`` (as in :func:`_packed_rows`): its offset
+        from its row's, and its tap (31, which no row's bitmask has, past the last pair)."""
+        tap = ks // CIN_G
+        shift = (tap // KW - KH // 2) * W + (tap % KW - KW // 2)
+        off = shift * C_IN + g * CIN_G + ks % CIN_G
+        return off, tl.where(ks < KH * KW * CIN_G, tap, 31)
+
+    @triton.jit
+    def _packed_gather(row_off, bits, col_off, col_tap, VEC: tl.constexpr):
+        """:func:`_packed_rows`'s offsets and mask from the separate row and column parts of
+        :func:`_row_taps` and :func:`_packed_cols`: one add and one bit test per element,
+        where :func:`_packed_rows` spends a dozen integer operations (int64 among them) on
+        each; ``(BLOCK_M, BLOCK_K)``."""
+        src = row_off[:, None] + col_off[None, :]
+        ok = ((bits[:, None] >> col_tap[None, :]) & 1) != 0
+        src = tl.max_contiguous(tl.multiple_of(src, [1, VEC]), [1, VEC])
+        return src, tl.max_constancy(ok, [1, VEC])
+
+    @triton.jit
     def _dot(a, b, acc, IEEE: tl.constexpr):
         """``acc + a @ b``; float32 operands multiply in full precision where ``IEEE`` (else
         as TF32), 16-bit ones as they are."""
@@ -189,6 +222,7 @@ if triton is not None:
         PACK: tl.constexpr,
         VEC: tl.constexpr,
         SWAP: tl.constexpr,
+        SEP: tl.constexpr,
     ):
         """``out[m, g*COUT_G + o] = sum_{tap, i} x[m + shift(tap), g*CIN_G + i] w[g, tap, i, o]``.
 
@@ -200,7 +234,9 @@ if triton is not None:
         dividing ``CIN_G`` (the runs of contiguous channels the loads may assume). ``SWAP``
         (with ``PACK``): the products run transposed, ``out^T = w^T x^T``, so that the many
         rows are the products' wide side and the group's few channels the narrow one (the
-        shape in which a Hopper GPU's tensor cores run fastest: 64 x up to 256).
+        shape in which a Hopper GPU's tensor cores run fastest: 64 x up to 256). ``SEP`` (with
+        ``PACK``, ``KH * KW <= 31``): the gathers' offsets and masks from separate row and
+        column parts (:func:`_packed_gather`), the rows' part once per program.
         """
         # Programs of one row tile run side by side (group fastest), so the rows they read
         # are fetched from memory once and then served from the cache.
@@ -222,6 +258,8 @@ if triton is not None:
             # order; the input is gathered in the same order, so no column of a product is
             # padding except past the last pair (48 channels x 9 taps: 7 steps of 64, not 9).
             w_g = w_ptr + g * KH * KW * CIN_G * COUT_G
+            if SEP:
+                row_off, bits = _row_taps(rows, in_rows, yy, xx, H, W, C_IN, KH, KW)
             for k0 in tl.static_range(0, KH * KW * CIN_G, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
                 b = tl.load(
@@ -229,7 +267,13 @@ if triton is not None:
                     mask=(ks[:, None] < KH * KW * CIN_G) & (cols[None, :] < COUT_G),
                     other=0.0,
                 )
-                src, ok = _packed_rows(rows, in_rows, yy, xx, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC)
+                if SEP:
+                    col_off, col_tap = _packed_cols(ks, g, W, C_IN, CIN_G, KH, KW)
+                    src, ok = _packed_gather(row_off, bits, col_off, col_tap, VEC)
+                else:
+                    src, ok = _packed_rows(
+                        rows, in_rows, yy, xx, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC
+                    )
                 a = tl.load(x_ptr + src, mask=ok, other=0.0).to(b.dtype)
                 if SWAP:  # (BLOCK_N, BLOCK_M) += (BLOCK_N, BLOCK_K) @ (BLOCK_K, BLOCK_M)
                     acc_t = _dot(tl.trans(b), tl.trans(a), acc_t, IEEE)
@@ -293,6 +337,7 @@ if triton is not None:
         VEC: tl.constexpr,
         N_COLS: tl.constexpr,
         HAS_BIAS: tl.constexpr,
+        SEP: tl.constexpr,
     ):
         """Partial weight (and bias) gradients, one per slice of rows.
 
@@ -303,7 +348,8 @@ if triton is not None:
         instead of one tap's, into ``ws: (S, G, COUT_G, KH*KW*CIN_G)``; ``VEC`` as in
         :func:`_conv_kernel`. ``HAS_BIAS``: the first column block's programs also write the
         slice's column sums of ``gy``, ``bs[s, g*COUT_G + o]`` (the bias gradient's partial
-        sums, from the tiles of ``gy`` they load anyway).
+        sums, from the tiles of ``gy`` they load anyway). ``SEP`` as in :func:`_conv_kernel`
+        (a program's columns' part once, its rows' part once per block of rows).
         """
         # Column blocks fastest, then groups: the programs of one slice run together and share
         # its rows (N_COLS column blocks: KH*KW taps, or the packed columns' blocks).
@@ -319,6 +365,8 @@ if triton is not None:
             ks = ins
         acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
         gsum = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        if SEP:
+            col_off, col_tap = _packed_cols(ks, g, W, C_IN, CIN_G, KH, KW)
         # A compile-time trip count (a power of two, so few variants get compiled) and the
         # same loop in every program.
         for it in range(ITERS):
@@ -333,9 +381,13 @@ if triton is not None:
             if HAS_BIAS:
                 gsum += tl.sum(gy.to(tl.float32), axis=0)
             if PACK:
-                src, ok = _packed_rows(
-                    rows, in_rows, pos // W, pos % W, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC
-                )
+                if SEP:
+                    row_off, bits = _row_taps(rows, in_rows, pos // W, pos % W, H, W, C_IN, KH, KW)
+                    src, ok = _packed_gather(row_off, bits, col_off, col_tap, VEC)
+                else:
+                    src, ok = _packed_rows(
+                        rows, in_rows, pos // W, pos % W, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC
+                    )
                 xs = tl.load(x_ptr + src, mask=ok, other=0.0).to(gy.dtype)
             else:
                 dy = kc // KW - KH // 2
@@ -375,11 +427,14 @@ if triton is not None:
 # pairs packed into the products' K (forward 1.45 ms, weight gradient 1.56 ms, against 1.84
 # and 1.97 ms one tap at a time). BLOCK_K 0 = the packed pairs' count (or, unpacked, the
 # channels per group) rounded up to a power of two, at most 64.
+# SEPARABLE (seventh pass, not yet run on a GPU): the packed gathers' addresses and masks from
+# separate row and column parts, see _packed_gather; off until the sweep says it helps.
 FORWARD = {
-    "BLOCK_M": 128, "BLOCK_K": 0, "PACK_K": 1, "SWAP_AB": 0, "num_warps": 4, "num_stages": 3,
+    "BLOCK_M": 128, "BLOCK_K": 0, "PACK_K": 1, "SWAP_AB": 0, "SEPARABLE": 0, "num_warps": 4,
+    "num_stages": 3,
 }  # fmt: skip
 WEIGHT_GRAD = {
-    "BLOCK_M": 64, "BLOCK_K": 0, "PACK_K": 1, "num_warps": 4, "num_stages": 3,
+    "BLOCK_M": 64, "BLOCK_K": 0, "PACK_K": 1, "SEPARABLE": 0, "num_warps": 4, "num_stages": 3,
     "programs_per_sm": 64,
 }  # fmt: skip
 
@@ -400,6 +455,12 @@ def _vec(channels: int) -> int:
     """The largest power of two dividing ``channels``, at most 16: how many packed (tap,
     channel) pairs in a row are sure to share a tap and be consecutive in memory."""
     return min(16, channels & -channels)
+
+
+def _separable(settings: dict[str, int], pack: bool, taps: int) -> bool:
+    """Whether a launch takes :func:`_packed_gather`'s addressing: asked for, packed, and
+    every tap a bit of an int32 (31 marks pairs past the last)."""
+    return bool(settings.get("SEPARABLE", 0)) and pack and taps <= 31
 
 
 def _ieee(w: Tensor) -> bool:
@@ -450,7 +511,8 @@ def conv_tokens_forward(
         hw[0], hw[1], C_IN=cin, C_OUT=cout, CIN_G=cin_g, COUT_G=cout_g, KH=KH, KW=KW,
         HAS_BIAS=bias is not None, HAS_ADD=add is not None, IEEE=_ieee(w_t),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PACK=pack, VEC=_vec(cin_g),
-        SWAP=pack and bool(FORWARD.get("SWAP_AB", 0)), **_launch(FORWARD),
+        SWAP=pack and bool(FORWARD.get("SWAP_AB", 0)), SEP=_separable(FORWARD, pack, KH * KW),
+        **_launch(FORWARD),
     )  # fmt: skip
     return out
 
@@ -514,7 +576,7 @@ def conv_tokens_grads(
         C_IN=x.shape[1], C_OUT=gy.shape[1], CIN_G=cin_g, COUT_G=cout_g, KH=KH, KW=KW,
         IEEE=_ieee(gy), ITERS=iters, BLOCK_M=block_m, BLOCK_O=_block(cout_g, 128),
         BLOCK_I=block_i, PACK=pack, VEC=_vec(cin_g), N_COLS=n_cols, HAS_BIAS=bias,
-        **_launch(WEIGHT_GRAD),
+        SEP=_separable(WEIGHT_GRAD, pack, KH * KW), **_launch(WEIGHT_GRAD),
     )  # fmt: skip
     gb = bs.sum(0) if bias else None
     if pack:  # (G, C_out/G, KH*KW, C_in/G) -> (G, KH*KW, C_out/G, C_in/G)
