@@ -56,7 +56,7 @@ from data2vec.bench import bench, matmul_peak_flops, prepare_steps
 from data2vec.config import load_config
 from data2vec.masking import inverse_block_mask, make_rng
 from data2vec.models.registry import build_model
-from data2vec.nn import token_conv, token_norm
+from data2vec.nn import token_norm, triton_gate
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu_gaps  # sibling script modules
@@ -402,7 +402,7 @@ def main() -> None:
     device = torch.device("cuda")
     result["device"] = torch.cuda.get_device_name(device)
     start = time.perf_counter()
-    result["triton"] = token_conv.triton.__version__ if token_conv.triton else None
+    result["triton"] = triton_gate.triton.__version__ if triton_gate.triton else None
     passed = []
     if not args.no_agreement:
         result["agreement"] = agreement(device)

@@ -20,7 +20,7 @@ from data2vec.config import load_config
 from data2vec.errors import ConfigError
 from data2vec.models.decoders import ConvDecoder
 from data2vec.models.registry import build_model
-from data2vec.nn import token_conv
+from data2vec.nn import token_conv, triton_gate
 from data2vec.nn.block import PostLNBlock
 
 HERE = Path(__file__).parent
@@ -35,16 +35,16 @@ def _installed_triton() -> str | None:
 
 def test_kernels_match_the_plain_ops_under_the_interpreter():
     installed = _installed_triton()
-    assert installed is not None, f"the tests need {token_conv.NEEDS_TRITON}"
-    if not token_conv.supported_triton(installed):
+    assert installed is not None, f"the tests need {triton_gate.NEEDS_TRITON}"
+    if not triton_gate.supported_triton(installed):
         # An older Triton (torch 2.4's own 3.0, say): the kernels stay off, and asking for
         # them says which Triton they need.
-        assert token_conv.triton is None
+        assert triton_gate.triton is None
         dec = ConvDecoder(8, 8, 2, 3, 2, grid=(2, 3), conv_impl="triton")
         with pytest.raises(RuntimeError, match=r"Triton >= 3\.2"):
             dec(torch.randn(2, 6, 8))
         return
-    assert token_conv.triton is not None
+    assert triton_gate.triton is not None
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     names = ("kernels", "norm", "attention", "mlp")
     inner = [str(HERE / f"interpreted_token_{name}.py") for name in names]
@@ -73,11 +73,11 @@ def test_device_guard_makes_the_tensors_gpu_current_only_when_it_is_not(monkeypa
 
 
 def test_triton_releases_older_than_the_kernels_need_are_refused():
-    assert token_conv.MIN_TRITON == (3, 2)
+    assert triton_gate.MIN_TRITON == (3, 2)
     for version in ("3.2.0", "3.6.0", "3.10.1", "4.0.0", "3.3.0+git9a2f", "3.2.0rc1"):
-        assert token_conv.supported_triton(version), version
+        assert triton_gate.supported_triton(version), version
     for version in ("3.1.0", "3.0.0", "2.3.1", "3.1.0+gitabc"):
-        assert not token_conv.supported_triton(version), version
+        assert not triton_gate.supported_triton(version), version
 
 
 def test_conv_impl_is_validated():

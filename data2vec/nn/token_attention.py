@@ -30,14 +30,13 @@ import torch
 from torch import Tensor
 
 from data2vec.nn import token_conv
-from data2vec.nn.token_conv import triton
+from data2vec.nn.triton_gate import tl, triton
 
 # Sequences up to this many tokens take these kernels (0: never). One program holds a
 # ``T x T`` float32 score matrix in registers; 64 covers the image students (40 tokens).
 MAX_TOKENS = 64
 
 if triton is not None:
-    import triton.language as tl
 
     @triton.jit
     def _program_head(qkv_ptr, T, H, C: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr):

@@ -25,49 +25,24 @@ the weight's dtype (a float32 input is rounded to it as the kernel reads it, whi
 autocast's cast would do), sums in float32; the output has the weight's dtype unless asked
 otherwise (the input gradient comes back in the input's dtype).
 Triton's interpreter (``TRITON_INTERPRET=1``) runs the same kernels on the CPU, which is how
-the tests check them against ``F.conv2d`` on machines without a GPU.
+the tests check them against ``F.conv2d`` on machines without a GPU. The kernels themselves are
+in :mod:`data2vec.nn.token_conv_kernels`; here are their launch settings, launchers and
+autograd, and what the other Triton layers share (:func:`available`, :func:`device_guard`,
+:func:`suspended`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import itertools
 import os
 from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
-# The oldest Triton the kernels pass their tests with. Triton 3.0 and 3.1 (what the CUDA builds
-# of torch 2.4 and 2.5 bring) fail them in the interpreter ("arange's arguments must be of type
-# tl.constexpr"); 3.2, 3.3 and 3.6 pass, and 3.6 ran them on an H100. With an older Triton
-# the kernels are not defined and the decoder and the norms take the torch ops.
-MIN_TRITON = (3, 2)
-
-
-def supported_triton(version: str) -> bool:
-    """Whether a Triton release (``"3.2.0"``, ``"3.6.0+git1234"``) is :data:`MIN_TRITON` or
-    newer."""
-    parts = []
-    for piece in version.split("+")[0].split(".")[:2]:
-        digits = "".join(itertools.takewhile(str.isdigit, piece))
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts) >= MIN_TRITON
-
-
-try:  # Triton ships with CUDA builds of PyTorch; CPU builds do without it
-    import triton
-    import triton.language as tl
-
-    if not supported_triton(triton.__version__):
-        triton = tl = None
-except ImportError:  # pragma: no cover - exercised where Triton is absent
-    triton = None
-    tl = None
-
-NEEDS_TRITON = "Triton >= {}.{} (CUDA builds of PyTorch >= 2.6 bring it)".format(*MIN_TRITON)
-
+from data2vec.nn import token_conv_kernels as kernels
+from data2vec.nn.triton_gate import NEEDS_TRITON, triton
 
 _suspended = False
 
@@ -133,294 +108,6 @@ def _capability(device_index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 
 
-if triton is not None:
-
-    @triton.jit
-    def _packed_rows(rows, in_rows, yy, xx, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC: tl.constexpr):
-        """Offsets and mask of ``x[row + shift(tap), g*CIN_G + i]`` for rows x packed pairs.
-
-        ``ks`` numbers (tap, input channel) pairs as ``tap * CIN_G + i``; positions whose tap
-        falls outside the image, and pairs past the last, read zeros. Returns
-        ``(BLOCK_M, BLOCK_K)`` offsets into ``x: (M, C_IN)`` and the mask.
-        """
-        tap = ks // CIN_G
-        dy = tap // KW - KH // 2
-        dx = tap % KW - KW // 2
-        ys = yy[:, None] + dy[None, :]
-        xs = xx[:, None] + dx[None, :]
-        ok = in_rows[:, None] & (ks[None, :] < KH * KW * CIN_G)
-        ok = ok & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
-        src = (rows[:, None] + (dy * W + dx)[None, :]).to(tl.int64) * C_IN
-        src = src + (g * CIN_G + ks % CIN_G)[None, :]
-        # Runs of VEC pairs share a tap and have consecutive channels: whole vectors load.
-        src = tl.max_contiguous(tl.multiple_of(src, [1, VEC]), [1, VEC])
-        return src, tl.max_constancy(ok, [1, VEC])
-
-    @triton.jit
-    def _row_taps(rows, in_rows, yy, xx, H, W, C_IN, KH: tl.constexpr, KW: tl.constexpr):
-        """Per row, what :func:`_packed_gather` needs: the offset of ``x[row, 0]`` and a
-        bitmask of the taps that fall inside the image (bit ``t`` for tap ``t``; none for
-        rows past the last). ``KH * KW`` at most 31."""
-        bits = tl.zeros_like(rows)
-        for t in tl.static_range(KH * KW):
-            ys = yy + (t // KW - KH // 2)
-            xs = xx + (t % KW - KW // 2)
-            inside = in_rows & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
-            bits = bits | (inside.to(tl.int32) << t)
-        return rows.to(tl.int64) * C_IN, bits
-
-    @triton.jit
-    def _packed_cols(ks, g, W, C_IN, CIN_G, KH, KW):
-        """Per packed (tap, channel) pair ``ks`` (as in :func:`_packed_rows`): its offset
-        from its row's, and its tap (31, which no row's bitmask has, past the last pair)."""
-        tap = ks // CIN_G
-        shift = (tap // KW - KH // 2) * W + (tap % KW - KW // 2)
-        off = shift * C_IN + g * CIN_G + ks % CIN_G
-        return off, tl.where(ks < KH * KW * CIN_G, tap, 31)
-
-    @triton.jit
-    def _packed_gather(row_off, bits, col_off, col_tap, VEC: tl.constexpr):
-        """:func:`_packed_rows`'s offsets and mask from the separate row and column parts of
-        :func:`_row_taps` and :func:`_packed_cols`: one add and one bit test per element,
-        where :func:`_packed_rows` spends a dozen integer operations (int64 among them) on
-        each; ``(BLOCK_M, BLOCK_K)``."""
-        src = row_off[:, None] + col_off[None, :]
-        ok = ((bits[:, None] >> col_tap[None, :]) & 1) != 0
-        src = tl.max_contiguous(tl.multiple_of(src, [1, VEC]), [1, VEC])
-        return src, tl.max_constancy(ok, [1, VEC])
-
-    @triton.jit
-    def _dot(a, b, acc, IEEE: tl.constexpr):
-        """``acc + a @ b``; float32 operands multiply in full precision where ``IEEE`` (else
-        as TF32), 16-bit ones as they are."""
-        if IEEE:
-            return tl.dot(a, b, acc, input_precision="ieee")
-        return tl.dot(a, b, acc)
-
-    @triton.jit
-    def _conv_kernel(
-        x_ptr,
-        w_ptr,
-        b_ptr,
-        add_ptr,
-        out_ptr,
-        M,
-        H,
-        W,
-        C_IN: tl.constexpr,
-        C_OUT: tl.constexpr,
-        CIN_G: tl.constexpr,
-        COUT_G: tl.constexpr,
-        KH: tl.constexpr,
-        KW: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        HAS_ADD: tl.constexpr,
-        IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-        PACK: tl.constexpr,
-        VEC: tl.constexpr,
-        SWAP: tl.constexpr,
-        SEP: tl.constexpr,
-    ):
-        """``out[m, g*COUT_G + o] = sum_{tap, i} x[m + shift(tap), g*CIN_G + i] w[g, tap, i, o]``.
-
-        ``x: (M, C_IN)``, ``w: (G, KH*KW, CIN_G, COUT_G)``, ``out: (M, C_OUT)``, all
-        contiguous; rows are ``(n, y, x)`` positions of ``H x W`` images, row-major. Plus
-        ``bias[c]`` (``HAS_BIAS``) and ``add[m, c]`` (``HAS_ADD``, e.g. a residual's gradient).
-        ``PACK``: the sum runs over ``BLOCK_K`` (tap, channel) pairs at a time (see
-        :func:`_packed_rows`) instead of one tap's channels at a time; ``VEC``: a power of two
-        dividing ``CIN_G`` (the runs of contiguous channels the loads may assume). ``SWAP``
-        (with ``PACK``): the products run transposed, ``out^T = w^T x^T``, so that the many
-        rows are the products' wide side and the group's few channels the narrow one (the
-        shape in which a Hopper GPU's tensor cores run fastest: 64 x up to 256). ``SEP`` (with
-        ``PACK``, ``KH * KW <= 31``): the gathers' offsets and masks from separate row and
-        column parts (:func:`_packed_gather`), the rows' part once per program.
-        """
-        # Programs of one row tile run side by side (group fastest), so the rows they read
-        # are fetched from memory once and then served from the cache.
-        n_tiles = tl.cdiv(COUT_G, BLOCK_N)
-        pid = tl.program_id(0)
-        pid_gn = pid % ((C_OUT // COUT_G) * n_tiles)
-        pid_m = pid // ((C_OUT // COUT_G) * n_tiles)
-        g = pid_gn // n_tiles
-        cols = (pid_gn % n_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        in_rows = rows < M
-        pos = rows % (H * W)
-        yy = pos // W
-        xx = pos % W
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # used with SWAP only
-        if PACK:
-            # One group's weight is a (KH*KW*CIN_G, COUT_G) matrix, rows in (tap, channel)
-            # order; the input is gathered in the same order, so no column of a product is
-            # padding except past the last pair (48 channels x 9 taps: 7 steps of 64, not 9).
-            w_g = w_ptr + g * KH * KW * CIN_G * COUT_G
-            if SEP:
-                row_off, bits = _row_taps(rows, in_rows, yy, xx, H, W, C_IN, KH, KW)
-            for k0 in tl.static_range(0, KH * KW * CIN_G, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                b = tl.load(
-                    w_g + ks[:, None] * COUT_G + cols[None, :],
-                    mask=(ks[:, None] < KH * KW * CIN_G) & (cols[None, :] < COUT_G),
-                    other=0.0,
-                )
-                if SEP:
-                    col_off, col_tap = _packed_cols(ks, g, W, C_IN, CIN_G, KH, KW)
-                    src, ok = _packed_gather(row_off, bits, col_off, col_tap, VEC)
-                else:
-                    src, ok = _packed_rows(
-                        rows, in_rows, yy, xx, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC
-                    )
-                a = tl.load(x_ptr + src, mask=ok, other=0.0).to(b.dtype)
-                if SWAP:  # (BLOCK_N, BLOCK_M) += (BLOCK_N, BLOCK_K) @ (BLOCK_K, BLOCK_M)
-                    acc_t = _dot(tl.trans(b), tl.trans(a), acc_t, IEEE)
-                else:
-                    acc = _dot(a, b, acc, IEEE)
-            if SWAP:
-                acc = tl.trans(acc_t)
-        else:
-            for ky in tl.static_range(KH):
-                for kx in tl.static_range(KW):
-                    dy = ky - KH // 2
-                    dx = kx - KW // 2
-                    ok = in_rows & (yy + dy >= 0) & (yy + dy < H) & (xx + dx >= 0) & (xx + dx < W)
-                    src = (rows + dy * W + dx).to(tl.int64) * C_IN + g * CIN_G
-                    tap_w = w_ptr + (g * KH * KW + ky * KW + kx) * CIN_G * COUT_G
-                    for k0 in tl.static_range(0, CIN_G, BLOCK_K):
-                        ks = k0 + tl.arange(0, BLOCK_K)
-                        b = tl.load(
-                            tap_w + ks[:, None] * COUT_G + cols[None, :],
-                            mask=(ks[:, None] < CIN_G) & (cols[None, :] < COUT_G),
-                            other=0.0,
-                        )
-                        # float32 activations are rounded to the weight's dtype here, in
-                        # registers, rather than by a separate cast over the whole tensor.
-                        a = tl.load(
-                            x_ptr + src[:, None] + ks[None, :],
-                            mask=ok[:, None] & (ks[None, :] < CIN_G),
-                            other=0.0,
-                        ).to(b.dtype)
-                        acc = _dot(a, b, acc, IEEE)
-        if HAS_BIAS:
-            bias = tl.load(b_ptr + g * COUT_G + cols, mask=cols < COUT_G, other=0.0)
-            acc += bias.to(tl.float32)[None, :]
-        dst = rows.to(tl.int64)[:, None] * C_OUT + g * COUT_G + cols[None, :]
-        ok_out = in_rows[:, None] & (cols[None, :] < COUT_G)
-        if HAS_ADD:
-            acc += tl.load(add_ptr + dst, mask=ok_out, other=0.0).to(tl.float32)
-        tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=ok_out)
-
-    @triton.jit
-    def _wgrad_kernel(
-        x_ptr,
-        gy_ptr,
-        ws_ptr,
-        bs_ptr,
-        M,
-        H,
-        W,
-        C_IN: tl.constexpr,
-        C_OUT: tl.constexpr,
-        CIN_G: tl.constexpr,
-        COUT_G: tl.constexpr,
-        KH: tl.constexpr,
-        KW: tl.constexpr,
-        IEEE: tl.constexpr,
-        ITERS: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_O: tl.constexpr,
-        BLOCK_I: tl.constexpr,
-        PACK: tl.constexpr,
-        VEC: tl.constexpr,
-        N_COLS: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        SEP: tl.constexpr,
-    ):
-        """Partial weight (and bias) gradients, one per slice of rows.
-
-        ``ws[s, g, tap, o, i] = sum_{m in slice s} gy[m, g*COUT_G + o] x[m + shift, g*CIN_G + i]``;
-        ``ws: (S, G, KH*KW, COUT_G, CIN_G)`` float32, one slice ``s`` of ``ITERS * BLOCK_M``
-        rows per program; ``BLOCK_O >= COUT_G`` and ``BLOCK_I >= CIN_G``. With ``PACK`` a
-        program computes ``BLOCK_I`` packed (tap, channel) columns ``k = tap * CIN_G + i``
-        instead of one tap's, into ``ws: (S, G, COUT_G, KH*KW*CIN_G)``; ``VEC`` as in
-        :func:`_conv_kernel`. ``HAS_BIAS``: the first column block's programs also write the
-        slice's column sums of ``gy``, ``bs[s, g*COUT_G + o]`` (the bias gradient's partial
-        sums, from the tiles of ``gy`` they load anyway). ``SEP`` as in :func:`_conv_kernel`
-        (a program's columns' part once, its rows' part once per block of rows).
-        """
-        # Column blocks fastest, then groups: the programs of one slice run together and share
-        # its rows (N_COLS column blocks: KH*KW taps, or the packed columns' blocks).
-        pid = tl.program_id(0)
-        kc = pid % N_COLS
-        g = (pid // N_COLS) % (C_OUT // COUT_G)
-        s = pid // (N_COLS * (C_OUT // COUT_G))
-        outs = tl.arange(0, BLOCK_O)
-        ins = tl.arange(0, BLOCK_I)
-        if PACK:
-            ks = kc * BLOCK_I + ins
-        else:
-            ks = ins
-        acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
-        gsum = tl.zeros((BLOCK_O,), dtype=tl.float32)
-        if SEP:
-            col_off, col_tap = _packed_cols(ks, g, W, C_IN, CIN_G, KH, KW)
-        # A compile-time trip count (a power of two, so few variants get compiled) and the
-        # same loop in every program.
-        for it in range(ITERS):
-            rows = (s * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
-            in_rows = rows < M
-            pos = rows % (H * W)
-            gy = tl.load(
-                gy_ptr + rows.to(tl.int64)[:, None] * C_OUT + g * COUT_G + outs[None, :],
-                mask=in_rows[:, None] & (outs[None, :] < COUT_G),
-                other=0.0,
-            )
-            if HAS_BIAS:
-                gsum += tl.sum(gy.to(tl.float32), axis=0)
-            if PACK:
-                if SEP:
-                    row_off, bits = _row_taps(rows, in_rows, pos // W, pos % W, H, W, C_IN, KH, KW)
-                    src, ok = _packed_gather(row_off, bits, col_off, col_tap, VEC)
-                else:
-                    src, ok = _packed_rows(
-                        rows, in_rows, pos // W, pos % W, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC
-                    )
-                xs = tl.load(x_ptr + src, mask=ok, other=0.0).to(gy.dtype)
-            else:
-                dy = kc // KW - KH // 2
-                dx = kc % KW - KW // 2
-                yy = pos // W + dy
-                xx = pos % W + dx
-                ok = in_rows & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
-                src = (rows + dy * W + dx).to(tl.int64) * C_IN + g * CIN_G
-                xs = tl.load(
-                    x_ptr + src[:, None] + ins[None, :],
-                    mask=ok[:, None] & (ins[None, :] < CIN_G),
-                    other=0.0,
-                ).to(gy.dtype)
-            acc = _dot(tl.trans(gy), xs, acc, IEEE)
-        if HAS_BIAS:  # one program of each (slice, group) stores
-            ok_b = (outs < COUT_G) & (kc == 0)
-            tl.store(bs_ptr + s * C_OUT + g * COUT_G + outs, gsum, mask=ok_b)
-        if PACK:
-            dst = (s * (C_OUT // COUT_G) + g) * COUT_G * KH * KW * CIN_G
-            tl.store(
-                ws_ptr + dst + outs[:, None] * KH * KW * CIN_G + ks[None, :],
-                acc,
-                mask=(outs[:, None] < COUT_G) & (ks[None, :] < KH * KW * CIN_G),
-            )
-        else:
-            dst = ((s * (C_OUT // COUT_G) + g) * KH * KW + kc) * COUT_G * CIN_G
-            tl.store(
-                ws_ptr + dst + outs[:, None] * CIN_G + ins[None, :],
-                acc,
-                mask=(outs[:, None] < COUT_G) & (ins[None, :] < CIN_G),
-            )
-
-
 # Launch settings, module-level so that benchmarks can sweep them (``gpu_check.py``).
 # Defaults: the fastest of gpu_check.py's sweep on an H100 (bf16, image-v2-base's decoder at
 # batch 128 x 16 clones; benchmarks/README.md, "GPU, fourth pass"). PACK_K 1: (tap, channel)
@@ -428,7 +115,8 @@ if triton is not None:
 # and 1.97 ms one tap at a time). BLOCK_K 0 = the packed pairs' count (or, unpacked, the
 # channels per group) rounded up to a power of two, at most 64.
 # SEPARABLE (seventh pass, not yet run on a GPU): the packed gathers' addresses and masks from
-# separate row and column parts, see _packed_gather; off until the sweep says it helps.
+# separate row and column parts (token_conv_kernels._packed_gather); off until the sweep says
+# it helps.
 FORWARD = {
     "BLOCK_M": 128, "BLOCK_K": 0, "PACK_K": 1, "SWAP_AB": 0, "SEPARABLE": 0, "num_warps": 4,
     "num_stages": 3,
@@ -506,7 +194,7 @@ def conv_tokens_forward(
     pack = bool(FORWARD["PACK_K"])
     block_k = FORWARD["BLOCK_K"] or _block(KH * KW * cin_g if pack else cin_g, 64)
     grid = (triton.cdiv(M, block_m) * G * triton.cdiv(cout_g, block_n),)
-    _conv_kernel[grid](
+    kernels.conv_kernel[grid](
         x, w_t, bias if bias is not None else x, add if add is not None else x, out, M,
         hw[0], hw[1], C_IN=cin, C_OUT=cout, CIN_G=cin_g, COUT_G=cout_g, KH=KH, KW=KW,
         HAS_BIAS=bias is not None, HAS_ADD=add is not None, IEEE=_ieee(w_t),
@@ -571,7 +259,7 @@ def conv_tokens_grads(
     # The bias gradient's partial sums, one row per slice (a separate pass over ``gy`` cost
     # 0.24 ms per layer at image-v2-base batch 128 on an H100).
     bs = torch.empty(splits, G * cout_g, device=x.device, dtype=torch.float32) if bias else ws
-    _wgrad_kernel[(splits * programs,)](
+    kernels.wgrad_kernel[(splits * programs,)](
         x, gy, ws, bs, M, hw[0], hw[1],
         C_IN=x.shape[1], C_OUT=gy.shape[1], CIN_G=cin_g, COUT_G=cout_g, KH=KH, KW=KW,
         IEEE=_ieee(gy), ITERS=iters, BLOCK_M=block_m, BLOCK_O=_block(cout_g, 128),

@@ -28,11 +28,9 @@ import torch
 from torch import Tensor
 
 from data2vec.nn import token_conv
-from data2vec.nn.token_conv import triton
+from data2vec.nn.triton_gate import tl, triton
 
 if triton is not None:
-    import triton.language as tl
-
     # The two kernels below start alike (the row statistics); they are kept as the separate
     # bodies that were measured on the GPU rather than sharing a helper function.
     @triton.jit

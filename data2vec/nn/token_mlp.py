@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from data2vec.nn import token_conv
 from data2vec.nn.lean import linear_grads
-from data2vec.nn.token_conv import triton
+from data2vec.nn.triton_gate import tl, triton
 
 # On CUDA by default: image-v2-base b128 bf16 on an H100, alternating with the memory-lean MLP
 # in one process, 0.2011 / 0.2014 s against 0.2026 / 0.2036 s per step (-0.9 %), the same peak
@@ -33,7 +33,6 @@ ENABLED = True
 LAUNCH = {"ROWS_PER_PROGRAM": 128, "BLOCK_R": 8, "BLOCK_N": 512, "num_warps": 4}
 
 if triton is not None:
-    import triton.language as tl
 
     @triton.jit
     def _gelu_grad_kernel(

@@ -27,11 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from data2vec.nn import token_conv
-from data2vec.nn.token_conv import triton
 from data2vec.nn.token_layer import rows_launch
+from data2vec.nn.triton_gate import tl, triton
 
 if triton is not None:
-    import triton.language as tl
 
     @triton.jit
     def _add_norm_forward(
