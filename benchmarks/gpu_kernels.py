@@ -254,20 +254,21 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
     w_t = w.to(x.dtype).reshape(G, cout // G, w.shape[1], 3, 3).permute(0, 3, 4, 2, 1).contiguous()
     flops = 2 * rows.shape[0] * cout * w.shape[1] * 9
     results = []
-    # (BLOCK_M, BLOCK_K, PACK_K, num_warps, num_stages, SWAP_AB, SEPARABLE); neither the
-    # transposed products (SWAP_AB, sixth pass) nor the separate addressing (SEPARABLE, seventh
-    # pass) has run on a GPU yet
-    for bm, bk, pack, warps, stages, swap, sep in [
+    # (BLOCK_M, BLOCK_K, PACK_K, num_warps, num_stages, SWAP_AB, PIPELINE); neither the
+    # transposed products (SWAP_AB, sixth pass) nor the pipelined loop (PIPELINE, seventh pass)
+    # has run on a GPU yet. Unrolled (PIPELINE 0), num_stages has no effect.
+    for bm, bk, pack, warps, stages, swap, pipe in [
         (128, 64, 1, 4, 3, 0, 0), (128, 64, 1, 8, 3, 0, 0), (64, 64, 1, 4, 3, 0, 0),
-        (256, 64, 1, 8, 3, 0, 0), (128, 64, 1, 4, 4, 0, 0), (128, 64, 1, 4, 3, 1, 0),
-        (256, 64, 1, 4, 3, 1, 0), (256, 64, 1, 8, 3, 1, 0), (128, 64, 1, 8, 3, 1, 0),
-        (256, 64, 1, 8, 4, 1, 0), (256, 32, 1, 8, 3, 1, 0), (512, 64, 1, 8, 3, 1, 0),
-        (128, 64, 1, 4, 3, 0, 1), (128, 64, 1, 8, 3, 0, 1), (256, 64, 1, 8, 3, 0, 1),
-        (128, 64, 1, 4, 3, 1, 1), (256, 64, 1, 8, 3, 1, 1),
+        (256, 64, 1, 8, 3, 0, 0), (128, 64, 1, 4, 3, 1, 0), (256, 64, 1, 4, 3, 1, 0),
+        (256, 64, 1, 8, 3, 1, 0), (128, 64, 1, 8, 3, 1, 0), (256, 32, 1, 8, 3, 1, 0),
+        (512, 64, 1, 8, 3, 1, 0), (128, 64, 1, 4, 2, 0, 1), (128, 64, 1, 4, 3, 0, 1),
+        (128, 64, 1, 4, 4, 0, 1), (128, 32, 1, 4, 4, 0, 1), (128, 64, 1, 8, 3, 0, 1),
+        (256, 64, 1, 8, 3, 0, 1), (64, 64, 1, 4, 4, 0, 1), (128, 64, 1, 4, 3, 1, 1),
+        (256, 64, 1, 8, 3, 1, 1),
     ]:  # fmt: skip
         with settings(
             token_conv.FORWARD, BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps,
-            num_stages=stages, SWAP_AB=swap, SEPARABLE=sep,
+            num_stages=stages, SWAP_AB=swap, PIPELINE=pipe,
         ):  # fmt: skip
             try:
                 ms = gpu_ms(lambda: token_conv.conv_tokens_forward(rows, w_t, None, hw, cout))
@@ -278,17 +279,14 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
                                 "error": str(exc)[:200]})  # fmt: skip
     shape = (G, 3, 3, w.shape[1], cout // G)
     grow = gy.reshape(-1, cout)
-    # (BLOCK_M, BLOCK_K, PACK_K, num_warps, num_stages, programs_per_sm, SEPARABLE)
-    for bm, bk, pack, warps, stages, per_sm, sep in [
-        (64, 0, 0, 4, 3, 64, 0), (64, 64, 1, 4, 3, 64, 0), (64, 32, 1, 4, 3, 64, 0),
-        (64, 64, 1, 4, 3, 32, 0), (64, 64, 1, 4, 3, 128, 0), (64, 64, 1, 8, 3, 64, 0),
-        (128, 64, 1, 8, 3, 64, 0), (32, 64, 1, 4, 3, 64, 0), (64, 64, 1, 4, 4, 64, 0),
-        (64, 128, 1, 8, 3, 64, 0), (64, 64, 1, 4, 3, 64, 1), (128, 64, 1, 8, 3, 64, 1),
-        (64, 64, 1, 4, 4, 64, 1),
+    for bm, bk, pack, warps, stages, per_sm in [
+        (64, 0, 0, 4, 3, 64), (64, 64, 1, 4, 3, 64), (64, 32, 1, 4, 3, 64), (64, 64, 1, 4, 3, 32),
+        (64, 64, 1, 4, 3, 128), (64, 64, 1, 8, 3, 64), (128, 64, 1, 8, 3, 64),
+        (32, 64, 1, 4, 3, 64), (64, 64, 1, 4, 4, 64), (64, 128, 1, 8, 3, 64),
     ]:  # fmt: skip
         with settings(
             token_conv.WEIGHT_GRAD, BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps,
-            num_stages=stages, programs_per_sm=per_sm, SEPARABLE=sep,
+            num_stages=stages, programs_per_sm=per_sm,
         ):  # fmt: skip
             try:
                 ms = gpu_ms(lambda: token_conv.conv_tokens_weight_grad(rows, grow, hw, shape))

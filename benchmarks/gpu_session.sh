@@ -3,7 +3,7 @@
 # (benchmarks/README.md, "GPU, sixth pass" and "GPU, seventh pass"), run from the repository
 # root on a CUDA machine whose PyTorch ships Triton:
 #   1. the sixth pass against the code without it, the decoder convolution's opt-in forms
-#      (transposed products, separate addressing: the seventh pass) in the whole step, all
+#      (transposed products; a pipelined loop: the seventh pass) in the whole step, all
 #      alternating, and the idle-gap profile;
 #   2. the decoder convolution's tile sweep (both opt-in forms included) and the MLP
 #      kernel's launch sweep.
@@ -39,5 +39,5 @@ run() {  # run NAME LIMIT_S ARGS...: gpu_check.py into $OUT/gpu_check_<date>_<NA
 
 run sixth_pass 330 --batch 128 --conv-impl auto --no-agreement \
   --variants default "before sixth pass" "host reads" "lean mlp" "conv swapped" \
-  "conv separable" "conv separable swapped" --repeat 2 --profile
+  "conv pipelined" "conv pipelined swapped" --repeat 2 --profile
 run sweeps 220 --batch --no-agreement --conv --sweep --mlp

@@ -164,13 +164,6 @@ def _before_sixth_pass() -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _conv_separable_swapped() -> Iterator[None]:
-    """Both kernels addressed from separate parts; the forward's products transposed."""
-    with conv_settings(SEPARABLE=1), settings(token_conv.FORWARD, SWAP_AB=1):
-        yield
-
-
 # (name, config overrides, memory-lean layers switched to the plain ops, code switch)
 VARIANTS = [
     ("default", (), False, contextlib.nullcontext),
@@ -187,9 +180,10 @@ VARIANTS = [
     ("conv swapped", (), False, functools.partial(settings, token_conv.FORWARD, SWAP_AB=1)),
     ("conv swapped 256", (), False,
      functools.partial(settings, token_conv.FORWARD, SWAP_AB=1, BLOCK_M=256)),
-    # both kernels' gathers addressed from separate row and column parts (seventh pass)
-    ("conv separable", (), False, functools.partial(conv_settings, SEPARABLE=1)),
-    ("conv separable swapped", (), False, _conv_separable_swapped),
+    # the forward kernel's packed steps as a pipelined loop (seventh pass)
+    ("conv pipelined", (), False, functools.partial(settings, token_conv.FORWARD, PIPELINE=1)),
+    ("conv pipelined swapped", (), False,
+     functools.partial(settings, token_conv.FORWARD, PIPELINE=1, SWAP_AB=1)),
     ("heads permuted", (), False, _heads_permuted),
     ("sdpa flash", (), False, _sdpa("FLASH_ATTENTION")),
     ("sdpa efficient", (), False, _sdpa("EFFICIENT_ATTENTION")),

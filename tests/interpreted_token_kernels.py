@@ -43,20 +43,20 @@ SHAPES = [
 
 
 @pytest.fixture(
-    params=["taps", "packed", "packed16", "swapped", "swapped16", "packed sep", "packed16 sep",
-            "swapped16 sep"]
+    params=["taps", "packed", "packed16", "swapped", "swapped16", "packed pipelined",
+            "packed16 pipelined", "swapped16 pipelined"]
 )  # fmt: skip
 def packing(request, monkeypatch):
     """Both ways the kernels walk the (tap, channel) sum: one tap at a time, or (tap, channel)
     pairs packed into steps of 64 (16: several steps, each spanning taps); packed, the
-    forward's products may also run transposed (``SWAP_AB``), and the gathers' addresses may
-    come from separate row and column parts (``SEPARABLE``)."""
+    forward's products may also run transposed (``SWAP_AB``), and its steps as a loop rather
+    than unrolled (``PIPELINE``)."""
     name = request.param
     for settings in (token_conv.FORWARD, token_conv.WEIGHT_GRAD):
         monkeypatch.setitem(settings, "PACK_K", int(name != "taps"))
         monkeypatch.setitem(settings, "BLOCK_K", 16 if "16" in name else 0)
-        monkeypatch.setitem(settings, "SEPARABLE", int(name.endswith("sep")))
     monkeypatch.setitem(token_conv.FORWARD, "SWAP_AB", int(name.startswith("swapped")))
+    monkeypatch.setitem(token_conv.FORWARD, "PIPELINE", int(name.endswith("pipelined")))
     return name
 
 

@@ -59,17 +59,20 @@ def test_swapped_conv_switches_set_the_forward_kernel_only_and_restore_it(varian
 
 
 @pytest.mark.parametrize(
-    ("name", "forward_only"),
-    [("conv separable", {}), ("conv separable swapped", {"SWAP_AB": 1})],
+    ("name", "values"),
+    [
+        ("conv pipelined", {"PIPELINE": 1}),
+        ("conv pipelined swapped", {"PIPELINE": 1, "SWAP_AB": 1}),
+    ],
 )
-def test_separable_conv_switches_set_both_kernels_and_restore_them(variants, name, forward_only):
+def test_pipelined_conv_switches_set_the_forward_kernel_only_and_restore_it(variants, name, values):
     from data2vec.nn import token_conv
 
     switch = {v[0]: v[3] for v in variants.VARIANTS}[name]
     forward_settings, weight_grad_settings = token_conv.FORWARD, token_conv.WEIGHT_GRAD
     forward, weight_grad = dict(forward_settings), dict(weight_grad_settings)
-    assert forward["SEPARABLE"] == weight_grad["SEPARABLE"] == 0  # off until measured
+    assert forward["PIPELINE"] == 0  # off until measured
     with switch():
-        assert forward_settings == {**forward, "SEPARABLE": 1, **forward_only}
-        assert weight_grad_settings == {**weight_grad, "SEPARABLE": 1}
+        assert forward_settings == {**forward, **values}
+        assert weight_grad_settings == weight_grad
     assert (forward_settings, weight_grad_settings) == (forward, weight_grad)

@@ -114,15 +114,15 @@ def _capability(device_index: int | None) -> tuple[int, int]:
 # pairs packed into the products' K (forward 1.45 ms, weight gradient 1.56 ms, against 1.84
 # and 1.97 ms one tap at a time). BLOCK_K 0 = the packed pairs' count (or, unpacked, the
 # channels per group) rounded up to a power of two, at most 64.
-# SEPARABLE (seventh pass, not yet run on a GPU): the packed gathers' addresses and masks from
-# separate row and column parts (token_conv_kernels._packed_gather); off until the sweep says
-# it helps.
+# PIPELINE (seventh pass, not yet run on a GPU): the forward's packed steps as a pipelined loop
+# (num_stages deep) rather than unrolled, in which num_stages does nothing; off until the
+# whole step with it is measured.
 FORWARD = {
-    "BLOCK_M": 128, "BLOCK_K": 0, "PACK_K": 1, "SWAP_AB": 0, "SEPARABLE": 0, "num_warps": 4,
+    "BLOCK_M": 128, "BLOCK_K": 0, "PACK_K": 1, "SWAP_AB": 0, "PIPELINE": 0, "num_warps": 4,
     "num_stages": 3,
 }  # fmt: skip
 WEIGHT_GRAD = {
-    "BLOCK_M": 64, "BLOCK_K": 0, "PACK_K": 1, "SEPARABLE": 0, "num_warps": 4, "num_stages": 3,
+    "BLOCK_M": 64, "BLOCK_K": 0, "PACK_K": 1, "num_warps": 4, "num_stages": 3,
     "programs_per_sm": 64,
 }  # fmt: skip
 
@@ -143,12 +143,6 @@ def _vec(channels: int) -> int:
     """The largest power of two dividing ``channels``, at most 16: how many packed (tap,
     channel) pairs in a row are sure to share a tap and be consecutive in memory."""
     return min(16, channels & -channels)
-
-
-def _separable(settings: dict[str, int], pack: bool, taps: int) -> bool:
-    """Whether a launch takes :func:`_packed_gather`'s addressing: asked for, packed, and
-    every tap a bit of an int32 (31 marks pairs past the last)."""
-    return bool(settings.get("SEPARABLE", 0)) and pack and taps <= 31
 
 
 def _ieee(w: Tensor) -> bool:
@@ -199,8 +193,8 @@ def conv_tokens_forward(
         hw[0], hw[1], C_IN=cin, C_OUT=cout, CIN_G=cin_g, COUT_G=cout_g, KH=KH, KW=KW,
         HAS_BIAS=bias is not None, HAS_ADD=add is not None, IEEE=_ieee(w_t),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PACK=pack, VEC=_vec(cin_g),
-        SWAP=pack and bool(FORWARD.get("SWAP_AB", 0)), SEP=_separable(FORWARD, pack, KH * KW),
-        **_launch(FORWARD),
+        SWAP=pack and bool(FORWARD.get("SWAP_AB", 0)),
+        PIPE=pack and bool(FORWARD.get("PIPELINE", 0)), **_launch(FORWARD),
     )  # fmt: skip
     return out
 
@@ -264,7 +258,7 @@ def conv_tokens_grads(
         C_IN=x.shape[1], C_OUT=gy.shape[1], CIN_G=cin_g, COUT_G=cout_g, KH=KH, KW=KW,
         IEEE=_ieee(gy), ITERS=iters, BLOCK_M=block_m, BLOCK_O=_block(cout_g, 128),
         BLOCK_I=block_i, PACK=pack, VEC=_vec(cin_g), N_COLS=n_cols, HAS_BIAS=bias,
-        SEP=_separable(WEIGHT_GRAD, pack, KH * KW), **_launch(WEIGHT_GRAD),
+        **_launch(WEIGHT_GRAD),
     )  # fmt: skip
     gb = bs.sum(0) if bias else None
     if pack:  # (G, C_out/G, KH*KW, C_in/G) -> (G, KH*KW, C_out/G, C_in/G)

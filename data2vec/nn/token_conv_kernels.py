@@ -32,45 +32,37 @@ if triton is not None:
         return src, tl.max_constancy(ok, [1, VEC])
 
     @triton.jit
-    def _row_taps(rows, in_rows, yy, xx, H, W, C_IN, KH: tl.constexpr, KW: tl.constexpr):
-        """Per row, what :func:`_packed_gather` needs: the offset of ``x[row, 0]`` and a
-        bitmask of the taps that fall inside the image (bit ``t`` for tap ``t``; none for
-        rows past the last). ``KH * KW`` at most 31."""
-        bits = tl.zeros_like(rows)
-        for t in tl.static_range(KH * KW):
-            ys = yy + (t // KW - KH // 2)
-            xs = xx + (t % KW - KW // 2)
-            inside = in_rows & (ys >= 0) & (ys < H) & (xs >= 0) & (xs < W)
-            bits = bits | (inside.to(tl.int32) << t)
-        return rows.to(tl.int64) * C_IN, bits
-
-    @triton.jit
-    def _packed_cols(ks, g, W, C_IN, CIN_G, KH, KW):
-        """Per packed (tap, channel) pair ``ks`` (as in :func:`_packed_rows`): its offset
-        from its row's, and its tap (31, which no row's bitmask has, past the last pair)."""
-        tap = ks // CIN_G
-        shift = (tap // KW - KH // 2) * W + (tap % KW - KW // 2)
-        off = shift * C_IN + g * CIN_G + ks % CIN_G
-        return off, tl.where(ks < KH * KW * CIN_G, tap, 31)
-
-    @triton.jit
-    def _packed_gather(row_off, bits, col_off, col_tap, VEC: tl.constexpr):
-        """:func:`_packed_rows`'s offsets and mask from the separate row and column parts of
-        :func:`_row_taps` and :func:`_packed_cols`: one add and one bit test per element,
-        where :func:`_packed_rows` spends a dozen integer operations (int64 among them) on
-        each; ``(BLOCK_M, BLOCK_K)``."""
-        src = row_off[:, None] + col_off[None, :]
-        ok = ((bits[:, None] >> col_tap[None, :]) & 1) != 0
-        src = tl.max_contiguous(tl.multiple_of(src, [1, VEC]), [1, VEC])
-        return src, tl.max_constancy(ok, [1, VEC])
-
-    @triton.jit
     def _dot(a, b, acc, IEEE: tl.constexpr):
         """``acc + a @ b``; float32 operands multiply in full precision where ``IEEE`` (else
         as TF32), 16-bit ones as they are."""
         if IEEE:
             return tl.dot(a, b, acc, input_precision="ieee")
         return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _packed_step(
+        acc, k0, x_ptr, w_g, rows, in_rows, yy, xx, cols, g, H, W, C_IN, CIN_G, COUT_G, KH, KW,
+        BLOCK_K: tl.constexpr, VEC: tl.constexpr, SWAP: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """One step of :func:`conv_kernel`'s packed sum: ``acc`` plus the product of the input
+        gathered at (tap, channel) pairs ``k0 .. k0 + BLOCK_K`` and the group's weight rows
+        ``w_g[k0 .. k0 + BLOCK_K]``; ``acc`` is ``(BLOCK_M, BLOCK_N)``, or its transpose with
+        ``SWAP``."""
+        ks = k0 + tl.arange(0, BLOCK_K)
+        b = tl.load(
+            w_g + ks[:, None] * COUT_G + cols[None, :],
+            mask=(ks[:, None] < KH * KW * CIN_G) & (cols[None, :] < COUT_G),
+            other=0.0,
+        )
+        src, ok = _packed_rows(rows, in_rows, yy, xx, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC)
+        # float32 activations are rounded to the weight's dtype here, in registers, rather
+        # than by a separate cast over the whole tensor.
+        a = tl.load(x_ptr + src, mask=ok, other=0.0).to(b.dtype)
+        if SWAP:  # (BLOCK_N, BLOCK_M) += (BLOCK_N, BLOCK_K) @ (BLOCK_K, BLOCK_M)
+            acc = _dot(tl.trans(b), tl.trans(a), acc, IEEE)
+        else:
+            acc = _dot(a, b, acc, IEEE)
+        return acc
 
     @triton.jit
     def conv_kernel(
@@ -97,7 +89,7 @@ if triton is not None:
         PACK: tl.constexpr,
         VEC: tl.constexpr,
         SWAP: tl.constexpr,
-        SEP: tl.constexpr,
+        PIPE: tl.constexpr,
     ):
         """``out[m, g*COUT_G + o] = sum_{tap, i} x[m + shift(tap), g*CIN_G + i] w[g, tap, i, o]``.
 
@@ -109,9 +101,9 @@ if triton is not None:
         dividing ``CIN_G`` (the runs of contiguous channels the loads may assume). ``SWAP``
         (with ``PACK``): the products run transposed, ``out^T = w^T x^T``, so that the many
         rows are the products' wide side and the group's few channels the narrow one (the
-        shape in which a Hopper GPU's tensor cores run fastest: 64 x up to 256). ``SEP`` (with
-        ``PACK``, ``KH * KW <= 31``): the gathers' offsets and masks from separate row and
-        column parts (:func:`_packed_gather`), the rows' part once per program.
+        shape in which a Hopper GPU's tensor cores run fastest: 64 x up to 256). ``PIPE``
+        (with ``PACK``): the packed steps run as a loop the compiler pipelines (see below)
+        instead of unrolled.
         """
         # Programs of one row tile run side by side (group fastest), so the rows they read
         # are fetched from memory once and then served from the cache.
@@ -126,36 +118,35 @@ if triton is not None:
         pos = rows % (H * W)
         yy = pos // W
         xx = pos % W
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # used with SWAP only
+        tl.static_assert(PACK or not (SWAP or PIPE), "SWAP and PIPE need PACK")
+        if SWAP:
+            acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if PACK:
             # One group's weight is a (KH*KW*CIN_G, COUT_G) matrix, rows in (tap, channel)
             # order; the input is gathered in the same order, so no column of a product is
             # padding except past the last pair (48 channels x 9 taps: 7 steps of 64, not 9).
             w_g = w_ptr + g * KH * KW * CIN_G * COUT_G
-            if SEP:
-                row_off, bits = _row_taps(rows, in_rows, yy, xx, H, W, C_IN, KH, KW)
-            for k0 in tl.static_range(0, KH * KW * CIN_G, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                b = tl.load(
-                    w_g + ks[:, None] * COUT_G + cols[None, :],
-                    mask=(ks[:, None] < KH * KW * CIN_G) & (cols[None, :] < COUT_G),
-                    other=0.0,
-                )
-                if SEP:
-                    col_off, col_tap = _packed_cols(ks, g, W, C_IN, CIN_G, KH, KW)
-                    src, ok = _packed_gather(row_off, bits, col_off, col_tap, VEC)
-                else:
-                    src, ok = _packed_rows(
-                        rows, in_rows, yy, xx, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC
-                    )
-                a = tl.load(x_ptr + src, mask=ok, other=0.0).to(b.dtype)
-                if SWAP:  # (BLOCK_N, BLOCK_M) += (BLOCK_N, BLOCK_K) @ (BLOCK_K, BLOCK_M)
-                    acc_t = _dot(tl.trans(b), tl.trans(a), acc_t, IEEE)
-                else:
-                    acc = _dot(a, b, acc, IEEE)
+            if PIPE:
+                # A loop (not unrolled) is what Triton's pipeliner works on: the next steps'
+                # tiles are copied to shared memory asynchronously (cp.async, num_stages
+                # deep) while the tensor cores run this step's product. Unrolled, the
+                # compiled kernel loads through registers and num_stages has no effect
+                # (benchmarks/README.md, "GPU, seventh pass").
+                for k0 in tl.range(0, KH * KW * CIN_G, BLOCK_K):
+                    acc = _packed_step(
+                        acc, k0, x_ptr, w_g, rows, in_rows, yy, xx, cols, g, H, W, C_IN, CIN_G,
+                        COUT_G, KH, KW, BLOCK_K, VEC, SWAP, IEEE,
+                    )  # fmt: skip
+            else:
+                for k0 in tl.static_range(0, KH * KW * CIN_G, BLOCK_K):
+                    acc = _packed_step(
+                        acc, k0, x_ptr, w_g, rows, in_rows, yy, xx, cols, g, H, W, C_IN, CIN_G,
+                        COUT_G, KH, KW, BLOCK_K, VEC, SWAP, IEEE,
+                    )  # fmt: skip
             if SWAP:
-                acc = tl.trans(acc_t)
+                acc = tl.trans(acc)
         else:
             for ky in tl.static_range(KH):
                 for kx in tl.static_range(KW):
@@ -212,7 +203,6 @@ if triton is not None:
         VEC: tl.constexpr,
         N_COLS: tl.constexpr,
         HAS_BIAS: tl.constexpr,
-        SEP: tl.constexpr,
     ):
         """Partial weight (and bias) gradients, one per slice of rows.
 
@@ -223,8 +213,7 @@ if triton is not None:
         instead of one tap's, into ``ws: (S, G, COUT_G, KH*KW*CIN_G)``; ``VEC`` as in
         :func:`conv_kernel`. ``HAS_BIAS``: the first column block's programs also write the
         slice's column sums of ``gy``, ``bs[s, g*COUT_G + o]`` (the bias gradient's partial
-        sums, from the tiles of ``gy`` they load anyway). ``SEP`` as in :func:`conv_kernel`
-        (a program's columns' part once, its rows' part once per block of rows).
+        sums, from the tiles of ``gy`` they load anyway).
         """
         # Column blocks fastest, then groups: the programs of one slice run together and share
         # its rows (N_COLS column blocks: KH*KW taps, or the packed columns' blocks).
@@ -240,8 +229,6 @@ if triton is not None:
             ks = ins
         acc = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
         gsum = tl.zeros((BLOCK_O,), dtype=tl.float32)
-        if SEP:
-            col_off, col_tap = _packed_cols(ks, g, W, C_IN, CIN_G, KH, KW)
         # A compile-time trip count (a power of two, so few variants get compiled) and the
         # same loop in every program.
         for it in range(ITERS):
@@ -256,13 +243,9 @@ if triton is not None:
             if HAS_BIAS:
                 gsum += tl.sum(gy.to(tl.float32), axis=0)
             if PACK:
-                if SEP:
-                    row_off, bits = _row_taps(rows, in_rows, pos // W, pos % W, H, W, C_IN, KH, KW)
-                    src, ok = _packed_gather(row_off, bits, col_off, col_tap, VEC)
-                else:
-                    src, ok = _packed_rows(
-                        rows, in_rows, pos // W, pos % W, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC
-                    )
+                src, ok = _packed_rows(
+                    rows, in_rows, pos // W, pos % W, ks, g, H, W, C_IN, CIN_G, KH, KW, VEC
+                )
                 xs = tl.load(x_ptr + src, mask=ok, other=0.0).to(gy.dtype)
             else:
                 dy = kc // KW - KH // 2

@@ -1,0 +1,214 @@
+"""What the decoder convolution's Triton kernels compile to, on a machine without a GPU.
+
+Triton compiles for a CUDA architecture ahead of time anywhere: its wheel brings ``ptxas``,
+``nvdisasm`` and ``cuobjdump``. So the machine code of a kernel can be read where no GPU is
+lent: registers, shared memory, spills (local memory), the instruction mix, and how global
+memory is read (128-bit vectors or narrower; ``cp.async`` copies into shared memory, which is
+what Triton's pipeliner emits for a loop it pipelines). Static counts say nothing about speed
+directly; they do say whether a kernel compiled to the structure meant (benchmarks/README.md,
+"GPU, seventh pass").
+
+The kernels are compiled exactly as the launchers in ``data2vec/nn/token_conv.py`` would launch
+them, under the settings tables of the moment: a launcher runs on ``meta`` tensors of
+image-v2-base's decoder shapes at batch 128 (2048 x 196 positions, 768 channels in 16 groups,
+3x3), with the kernel replaced by a recorder of its arguments; the recorded arguments are then
+compiled, pointers 16-byte aligned and integers that are multiples of 16 marked so, as Triton's
+launcher specializes them on a GPU.
+
+    python benchmarks/kernel_sass.py [--arch 90] [--settings default pipelined ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from data2vec.nn import token_conv, token_conv_kernels
+from data2vec.nn.triton_gate import triton
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_kernels import settings  # a sibling script module
+
+# The forward kernel's settings to compile (token_conv.FORWARD values over the defaults).
+SETTINGS: dict[str, dict[str, int]] = {
+    "default": {},
+    "unrolled": {"PIPELINE": 0, "SWAP_AB": 0},
+    "pipelined": {"PIPELINE": 1, "SWAP_AB": 0},
+    "swapped": {"PIPELINE": 0, "SWAP_AB": 1},
+    "pipelined swapped": {"PIPELINE": 1, "SWAP_AB": 1},
+}
+
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_CLASSES = {  # SASS opcodes, by what they do
+    "tensor_core": ("HGMMA", "HMMA"),
+    "async_copy": ("LDGSTS",),
+    "global_load": ("LDG",),
+    "global_store": ("STG",),
+    "shared": ("LDS", "STS", "LDSM"),
+    "float": ("FADD", "FMUL", "FFMA", "FSEL", "FSETP", "FMNMX", "MUFU", "F2FP", "F2F"),
+    "integer": ("IMAD", "IADD3", "LOP3", "ISETP", "SHF", "LEA", "IABS", "SEL", "VIADD", "PRMT",
+                "SGXT", "PLOP3", "P2R", "IMNMX", "VIADDMNMX"),
+    "barrier": ("BAR", "DEPBAR", "LDGDEPBAR", "WARPGROUP", "MEMBAR", "FENCE", "ARRIVES",
+                "SYNCS"),
+}  # fmt: skip
+
+
+# "/*0120*/   @!P0 LDG.E.128 R4, desc[UR6][R2.64] ;": the opcode and its modifiers
+_INSTRUCTION = re.compile(
+    r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Z0-9_]+)*)"
+)
+
+
+class _Recorder:
+    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records the
+    arguments instead of launching."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def __getitem__(self, grid: Any) -> Callable[..., None]:
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+@contextlib.contextmanager
+def _recording(name: str) -> Iterator[_Recorder]:
+    recorder, kernel = _Recorder(), getattr(token_conv_kernels, name)
+    setattr(token_conv_kernels, name, recorder)
+    try:
+        yield recorder
+    finally:
+        setattr(token_conv_kernels, name, kernel)
+
+
+def launches(batch: int = 128, clones: int = 16) -> dict[str, tuple[Any, tuple, dict]]:
+    """The decoder convolution's three launches at image-v2-base's shapes: ``{name: (kernel,
+    args, kwargs)}`` for the forward (a bf16 input, and the float32 input of the decoder's
+    first layer), the input gradient and the weight gradient."""
+    M, C, G, hw = batch * clones * 196, 768, 16, (14, 14)
+    meta = {"device": "meta", "dtype": torch.bfloat16}
+    x, x32, gy = (
+        torch.empty(M, C, **meta),
+        torch.empty(M, C, device="meta"),
+        torch.empty(M, C, **meta),
+    )
+    weight = torch.empty(C, C // G, 3, 3, **meta)
+    bias = torch.empty(C, device="meta")
+    w_t = token_conv.forward_weight(weight, G)
+    runs = {
+        "forward": lambda: token_conv.conv_tokens_forward(x, w_t, bias, hw, C),
+        "forward, float32 input": lambda: token_conv.conv_tokens_forward(x32, w_t, bias, hw, C),
+        "input gradient": lambda: token_conv.conv_tokens_forward(
+            gy, token_conv.input_grad_weight(weight, G), None, hw, C, out_dtype=torch.float32
+        ),
+        "weight gradient": lambda: token_conv.conv_tokens_grads(
+            x, gy, hw, (G, 3, 3, C // G, C // G), bias=True
+        ),
+    }
+    out = {}
+    for name, run in runs.items():
+        kernel = "wgrad_kernel" if name == "weight gradient" else "conv_kernel"
+        with _recording(kernel) as recorder:
+            run()
+        ((args, kwargs),) = recorder.calls
+        out[name] = (getattr(token_conv_kernels, kernel), args, kwargs)
+    return out
+
+
+def compile_launch(kernel: Any, args: tuple, kwargs: dict, arch: int = 90) -> Any:
+    """Compile one recorded launch for ``sm_<arch>`` (no GPU needed)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kwargs = dict(kwargs)
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    signature, attrs = {}, {}
+    for i, (name, value) in enumerate(zip(kernel.arg_names, args)):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _DTYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # CUDA allocations are 256-byte aligned
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    signature.update({name: "constexpr" for name in kwargs})
+    source = ASTSource(fn=kernel, signature=signature, constexprs=kwargs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _tool(name: str) -> str:
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def sass_stats(compiled: Any) -> dict[str, Any]:
+    """Registers, shared and local memory, and the instruction mix of a compiled kernel."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        Path(cubin).write_bytes(compiled.asm["cubin"])
+        sass = subprocess.run([_tool("nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+        usage = subprocess.run([_tool("cuobjdump"), "-res-usage", cubin], capture_output=True,
+                               text=True, check=True).stdout  # fmt: skip
+    ops: collections.Counter[str] = collections.Counter()
+    memory: collections.Counter[str] = collections.Counter()
+    for line in sass.splitlines():
+        m = _INSTRUCTION.match(line)
+        if m:
+            ops[m.group(1)] += 1
+            if m.group(1) in ("LDG", "LDGSTS", "STG"):
+                memory[m.group(1) + m.group(2)] += 1
+    regs = re.search(r"REG:(\d+)", usage)
+    local = re.search(r"LOCAL:(\d+)", usage)
+    return {
+        "registers": int(regs.group(1)) if regs else None,
+        "shared_bytes": compiled.metadata.shared,
+        "local_bytes": int(local.group(1)) if local else None,  # > 0: registers spilled
+        "instructions": sum(ops.values()),
+        "by_class": {
+            name: sum(n for op, n in ops.items() if op in opcodes)
+            for name, opcodes in _CLASSES.items()
+        },
+        "global_memory": dict(memory),
+    }
+
+
+def report(names: list[str], arch: int = 90) -> dict[str, Any]:
+    """:func:`sass_stats` of each launch under each forward setting in ``names``."""
+    out: dict[str, Any] = {"triton": triton.__version__, "arch": f"sm_{arch}", "settings": {}}
+    for name in names:
+        with settings(token_conv.FORWARD, **SETTINGS[name]):
+            out["settings"][name] = {
+                "forward_settings": dict(token_conv.FORWARD),
+                **{
+                    launch: sass_stats(compile_launch(kernel, args, kwargs, arch))
+                    for launch, (kernel, args, kwargs) in launches().items()
+                },
+            }
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10")
+    p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    args = p.parse_args()
+    if triton is None or token_conv.interpreting():
+        sys.exit("kernel_sass.py needs a Triton the kernels support, and TRITON_INTERPRET unset")
+    print(json.dumps(report(args.settings, args.arch), indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""``benchmarks/kernel_sass.py``: the decoder convolution's kernels compiled for an H100 (sm_90)
+on this machine, which has no GPU, and read back as machine code."""
+
+import sys
+
+import pytest
+
+from data2vec.nn import token_conv, token_conv_kernels, triton_gate
+from tests.conftest import benchmark_module
+
+
+@pytest.fixture(scope="module")
+def sass():
+    with benchmark_module("kernel_sass") as module:
+        yield module
+
+
+@pytest.fixture(scope="module")
+def report(sass):
+    if triton_gate.triton is None:
+        return None
+    return sass.report(["unrolled", "pipelined"])
+
+
+def test_launches_are_recorded_as_the_launchers_make_them_and_the_kernels_restored(
+    sass, monkeypatch
+):
+    if triton_gate.triton is None:  # an older Triton: no kernels to compile, and it says so
+        monkeypatch.setattr(sys, "argv", ["kernel_sass.py"])
+        with pytest.raises(SystemExit, match="needs a Triton"):
+            sass.main()
+        return
+    kernel = token_conv_kernels.conv_kernel
+    launches = sass.launches()
+    assert token_conv_kernels.conv_kernel is kernel  # the recorder is gone
+    fn, args, kwargs = launches["forward"]
+    assert fn is kernel and args[5] == 2048 * 196  # M: image-v2-base at batch 128
+    assert kwargs["PIPE"] == bool(token_conv.FORWARD["PIPELINE"])
+    assert kwargs["num_warps"] == token_conv.FORWARD["num_warps"]
+    assert launches["weight gradient"][0] is token_conv_kernels.wgrad_kernel
+    assert launches["forward, float32 input"][1][0].dtype.itemsize == 4
+
+
+def test_only_the_pipelined_loop_copies_asynchronously(report):
+    if report is None:
+        pytest.skip("Triton < 3.2: the kernels are not defined (see the test above)")
+    unrolled, pipelined = report["settings"]["unrolled"], report["settings"]["pipelined"]
+    for launch in ("forward", "forward, float32 input", "input gradient"):
+        assert unrolled[launch]["by_class"]["async_copy"] == 0, launch
+        assert pipelined[launch]["by_class"]["async_copy"] > 0, launch
+        # the loop body holds one step's products; unrolled, every step's are in the code
+        products = pipelined[launch]["by_class"]["tensor_core"]
+        assert products > 0
+        assert products < unrolled[launch]["by_class"]["tensor_core"]
+    # the weight gradient's loop is pipelined either way (the setting is the forward's)
+    assert unrolled["weight gradient"] == pipelined["weight gradient"]
+    assert unrolled["weight gradient"]["by_class"]["async_copy"] > 0
+
+
+def test_the_input_gradient_reads_whole_16_byte_vectors_and_nothing_spills(report):
+    if report is None:
+        pytest.skip("Triton < 3.2: the kernels are not defined (see the test above)")
+    for setting in report["settings"].values():
+        reads = {k: n for k, n in setting["input gradient"]["global_memory"].items()
+                 if k.startswith("LDG")}  # fmt: skip
+        assert reads and all(k.endswith(".128") for k in reads), reads
+        for launch, stats in setting.items():
+            if launch != "forward_settings":
+                assert stats["local_bytes"] == 0, launch  # no registers spilled
+                assert stats["registers"] <= 255
