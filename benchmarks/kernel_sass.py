@@ -1,4 +1,4 @@
-"""What the decoder convolution's Triton kernels compile to, on a machine without a GPU.
+"""What the Triton kernels of an image-v2-base step compile to, on a machine without a GPU.
 
 Triton compiles for a CUDA architecture ahead of time anywhere: its wheel brings ``ptxas``,
 ``nvdisasm`` and ``cuobjdump``. So the machine code of a kernel can be read where no GPU is
@@ -8,14 +8,15 @@ what Triton's pipeliner emits for a loop it pipelines). Static counts say nothin
 directly; they do say whether a kernel compiled to the structure meant (benchmarks/README.md,
 "GPU, seventh pass").
 
-The kernels are compiled exactly as the launchers in ``data2vec/nn/token_conv.py`` would launch
-them, under the settings tables of the moment: a launcher runs on ``meta`` tensors of
-image-v2-base's decoder shapes at batch 128 (2048 x 196 positions, 768 channels in 16 groups,
-3x3), with the kernel replaced by a recorder of its arguments; the recorded arguments are then
+The kernels are compiled exactly as their launchers would launch them, under the settings
+tables of the moment: a launcher runs on ``meta`` tensors of image-v2-base's shapes at batch
+128 (the decoder convolution: 2048 x 196 positions, 768 channels in 16 groups, 3x3, under each
+forward setting asked for; the blocks' norms, MLP backward and attention: 2048 x 40 tokens),
+with the kernel replaced by a recorder of its arguments; the recorded arguments are then
 compiled, pointers 16-byte aligned and integers that are multiples of 16 marked so, as Triton's
 launcher specializes them on a GPU.
 
-    python benchmarks/kernel_sass.py [--arch 90] [--settings default pipelined ...]
+    python benchmarks/kernel_sass.py [--arch 90] [--settings default pipelined ...] [--no-blocks]
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from data2vec.nn import token_conv, token_conv_kernels
+from data2vec.nn import token_attention, token_conv, token_conv_kernels, token_mlp, token_norm
 from data2vec.nn.triton_gate import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -83,13 +85,22 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def _recording(name: str) -> Iterator[_Recorder]:
-    recorder, kernel = _Recorder(), getattr(token_conv_kernels, name)
-    setattr(token_conv_kernels, name, recorder)
+def _recording(module: Any, name: str) -> Iterator[_Recorder]:
+    """``module.name`` (a kernel) replaced by a :class:`_Recorder` for the block."""
+    recorder, kernel = _Recorder(), getattr(module, name)
+    setattr(module, name, recorder)
     try:
         yield recorder
     finally:
-        setattr(token_conv_kernels, name, kernel)
+        setattr(module, name, kernel)
+
+
+def record(module: Any, name: str, run: Callable[[], Any]) -> tuple[Any, tuple, dict]:
+    """``(kernel, args, kwargs)`` of the one launch of ``module.name`` that ``run()`` makes."""
+    with _recording(module, name) as recorder:
+        run()
+    ((args, kwargs),) = recorder.calls
+    return getattr(module, name), args, kwargs
 
 
 def launches(batch: int = 128, clones: int = 16) -> dict[str, tuple[Any, tuple, dict]]:
@@ -116,14 +127,57 @@ def launches(batch: int = 128, clones: int = 16) -> dict[str, tuple[Any, tuple, 
             x, gy, hw, (G, 3, 3, C // G, C // G), bias=True
         ),
     }
-    out = {}
-    for name, run in runs.items():
-        kernel = "wgrad_kernel" if name == "weight gradient" else "conv_kernel"
-        with _recording(kernel) as recorder:
-            run()
-        ((args, kwargs),) = recorder.calls
-        out[name] = (getattr(token_conv_kernels, kernel), args, kwargs)
-    return out
+    return {
+        name: record(
+            token_conv_kernels, "wgrad_kernel" if name == "weight gradient" else "conv_kernel", run
+        )
+        for name, run in runs.items()
+    }
+
+
+def block_launches(batch: int = 128, clones: int = 16) -> dict[str, tuple[Any, tuple, dict]]:
+    """The image-v2-base student blocks' Triton launches at batch 128 (``batch * clones``
+    sequences of 40 visible tokens, 768 wide, 12 heads): the fused norm's forward and backward,
+    the MLP's fused backward over the 3072-wide hidden layer, and the short-sequence attention's
+    forward and backward, each recorded through its module's own entry point."""
+    B, T, C, H = batch * clones, 40, 768, 12
+    M = B * T
+    bf16 = {"device": "meta", "dtype": torch.bfloat16}
+    f32 = {"device": "meta", "dtype": torch.float32}
+    weight, bias = torch.empty(C, **f32), torch.empty(C, **f32)
+    norm_ctx = SimpleNamespace(saved_tensors=(torch.empty(M, C, **f32), weight), eps=1e-6,
+                               a_dtype=torch.bfloat16)  # fmt: skip
+    qkv = torch.empty(B, T, 3 * C, **bf16)
+    attention_ctx = SimpleNamespace(
+        saved_tensors=(qkv, torch.empty(B, T, C, **bf16), torch.empty(B * H, T, **f32)),
+        num_heads=H, scale=0.125,
+    )  # fmt: skip
+
+    def norm_forward() -> None:
+        x, a = torch.empty(M, C, **f32), torch.empty(M, C, **bf16)
+        token_norm._forward(x, a, weight, bias, 1e-6, torch.bfloat16, save_z=True)
+
+    def norm_backward() -> None:
+        gy, glow = torch.empty(M, C, **f32), torch.empty(M, C, **bf16)
+        token_norm._AddLayerNorm.backward(norm_ctx, gy, glow)
+
+    def mlp_backward() -> None:
+        token_mlp.gelu_grad(torch.empty(M, 4 * C, **bf16), torch.empty(M, 4 * C, **bf16))
+
+    def attention_forward() -> None:
+        token_attention._forward(qkv, H, save_lse=True)
+
+    def attention_backward() -> None:
+        token_attention._ShortAttention.backward(attention_ctx, torch.empty(B, T, C, **bf16))
+
+    runs = {
+        "norm forward": (token_norm, "_add_norm_forward", norm_forward),
+        "norm backward": (token_norm, "_add_norm_backward", norm_backward),
+        "mlp backward": (token_mlp, "_gelu_grad_kernel", mlp_backward),
+        "attention forward": (token_attention, "_attention_forward", attention_forward),
+        "attention backward": (token_attention, "_attention_backward", attention_backward),
+    }
+    return {name: record(module, kernel, run) for name, (module, kernel, run) in runs.items()}
 
 
 def compile_launch(kernel: Any, args: tuple, kwargs: dict, arch: int = 90) -> Any:
@@ -185,9 +239,15 @@ def sass_stats(compiled: Any) -> dict[str, Any]:
     }
 
 
-def report(names: list[str], arch: int = 90) -> dict[str, Any]:
-    """:func:`sass_stats` of each launch under each forward setting in ``names``."""
+def report(names: list[str], arch: int = 90, blocks: bool = False) -> dict[str, Any]:
+    """:func:`sass_stats` of each convolution launch under each forward setting in ``names``,
+    and with ``blocks`` of the blocks' launches (:func:`block_launches`)."""
     out: dict[str, Any] = {"triton": triton.__version__, "arch": f"sm_{arch}", "settings": {}}
+    if blocks:
+        out["blocks"] = {
+            name: sass_stats(compile_launch(kernel, args, kwargs, arch))
+            for name, (kernel, args, kwargs) in block_launches().items()
+        }
     for name in names:
         with settings(token_conv.FORWARD, **SETTINGS[name]):
             out["settings"][name] = {
@@ -204,10 +264,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability x 10")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    p.add_argument("--no-blocks", action="store_true", help="the convolution's kernels only")
     args = p.parse_args()
     if triton is None or token_conv.interpreting():
         sys.exit("kernel_sass.py needs a Triton the kernels support, and TRITON_INTERPRET unset")
-    print(json.dumps(report(args.settings, args.arch), indent=1))
+    print(json.dumps(report(args.settings, args.arch, blocks=not args.no_blocks), indent=1))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""``benchmarks/kernel_sass.py``: the decoder convolution's kernels compiled for an H100 (sm_90)
-on this machine, which has no GPU, and read back as machine code."""
+"""``benchmarks/kernel_sass.py``: the Triton kernels of an image-v2-base step compiled for an
+H100 (sm_90) on this machine, which has no GPU, and read back as machine code."""
 
 import sys
 
@@ -19,7 +19,7 @@ def sass():
 def report(sass):
     if triton_gate.triton is None:
         return None
-    return sass.report(["unrolled", "pipelined"])
+    return sass.report(["unrolled", "pipelined"], blocks=True)
 
 
 def test_launches_are_recorded_as_the_launchers_make_them_and_the_kernels_restored(
@@ -68,3 +68,20 @@ def test_the_input_gradient_reads_whole_16_byte_vectors_and_nothing_spills(repor
             if launch != "forward_settings":
                 assert stats["local_bytes"] == 0, launch  # no registers spilled
                 assert stats["registers"] <= 255
+
+
+def test_the_blocks_kernels_move_whole_16_byte_vectors_and_nothing_spills(report):
+    """The fused norms and the MLP's backward are bound by memory traffic: every access a
+    128-bit vector. The attention reads and writes its float32 log-sum-exp rows narrower."""
+    if report is None:
+        pytest.skip("Triton < 3.2: the kernels are not defined (see the first test)")
+    blocks = report["blocks"]
+    assert set(blocks) == {"norm forward", "norm backward", "mlp backward", "attention forward",
+                           "attention backward"}  # fmt: skip
+    for name, stats in blocks.items():
+        assert stats["local_bytes"] == 0, name
+        accesses = stats["global_memory"]
+        if not name.startswith("attention"):
+            assert accesses and all(k.endswith(".128") for k in accesses), (name, accesses)
+        else:
+            assert sum(n for k, n in accesses.items() if k.endswith(".128")) > 10, accesses
