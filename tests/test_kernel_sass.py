@@ -16,10 +16,13 @@ def sass():
 
 
 @pytest.fixture(scope="module")
-def report(sass):
+def report(sass, tmp_path_factory):
     if triton_gate.triton is None:
         return None
-    return sass.report(["unrolled", "pipelined"], blocks=True)
+    # Triton caches what it compiles; a directory of the test's own, wherever HOME points
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_CACHE_DIR", str(tmp_path_factory.mktemp("triton_cache")))
+        return sass.report(["unrolled", "pipelined"], blocks=True)
 
 
 def test_launches_are_recorded_as_the_launchers_make_them_and_the_kernels_restored(
