@@ -104,9 +104,10 @@ def record(module: Any, name: str, run: Callable[[], Any]) -> tuple[Any, tuple, 
 
 
 def launches(batch: int = 128, clones: int = 16) -> dict[str, tuple[Any, tuple, dict]]:
-    """The decoder convolution's three launches at image-v2-base's shapes: ``{name: (kernel,
-    args, kwargs)}`` for the forward (a bf16 input, and the float32 input of the decoder's
-    first layer), the input gradient and the weight gradient."""
+    """The decoder convolution's launches at image-v2-base's shapes, ``{name: (kernel, args,
+    kwargs)}``: the forward (of a bf16 input, and of the float32 input of the decoder's first
+    layer), the input gradient (float32, the residual's gradient added, as a decoder layer's
+    backward asks for it) and the weight and bias gradients."""
     M, C, G, hw = batch * clones * 196, 768, 16, (14, 14)
     meta = {"device": "meta", "dtype": torch.bfloat16}
     x, x32, gy = (
@@ -121,7 +122,13 @@ def launches(batch: int = 128, clones: int = 16) -> dict[str, tuple[Any, tuple, 
         "forward": lambda: token_conv.conv_tokens_forward(x, w_t, bias, hw, C),
         "forward, float32 input": lambda: token_conv.conv_tokens_forward(x32, w_t, bias, hw, C),
         "input gradient": lambda: token_conv.conv_tokens_forward(
-            gy, token_conv.input_grad_weight(weight, G), None, hw, C, out_dtype=torch.float32
+            gy,
+            token_conv.input_grad_weight(weight, G),
+            None,
+            hw,
+            C,
+            out_dtype=torch.float32,
+            add=x32,
         ),
         "weight gradient": lambda: token_conv.conv_tokens_grads(
             x, gy, hw, (G, 3, 3, C // G, C // G), bias=True
