@@ -107,7 +107,9 @@ def launches(batch: int = 128, clones: int = 16) -> dict[str, tuple[Any, tuple, 
     """The decoder convolution's launches at image-v2-base's shapes, ``{name: (kernel, args,
     kwargs)}``: the forward (of a bf16 input, and of the float32 input of the decoder's first
     layer), the input gradient (float32, the residual's gradient added, as a decoder layer's
-    backward asks for it) and the weight and bias gradients."""
+    backward asks for it) and the weight and bias gradients. (On ``meta`` tensors the weight
+    gradient splits its rows as for a 2-multiprocessor device: a longer loop, the same loop
+    body, which is what the counts describe.)"""
     M, C, G, hw = batch * clones * 196, 768, 16, (14, 14)
     meta = {"device": "meta", "dtype": torch.bfloat16}
     x, x32, gy = (
