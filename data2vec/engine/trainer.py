@@ -194,14 +194,13 @@ def train_step(
     host_logs = dict(zip(logs, values[k + 1 :]))
     loss_value = sum(v * k * n / total for v, n in zip(loss_values, counts))
     # Every rank must skip together (DDP's gradients are averaged, so a non-finite gradient
-    # is everywhere; a rank's non-finite loss is not).
-    if distributed.any_rank(not all(math.isfinite(v) for v in loss_values), device):
+    # is everywhere; a rank's non-finite loss is not): any_rank runs on every rank, every step.
+    loss_bad = distributed.any_rank(not all(math.isfinite(v) for v in loss_values), device)
+    if loss_bad or not math.isfinite(grad_norm):
         if scaler is not None:
-            scaler.update()  # unscale_ ran: the scaler expects an update before the next step
-        return _skip_step(state, loss_value, lr, host_logs)
-    if not math.isfinite(grad_norm):
-        if scaler is not None:
-            scaler.update()  # overflow: lower the loss scale for the next step
+            # unscale_ ran, so the scaler expects an update; after an overflow it lowers the
+            # loss scale for the next step
+            scaler.update()
         return _skip_step(state, loss_value, lr, host_logs)
     with _stage("optimizer"):
         if scaler is not None:
