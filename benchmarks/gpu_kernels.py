@@ -251,8 +251,19 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
     """Each Triton kernel (forward, weight gradient) timed under several launch settings."""
     G = x.shape[-1] // w.shape[1]
     rows, cout = x.reshape(-1, x.shape[-1]), w.shape[0]
-    w_t = w.to(x.dtype).reshape(G, cout // G, w.shape[1], 3, 3).permute(0, 3, 4, 2, 1).contiguous()
+    w_t = token_conv.forward_weight(w.to(x.dtype), G)
     flops = 2 * rows.shape[0] * cout * w.shape[1] * 9
+
+    def timed(kernel: str, table: dict[str, int], run, **values: int) -> dict[str, Any]:
+        """One sweep entry: ``run()`` timed with ``table`` under ``values``, or the error of a
+        setting the compiler rejects (reported, and the sweep goes on)."""
+        with settings(table, **values):
+            try:
+                ms = gpu_ms(run)
+                return {"kernel": kernel, **table, "ms": ms, "tflops": flops / ms / 1e9}
+            except Exception as exc:
+                return {"kernel": kernel, **table, "error": str(exc)[:200]}
+
     results = []
     # (BLOCK_M, BLOCK_K, PACK_K, num_warps, num_stages, SWAP_AB, PIPELINE); neither the
     # transposed products (SWAP_AB, sixth pass) nor the pipelined loop (PIPELINE, seventh pass)
@@ -266,17 +277,12 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
         (256, 64, 1, 8, 3, 0, 1), (64, 64, 1, 4, 4, 0, 1), (128, 64, 1, 4, 3, 1, 1),
         (256, 64, 1, 8, 3, 1, 1),
     ]:  # fmt: skip
-        with settings(
-            token_conv.FORWARD, BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps,
-            num_stages=stages, SWAP_AB=swap, PIPELINE=pipe,
-        ):  # fmt: skip
-            try:
-                ms = gpu_ms(lambda: token_conv.conv_tokens_forward(rows, w_t, None, hw, cout))
-                results.append({"kernel": "forward", **token_conv.FORWARD, "ms": ms,
-                                "tflops": flops / ms / 1e9})  # fmt: skip
-            except Exception as exc:  # a setting the compiler rejects: report, go on
-                results.append({"kernel": "forward", **token_conv.FORWARD,
-                                "error": str(exc)[:200]})  # fmt: skip
+        results.append(timed(
+            "forward", token_conv.FORWARD,
+            lambda: token_conv.conv_tokens_forward(rows, w_t, None, hw, cout),
+            BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps, num_stages=stages,
+            SWAP_AB=swap, PIPELINE=pipe,
+        ))  # fmt: skip
     shape = (G, 3, 3, w.shape[1], cout // G)
     grow = gy.reshape(-1, cout)
     for bm, bk, pack, warps, stages, per_sm in [
@@ -284,15 +290,10 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
         (64, 64, 1, 4, 3, 128), (64, 64, 1, 8, 3, 64), (128, 64, 1, 8, 3, 64),
         (32, 64, 1, 4, 3, 64), (64, 64, 1, 4, 4, 64), (64, 128, 1, 8, 3, 64),
     ]:  # fmt: skip
-        with settings(
-            token_conv.WEIGHT_GRAD, BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps,
-            num_stages=stages, programs_per_sm=per_sm,
-        ):  # fmt: skip
-            try:
-                ms = gpu_ms(lambda: token_conv.conv_tokens_weight_grad(rows, grow, hw, shape))
-                results.append({"kernel": "weight_grad", **token_conv.WEIGHT_GRAD, "ms": ms,
-                                "tflops": flops / ms / 1e9})  # fmt: skip
-            except Exception as exc:
-                results.append({"kernel": "weight_grad", **token_conv.WEIGHT_GRAD,
-                                "error": str(exc)[:200]})  # fmt: skip
+        results.append(timed(
+            "weight_grad", token_conv.WEIGHT_GRAD,
+            lambda: token_conv.conv_tokens_weight_grad(rows, grow, hw, shape),
+            BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps, num_stages=stages,
+            programs_per_sm=per_sm,
+        ))  # fmt: skip
     return results

@@ -27,8 +27,7 @@ _FORWARD_LOSS, _FORWARD = data2vec2.Data2Vec2.forward_loss, data2vec2.Data2Vec2.
 _WEIGHT_BIAS_GRAD = token_conv.weight_bias_grad
 
 
-@contextlib.contextmanager
-def _heads_permuted() -> Iterator[None]:
+def _heads_permuted() -> contextlib.AbstractContextManager:
     """The attention's heads split as before ``split_heads`` (move, then unbind), whose
     backward copies the q/k/v gradient once more."""
 
@@ -37,12 +36,7 @@ def _heads_permuted() -> Iterator[None]:
         parts = qkv.view(B, T, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
         return parts.unbind(0)
 
-    saved = attention.split_heads
-    attention.split_heads = permuted
-    try:
-        yield
-    finally:
-        attention.split_heads = saved
+    return _patched((attention, "split_heads", permuted))
 
 
 def _sdpa(backend: str):
