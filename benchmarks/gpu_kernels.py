@@ -265,23 +265,26 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
                 return {"kernel": kernel, **table, "error": str(exc)[:200]}
 
     results = []
-    # (BLOCK_M, BLOCK_K, PACK_K, num_warps, num_stages, SWAP_AB, PIPELINE); neither the
-    # transposed products (SWAP_AB, sixth pass) nor the pipelined loop (PIPELINE, seventh pass)
-    # has run on a GPU yet. Unrolled (PIPELINE 0), num_stages has no effect.
-    for bm, bk, pack, warps, stages, swap, pipe in [
-        (128, 64, 1, 4, 3, 0, 0), (128, 64, 1, 8, 3, 0, 0), (64, 64, 1, 4, 3, 0, 0),
-        (256, 64, 1, 8, 3, 0, 0), (128, 64, 1, 4, 3, 1, 0), (256, 64, 1, 4, 3, 1, 0),
-        (256, 64, 1, 8, 3, 1, 0), (128, 64, 1, 8, 3, 1, 0), (256, 32, 1, 8, 3, 1, 0),
-        (512, 64, 1, 8, 3, 1, 0), (128, 64, 1, 4, 2, 0, 1), (128, 64, 1, 4, 3, 0, 1),
-        (128, 64, 1, 4, 4, 0, 1), (128, 32, 1, 4, 4, 0, 1), (128, 64, 1, 8, 3, 0, 1),
-        (256, 64, 1, 8, 3, 0, 1), (64, 64, 1, 4, 4, 0, 1), (128, 64, 1, 4, 3, 1, 1),
-        (256, 64, 1, 8, 3, 1, 1),
+    # (BLOCK_M, BLOCK_K, PACK_K, num_warps, num_stages, SWAP_AB, PIPELINE, LOAD_BYTES); none
+    # of the transposed products (SWAP_AB, sixth pass), the pipelined loop (PIPELINE, seventh
+    # pass) and its copies through L1 (LOAD_BYTES 8, eighth pass) has run on a GPU yet.
+    # Unrolled (PIPELINE 0), num_stages has no effect.
+    for bm, bk, pack, warps, stages, swap, pipe, load_bytes in [
+        (128, 64, 1, 4, 3, 0, 0, 0), (128, 64, 1, 8, 3, 0, 0, 0), (64, 64, 1, 4, 3, 0, 0, 0),
+        (256, 64, 1, 8, 3, 0, 0, 0), (128, 64, 1, 4, 3, 1, 0, 0), (256, 64, 1, 4, 3, 1, 0, 0),
+        (256, 64, 1, 8, 3, 1, 0, 0), (128, 64, 1, 8, 3, 1, 0, 0), (256, 32, 1, 8, 3, 1, 0, 0),
+        (512, 64, 1, 8, 3, 1, 0, 0), (128, 64, 1, 4, 2, 0, 1, 0), (128, 64, 1, 4, 3, 0, 1, 0),
+        (128, 64, 1, 4, 4, 0, 1, 0), (128, 32, 1, 4, 4, 0, 1, 0), (128, 64, 1, 8, 3, 0, 1, 0),
+        (256, 64, 1, 8, 3, 0, 1, 0), (64, 64, 1, 4, 4, 0, 1, 0), (128, 64, 1, 4, 3, 1, 1, 0),
+        (256, 64, 1, 8, 3, 1, 1, 0), (128, 64, 1, 4, 2, 0, 1, 8), (128, 64, 1, 4, 3, 0, 1, 8),
+        (128, 64, 1, 4, 4, 0, 1, 8), (256, 64, 1, 8, 3, 0, 1, 8), (128, 64, 1, 4, 3, 1, 1, 8),
+        (128, 64, 1, 4, 3, 0, 0, 8),
     ]:  # fmt: skip
         results.append(timed(
             "forward", token_conv.FORWARD,
             lambda: token_conv.conv_tokens_forward(rows, w_t, None, hw, cout),
             BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps, num_stages=stages,
-            SWAP_AB=swap, PIPELINE=pipe,
+            SWAP_AB=swap, PIPELINE=pipe, LOAD_BYTES=load_bytes,
         ))  # fmt: skip
     shape = (G, 3, 3, w.shape[1], cout // G)
     grow = gy.reshape(-1, cout)

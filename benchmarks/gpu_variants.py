@@ -178,6 +178,9 @@ VARIANTS = [
     ("conv pipelined", (), False, functools.partial(settings, token_conv.FORWARD, PIPELINE=1)),
     ("conv pipelined swapped", (), False,
      functools.partial(settings, token_conv.FORWARD, PIPELINE=1, SWAP_AB=1)),
+    # pipelined, the activations copied 8 bytes at a time, through L1 (eighth pass)
+    ("conv pipelined l1", (), False,
+     functools.partial(settings, token_conv.FORWARD, PIPELINE=1, LOAD_BYTES=8)),
     ("heads permuted", (), False, _heads_permuted),
     ("sdpa flash", (), False, _sdpa("FLASH_ATTENTION")),
     ("sdpa efficient", (), False, _sdpa("EFFICIENT_ATTENTION")),
