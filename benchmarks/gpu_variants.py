@@ -191,6 +191,9 @@ VARIANTS = [
     ("lean mlp", (), False, lambda: _patched((token_mlp, "ENABLED", False))),
     ("norms from 16384 rows", (), False, lambda: _patched((token_norm, "MIN_ROWS", 16384))),
     ("norms at any size", (), False, lambda: _patched((token_norm, "MIN_ROWS", 0))),
+    # the fused projection inside the attention's autograd function (eighth pass)
+    ("attention projection inside", (), False,
+     lambda: _patched((token_attention, "PROJECT", True))),
     ("host reads", (), False, _host_reads),
     ("conv bias pass", (), False, _conv_bias_pass),
     ("before sixth pass", (), False, _before_sixth_pass),

@@ -160,10 +160,6 @@ def block_launches(batch: int = 128, clones: int = 16) -> dict[str, tuple[Any, t
     norm_ctx = SimpleNamespace(saved_tensors=(torch.empty(M, C, **f32), weight), eps=1e-6,
                                a_dtype=torch.bfloat16)  # fmt: skip
     qkv = torch.empty(B, T, 3 * C, **bf16)
-    attention_ctx = SimpleNamespace(
-        saved_tensors=(qkv, torch.empty(B, T, C, **bf16), torch.empty(B * H, T, **f32)),
-        num_heads=H, scale=0.125,
-    )  # fmt: skip
 
     def norm_forward() -> None:
         x, a = torch.empty(M, C, **f32), torch.empty(M, C, **bf16)
@@ -179,8 +175,9 @@ def block_launches(batch: int = 128, clones: int = 16) -> dict[str, tuple[Any, t
     def attention_forward() -> None:
         token_attention._forward(qkv, H, save_lse=True)
 
-    def attention_backward() -> None:
-        token_attention._ShortAttention.backward(attention_ctx, torch.empty(B, T, C, **bf16))
+    def attention_backward() -> None:  # as a training step runs it: the bias sums included
+        token_attention._backward(qkv, torch.empty(B, T, C, **bf16), torch.empty(B, T, C, **bf16),
+                                  torch.empty(B * H, T, **f32), H, 0.125, sums=True)  # fmt: skip
 
     runs = {
         "norm forward": (token_norm, "_add_norm_forward", norm_forward),

@@ -82,12 +82,57 @@ def test_supports():
     assert not token_attention.supports(torch.zeros(2, 40, 64), 4)  # not a fused qkv
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_project_and_attend_matches_the_linear_layer_then_attend(dtype, bias):
+    """The projection inside the attention's autograd function: the same output, and the
+    same input, weight and bias gradients as ``nn.Linear`` followed by :func:`attend`; the
+    bias gradient comes from the backward kernel's per-sequence sums."""
+    torch.manual_seed(0)
+    B, T, C, H = 3, 40, 64, 4
+    qkv = torch.nn.Linear(C, 3 * C, bias=bias).to(dtype)
+    with torch.no_grad():
+        qkv.weight.mul_(4.0)  # scores of a few units, as in _qkv
+    x = torch.randn(B, T, C).to(dtype).requires_grad_()
+    g = torch.randn(B, T, C).to(dtype)
+    params = [x, *qkv.parameters()]
+    out = token_attention.project_and_attend(x, qkv, H)
+    grads = torch.autograd.grad(out, params, g)
+    ref = attend(qkv(x), H)
+    ref_grads = torch.autograd.grad(ref, params, g)
+    assert out.dtype == dtype and torch.equal(out, ref)  # the same projection, the same kernel
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for name, a, b in zip(["x", "weight", "bias"], grads, ref_grads):
+        assert a.dtype == b.dtype == dtype and rel(a, b) < tol, name
+
+
+def test_project_and_attend_sums_each_of_q_k_and_v_into_the_bias_gradient():
+    """The bias gradient's three thirds (q, k, v) each equal their column sums of the
+    ``qkv`` gradient, which is what ``nn.Linear``'s backward adds up."""
+    torch.manual_seed(1)
+    B, T, C, H = 2, 16, 32, 2
+    qkv = torch.nn.Linear(C, 3 * C)
+    x = torch.randn(B, T, C)
+    g = torch.randn(B, T, C)
+    out = token_attention.project_and_attend(x, qkv, H)
+    (grad_b,) = torch.autograd.grad(out, [qkv.bias], g)
+    h = qkv(x).detach().requires_grad_()
+    (grad_h,) = torch.autograd.grad(attend(h, H), [h], g)
+    for part in range(3):
+        cols = slice(part * C, (part + 1) * C)
+        assert rel(grad_b[cols], grad_h[..., cols].sum((0, 1))) < 1e-5, part
+
+
 def test_attention_module_takes_the_kernel_only_without_mask_or_dropout(monkeypatch):
-    """The module's output and gradients through the kernel match its SDPA path; a mask or
-    attention dropout sends it to SDPA."""
+    """The module's output and gradients through the kernel (with the projection inside it
+    while gradients are recorded, or beside it) match its SDPA path; a mask or attention
+    dropout sends it to SDPA."""
     calls = []
-    real = token_attention.attend
-    monkeypatch.setattr(token_attention, "attend", lambda *a: calls.append(1) or real(*a))
+    for name in ("attend", "project_and_attend"):
+        real = getattr(token_attention, name)
+        monkeypatch.setattr(token_attention, name,
+                            lambda *a, n=name, f=real: calls.append(n) or f(*a))  # fmt: skip
+    monkeypatch.setattr(token_attention, "PROJECT", True)
     torch.manual_seed(0)
     attn = Attention(64, 4, attn_drop=0.1).train()
     x = torch.randn(3, 40, 64, requires_grad=True)
@@ -98,13 +143,21 @@ def test_attention_module_takes_the_kernel_only_without_mask_or_dropout(monkeypa
 
     attn.eval()  # no dropout: the kernel
     fast = run()
-    assert len(calls) == 1
+    assert calls == ["project_and_attend"]
+    monkeypatch.setattr(token_attention, "PROJECT", False)
+    beside = run()
+    assert calls == ["project_and_attend", "attend"]
     monkeypatch.setattr(token_attention, "MAX_TOKENS", 0)
     plain = run()
-    assert len(calls) == 1
-    for a, b in zip(fast, plain):
-        assert rel(a, b) < 1e-5
+    assert len(calls) == 2
+    for a, b, c in zip(fast, beside, plain):
+        assert rel(a, c) < 1e-5 and rel(b, c) < 1e-5
     monkeypatch.setattr(token_attention, "MAX_TOKENS", 64)
+    monkeypatch.setattr(token_attention, "PROJECT", True)
+    with torch.no_grad():  # nothing to record: the projection beside the kernel
+        assert rel(attn(x), fast[0]) < 1e-6
+    assert calls[-1] == "attend"
+    calls.clear()
     attn.train()  # attention dropout: SDPA (or the lean CPU composite)
     run()
     padding = torch.zeros(3, 40, dtype=torch.bool)
@@ -112,4 +165,4 @@ def test_attention_module_takes_the_kernel_only_without_mask_or_dropout(monkeypa
     mask = attention.attention_mask(padding, None, torch.float32)
     attn.eval()
     attn(x, mask)
-    assert len(calls) == 1
+    assert calls == []

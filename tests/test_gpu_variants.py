@@ -77,3 +77,15 @@ def test_pipelined_conv_switches_set_the_forward_kernel_only_and_restore_it(vari
         assert forward_settings == {**forward, **values}
         assert weight_grad_settings == weight_grad
     assert (forward_settings, weight_grad_settings) == (forward, weight_grad)
+
+
+def test_the_attention_projection_switch_puts_the_projection_inside_the_kernels_function(
+    variants,
+):
+    from data2vec.nn import token_attention
+
+    switch = {v[0]: v[3] for v in variants.VARIANTS}["attention projection inside"]
+    assert not token_attention.PROJECT  # off until measured
+    with switch():
+        assert token_attention.PROJECT
+    assert not token_attention.PROJECT

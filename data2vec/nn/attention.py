@@ -147,10 +147,15 @@ class Attention(nn.Module):
             ``(B, T, C)``.
         """
         B, T, C = x.shape
-        qkv = self.qkv(x)
         drop = self.attn_drop if self.training else 0.0
-        # short sequences, on CUDA (or the CPU under Triton's interpreter, for the tests)
-        if attn_mask is None and drop == 0 and token_attention.supports(qkv, self.num_heads):
+        # short sequences, on CUDA (or the CPU under Triton's interpreter, for the tests);
+        # in training, the projection's backward goes with the attention's
+        short = attn_mask is None and drop == 0
+        if short and token_attention.projects(x, self.qkv, self.num_heads):
+            out = token_attention.project_and_attend(x, self.qkv, self.num_heads)
+            return self.proj_drop(self.proj(out))
+        qkv = self.qkv(x)
+        if short and token_attention.supports(qkv, self.num_heads):
             return self.proj_drop(self.proj(token_attention.attend(qkv, self.num_heads)))
         q, k, v = split_heads(qkv, self.num_heads)
         if attn_mask is not None:

@@ -15,6 +15,13 @@ Here, for sequences of at most :data:`MAX_TOKENS` tokens:
   query, key and value gradients into one ``(B, T, 3C)`` tensor, the fused projection's
   output gradient (FlashAttention-2's formulas: ``dS = P * (dP - rowsum(dO * O))``).
 
+:func:`project_and_attend` also runs the fused projection ``qkv = x W^T + b`` (PyTorch's
+matrix product, as ``nn.Linear`` would) and its backward, so that the bias gradient comes from
+the backward kernel, which has the ``qkv`` gradient in registers: each program adds up its
+rows, and one small reduction finishes. Autograd's ``Linear`` backward reads the whole
+``(B*T, 3C)`` gradient once more for it (0.15 ms per block on an H100 at image-v2-base's batch
+128; benchmarks/README.md, "GPU, eighth pass"). Opt-in (:data:`PROJECT`) until measured.
+
 Products take the operands' dtype (bf16 under autocast), sums are float32, and the
 (unnormalized) probabilities are rounded to the operands' dtype before they meet the values,
 as the fused kernels do. No mask and no dropout: other calls go to
@@ -27,14 +34,23 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from data2vec.nn import token_conv
+from data2vec.nn.lean import linear_grads
 from data2vec.nn.triton_gate import tl, triton
 
 # Sequences up to this many tokens take these kernels (0: never). One program holds a
 # ``T x T`` float32 score matrix in registers; 64 covers the image students (40 tokens).
 MAX_TOKENS = 64
+
+# Whether a training forward runs the fused projection inside the attention's autograd
+# function (:func:`project_and_attend`), whose backward kernel also sums the bias gradient.
+# Eighth pass, not yet run on a GPU, so off: the sums take the backward kernel from 1184 to
+# 1960 instructions (sm_90; the column sums cross threads and warps), against a separate pass
+# of about 0.15 ms per block, and only a GPU can say which costs more.
+PROJECT = False
 
 if triton is not None:
 
@@ -96,6 +112,7 @@ if triton is not None:
         do_ptr,
         lse_ptr,
         dqkv_ptr,
+        part_ptr,
         T,
         H,
         scale,
@@ -103,8 +120,10 @@ if triton is not None:
         D: tl.constexpr,
         BLOCK_T: tl.constexpr,
         IEEE: tl.constexpr,
+        SUM_ROWS: tl.constexpr,
     ):
-        """Query, key and value gradients of one (sequence, head) per program."""
+        """Query, key and value gradients of one (sequence, head) per program; with
+        ``SUM_ROWS`` also their sums over the sequence's tokens, into ``part: (B, 3C)``."""
         q, k, v, rows, ok, cols = _program_head(qkv_ptr, T, H, C, D, BLOCK_T)
         offs = rows[:, None] * C + cols[None, :]
         o = tl.load(o_ptr + offs, mask=ok[:, None], other=0.0)
@@ -120,9 +139,17 @@ if triton is not None:
         dk = _mm(tl.trans(ds), q, IEEE) * scale
         out = rows[:, None] * (3 * C) + cols[None, :]
         dt = dqkv_ptr.dtype.element_ty
-        tl.store(dqkv_ptr + out, dq.to(dt), mask=ok[:, None])
-        tl.store(dqkv_ptr + out + C, dk.to(dt), mask=ok[:, None])
-        tl.store(dqkv_ptr + out + 2 * C, dv.to(dt), mask=ok[:, None])
+        dq, dk, dv = dq.to(dt), dk.to(dt), dv.to(dt)
+        tl.store(dqkv_ptr + out, dq, mask=ok[:, None])
+        tl.store(dqkv_ptr + out + C, dk, mask=ok[:, None])
+        tl.store(dqkv_ptr + out + 2 * C, dv, mask=ok[:, None])
+        if SUM_ROWS:
+            # this sequence's part of the projection's bias gradient: the column sums of the
+            # (rounded) gradients just stored; rows past T hold zeros (p is 0 there)
+            part = (tl.program_id(0) // H).to(tl.int64) * (3 * C) + cols
+            tl.store(part_ptr + part, tl.sum(dq.to(tl.float32), axis=0))
+            tl.store(part_ptr + part + C, tl.sum(dk.to(tl.float32), axis=0))
+            tl.store(part_ptr + part + 2 * C, tl.sum(dv.to(tl.float32), axis=0))
 
 
 def _launch(T: int) -> dict[str, int]:
@@ -152,6 +179,22 @@ def _forward(qkv: Tensor, num_heads: int, save_lse: bool) -> tuple[Tensor, Tenso
     return out, lse, scale
 
 
+def _backward(
+    qkv: Tensor, out: Tensor, g: Tensor, lse: Tensor, num_heads: int, scale: float, sums: bool
+) -> tuple[Tensor, Tensor | None]:
+    """``(dqkv, parts)``: one launch of the backward kernel; ``parts: (B, 3C)`` float32, the
+    per-sequence column sums of ``dqkv`` (with ``sums``; else None)."""
+    B, T, C3 = qkv.shape
+    dqkv = torch.empty_like(qkv)
+    parts = torch.empty(B, C3, device=qkv.device, dtype=torch.float32) if sums else None
+    _attention_backward[(B * num_heads,)](
+        qkv, out, g.contiguous(), lse, dqkv, dqkv if parts is None else parts, T, num_heads,
+        scale, C=C3 // 3, D=C3 // (3 * num_heads), IEEE=_ieee(qkv), SUM_ROWS=sums,
+        **_launch(T),
+    )  # fmt: skip
+    return dqkv, parts
+
+
 class _ShortAttention(torch.autograd.Function):
     """``qkv: (B, T, 3C) -> (B, T, C)``, heads of width ``C / num_heads``."""
 
@@ -165,27 +208,67 @@ class _ShortAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
         qkv, out, lse = ctx.saved_tensors
-        B, T, C3 = qkv.shape
-        H = ctx.num_heads
-        dqkv = torch.empty_like(qkv)
-        _attention_backward[(B * H,)](
-            qkv, out, g.contiguous(), lse, dqkv, T, H, ctx.scale, C=C3 // 3, D=C3 // (3 * H),
-            IEEE=_ieee(qkv), **_launch(T),
+        return _backward(qkv, out, g, lse, ctx.num_heads, ctx.scale, sums=False)[0], None
+
+
+class _ProjectAttention(torch.autograd.Function):
+    """``x: (B, T, C) -> (B, T, C)``: ``F.linear(x, weight, bias)`` (under autocast, in its
+    dtype), then the attention of the result; keeps ``x`` as the projection multiplied it,
+    ``qkv``, the output and the log-sum-exp rows."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_heads):  # type: ignore[override]
+        qkv = F.linear(x, weight, bias)
+        out, lse, scale = _forward(qkv, num_heads, save_lse=True)
+        x_c = x.to(qkv.dtype)  # what the projection multiplied (autocast's cast)
+        ctx.save_for_backward(x_c, weight, qkv, out, lse)
+        ctx.num_heads, ctx.scale = num_heads, scale
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight, qkv, out, lse = ctx.saved_tensors
+        need_x, need_w, need_b, _ = ctx.needs_input_grad
+        need_b = need_b and ctx.bias_dtype is not None
+        dqkv, parts = _backward(qkv, out, g, lse, ctx.num_heads, ctx.scale, sums=need_b)
+        grad_x, grad_w, _ = linear_grads(
+            dqkv.view(-1, qkv.shape[-1]), x.reshape(-1, x.shape[-1]), weight, None,
+            (need_x, need_w, False),
         )  # fmt: skip
-        return dqkv, None
+        grad_b = None
+        if parts is not None:
+            # rounded to the compute dtype first, as autograd's sum of the 16-bit gradient is
+            grad_b = parts.sum(0).to(qkv.dtype).to(ctx.bias_dtype)
+        return None if grad_x is None else grad_x.view(x.shape), grad_w, grad_b, None
+
+
+def _supports(t: Tensor, T: int, C3: int, dtype: torch.dtype, num_heads: int) -> bool:
+    """:func:`supports` for a ``(B, T, C3)`` fused projection in ``dtype`` on ``t``'s device."""
+    if not token_conv.available(t) or token_conv.is_suspended():
+        return False
+    d = C3 // (3 * num_heads)
+    width_ok = 3 * num_heads * d == C3 and d in (16, 32, 64, 128)
+    dtype_ok = dtype in (torch.bfloat16, torch.float16) or not t.is_cuda
+    return 0 < T <= MAX_TOKENS and width_ok and dtype_ok and not torch.compiler.is_compiling()
 
 
 def supports(qkv: Tensor, num_heads: int) -> bool:
     """Whether :func:`attend` runs on ``qkv: (B, T, 3C)``: Triton on its device (see
     ``token_conv.available``), at most :data:`MAX_TOKENS` tokens, heads of a power-of-two
     width from 16 to 128, and (on a GPU) 16-bit operands, where it was measured."""
-    if qkv.dim() != 3 or not token_conv.available(qkv) or token_conv.is_suspended():
+    return qkv.dim() == 3 and _supports(qkv, qkv.shape[1], qkv.shape[2], qkv.dtype, num_heads)
+
+
+def projects(x: Tensor, qkv: nn.Module, num_heads: int) -> bool:
+    """Whether :func:`project_and_attend` runs ``qkv`` (the fused projection) and the
+    attention on ``x: (B, T, C)``: :data:`PROJECT`, a plain ``nn.Linear``, gradients
+    recorded, and :func:`supports` for its output (in autocast's dtype where autocast is on)."""
+    if not (PROJECT and type(qkv) is nn.Linear and torch.is_grad_enabled() and x.dim() == 3):
         return False
-    T, C3 = qkv.shape[1:]
-    d = C3 // (3 * num_heads)
-    width_ok = 3 * num_heads * d == C3 and d in (16, 32, 64, 128)
-    dtype_ok = qkv.dtype in (torch.bfloat16, torch.float16) or not qkv.is_cuda
-    return 0 < T <= MAX_TOKENS and width_ok and dtype_ok and not torch.compiler.is_compiling()
+    device = x.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+    return _supports(x, x.shape[1], qkv.out_features, dtype, num_heads)
 
 
 def attend(qkv: Tensor, num_heads: int) -> Tensor:
@@ -207,3 +290,13 @@ def attend(qkv: Tensor, num_heads: int) -> Tensor:
         if torch.is_grad_enabled() and qkv.requires_grad:
             return _ShortAttention.apply(qkv, num_heads)
         return _forward(qkv, num_heads, save_lse=False)[0]  # nothing kept (the teacher)
+
+
+def project_and_attend(x: Tensor, qkv: nn.Linear, num_heads: int) -> Tensor:
+    """``attend(qkv(x), num_heads)`` with the projection's backward folded in (see the
+    module's docstring); the same values and gradients up to the bias gradient's summation
+    order. ``x: (B, T, C) -> (B, T, C)``."""
+    if triton is None:
+        raise RuntimeError(f"short-sequence attention needs {token_conv.NEEDS_TRITON}")
+    with token_conv.device_guard(x):
+        return _ProjectAttention.apply(x, qkv.weight, qkv.bias, num_heads)
