@@ -76,6 +76,11 @@ _INSTRUCTION = re.compile(
 )
 
 
+# ".L_x_3:" (a branch target) and "BRA `(.L_x_3)"
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
+
+
 class _Recorder:
     """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **kwargs)`` records the
     arguments instead of launching."""
@@ -217,7 +222,8 @@ def _tool(name: str) -> str:
 
 
 def sass_stats(compiled: Any) -> dict[str, Any]:
-    """Registers, shared and local memory, and the instruction mix of a compiled kernel."""
+    """Registers, shared and local memory, the instruction mix of a compiled kernel, and the
+    instruction mix of each of its loops' bodies."""
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         Path(cubin).write_bytes(compiled.asm["cubin"])
@@ -227,12 +233,26 @@ def sass_stats(compiled: Any) -> dict[str, Any]:
                                text=True, check=True).stdout  # fmt: skip
     ops: collections.Counter[str] = collections.Counter()
     memory: collections.Counter[str] = collections.Counter()
+    sequence: list[str] = []  # opcodes in program order
+    labels: dict[str, int] = {}  # label -> index of the next instruction
+    loops: list[dict[str, Any]] = []
     for line in sass.splitlines():
+        label = _LABEL.match(line)
+        if label:
+            labels[label.group(1)] = len(sequence)
+            continue
         m = _INSTRUCTION.match(line)
         if m:
             ops[m.group(1)] += 1
             if m.group(1) in ("LDG", "LDGSTS", "STG"):
                 memory[m.group(1) + m.group(2)] += 1
+            sequence.append(m.group(1))
+            target = _BRANCH.search(line) if m.group(1) == "BRA" else None
+            if target and target.group(1) in labels:  # a branch back: a loop's last instruction
+                body = sequence[labels[target.group(1)] :]
+                if body != ["BRA"]:  # (not the branch to itself that ends every kernel)
+                    counts = dict(collections.Counter(body))
+                    loops.append({"instructions": len(body), "ops": counts})
     regs = re.search(r"REG:(\d+)", usage)
     local = re.search(r"LOCAL:(\d+)", usage)
     return {
@@ -245,6 +265,7 @@ def sass_stats(compiled: Any) -> dict[str, Any]:
             for name, opcodes in _CLASSES.items()
         },
         "global_memory": dict(memory),
+        "loops": loops,  # each loop's body (from its label to the branch back), in code order
     }
 
 

@@ -79,6 +79,20 @@ def test_narrower_vectors_keep_the_pipelined_activation_copies_in_l1(report):
         assert through_l1 > copies["LDGSTS.E.BYPASS.128"], (launch, copies)
 
 
+def test_the_weight_gradient_loop_sums_on_the_tensor_cores_and_divides_by_constants(report):
+    """Each iteration of the weight gradient's loop adds its tile's bias sums by a product with
+    a column of ones, not by sums across threads (shuffles), and finds the image positions of
+    its rows without dividing by a value known only at run time (``IABS``/``MUFU.RCP`` are
+    the signs of one), since a 2-D grid is compiled in."""
+    if report is None:
+        pytest.skip("Triton < 3.2: the kernels are not defined (see the first test)")
+    (loop,) = report["settings"]["unrolled"]["weight gradient"]["loops"]
+    ops = loop["ops"]
+    assert ops.get("HGMMA", 0) > 0 and ops.get("LDGSTS", 0) > 0, ops  # the products, the copies
+    assert ops.get("SHFL", 0) == 0, ops
+    assert ops.get("IABS", 0) == 0 and ops.get("MUFU", 0) == 0, ops
+
+
 def test_the_input_gradient_reads_whole_16_byte_vectors_and_nothing_spills(report):
     if report is None:
         pytest.skip("Triton < 3.2: the kernels are not defined (see the test above)")

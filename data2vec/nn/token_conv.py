@@ -269,6 +269,7 @@ def conv_tokens_grads(
         C_IN=x.shape[1], C_OUT=gy.shape[1], CIN_G=cin_g, COUT_G=cout_g, KH=KH, KW=KW,
         IEEE=_ieee(gy), ITERS=iters, BLOCK_M=block_m, BLOCK_O=_block(cout_g, 128),
         BLOCK_I=block_i, PACK=pack, VEC=_vec(cin_g), N_COLS=n_cols, HAS_BIAS=bias,
+        HC=hw[0] if hw[0] > 1 else 0, WC=hw[1] if hw[0] > 1 else 0,
         **_launch(WEIGHT_GRAD),
     )  # fmt: skip
     gb = bs.sum(0) if bias else None
