@@ -48,8 +48,8 @@ MAX_TOKENS = 64
 # Whether a training forward runs the fused projection inside the attention's autograd
 # function (:func:`project_and_attend`), whose backward kernel also sums the bias gradient.
 # Eighth pass, not yet run on a GPU, so off: the sums take the backward kernel from 1184 to
-# 1960 instructions (sm_90; the column sums cross threads and warps), against a separate pass
-# of about 0.15 ms per block, and only a GPU can say which costs more.
+# 1408 instructions (sm_90), against a separate pass of about 0.15 ms per block, and only a
+# GPU can say which costs more.
 PROJECT = False
 
 if triton is not None:
@@ -145,11 +145,15 @@ if triton is not None:
         tl.store(dqkv_ptr + out + 2 * C, dv, mask=ok[:, None])
         if SUM_ROWS:
             # this sequence's part of the projection's bias gradient: the column sums of the
-            # (rounded) gradients just stored; rows past T hold zeros (p is 0 there)
+            # (rounded) gradients just stored, as products with a row of ones (beside 15 rows
+            # of zeros) on the tensor cores; rows past T hold zeros (p is 0 there)
+            first = tl.arange(0, 16)[:, None] == 0
+            ones = tl.where(first, 1.0, tl.zeros((16, BLOCK_T), tl.float32)).to(dt)
             part = (tl.program_id(0) // H).to(tl.int64) * (3 * C) + cols
-            tl.store(part_ptr + part, tl.sum(dq.to(tl.float32), axis=0))
-            tl.store(part_ptr + part + C, tl.sum(dk.to(tl.float32), axis=0))
-            tl.store(part_ptr + part + 2 * C, tl.sum(dv.to(tl.float32), axis=0))
+            dst = part_ptr + part[None, :] + tl.zeros((16, 1), tl.int32)
+            tl.store(dst, _mm(ones, dq, IEEE), mask=first)
+            tl.store(dst + C, _mm(ones, dk, IEEE), mask=first)
+            tl.store(dst + 2 * C, _mm(ones, dv, IEEE), mask=first)
 
 
 def _launch(T: int) -> dict[str, int]:
