@@ -265,26 +265,31 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
                 return {"kernel": kernel, **table, "error": str(exc)[:200]}
 
     results = []
-    # (BLOCK_M, BLOCK_K, PACK_K, num_warps, num_stages, SWAP_AB, PIPELINE, LOAD_BYTES); none
-    # of the transposed products (SWAP_AB, sixth pass), the pipelined loop (PIPELINE, seventh
-    # pass) and its copies through L1 (LOAD_BYTES 8, eighth pass) has run on a GPU yet.
-    # Unrolled (PIPELINE 0), num_stages has no effect.
-    for bm, bk, pack, warps, stages, swap, pipe, load_bytes in [
-        (128, 64, 1, 4, 3, 0, 0, 0), (128, 64, 1, 8, 3, 0, 0, 0), (64, 64, 1, 4, 3, 0, 0, 0),
-        (256, 64, 1, 8, 3, 0, 0, 0), (128, 64, 1, 4, 3, 1, 0, 0), (256, 64, 1, 4, 3, 1, 0, 0),
-        (256, 64, 1, 8, 3, 1, 0, 0), (128, 64, 1, 8, 3, 1, 0, 0), (256, 32, 1, 8, 3, 1, 0, 0),
-        (512, 64, 1, 8, 3, 1, 0, 0), (128, 64, 1, 4, 2, 0, 1, 0), (128, 64, 1, 4, 3, 0, 1, 0),
-        (128, 64, 1, 4, 4, 0, 1, 0), (128, 32, 1, 4, 4, 0, 1, 0), (128, 64, 1, 8, 3, 0, 1, 0),
-        (256, 64, 1, 8, 3, 0, 1, 0), (64, 64, 1, 4, 4, 0, 1, 0), (128, 64, 1, 4, 3, 1, 1, 0),
-        (256, 64, 1, 8, 3, 1, 1, 0), (128, 64, 1, 4, 2, 0, 1, 8), (128, 64, 1, 4, 3, 0, 1, 8),
-        (128, 64, 1, 4, 4, 0, 1, 8), (256, 64, 1, 8, 3, 0, 1, 8), (128, 64, 1, 4, 3, 1, 1, 8),
-        (128, 64, 1, 4, 3, 0, 0, 8),
+    # Forward settings over BLOCK_M 128, BLOCK_K 64, PACK_K 1, 4 warps, 3 stages and the opt-in
+    # forms off. None of the transposed products (SWAP_AB, sixth pass), the pipelined loop
+    # (PIPELINE, seventh pass), its copies through L1 (LOAD_BYTES 8) and the register cap
+    # (maxnreg, eighth pass) has run on a GPU yet. Unrolled, num_stages has no effect.
+    base = {"BLOCK_M": 128, "BLOCK_K": 64, "PACK_K": 1, "num_warps": 4, "num_stages": 3,
+            "SWAP_AB": 0, "PIPELINE": 0, "LOAD_BYTES": 0, "maxnreg": 0}  # fmt: skip
+    pipe, swap, l1 = {"PIPELINE": 1}, {"SWAP_AB": 1}, {"PIPELINE": 1, "LOAD_BYTES": 8}
+    for change in [
+        {}, {"num_warps": 8}, {"BLOCK_M": 64}, {"BLOCK_M": 256, "num_warps": 8},
+        {"maxnreg": 128}, {"maxnreg": 168},
+        swap, {**swap, "BLOCK_M": 256}, {**swap, "BLOCK_M": 256, "num_warps": 8},
+        {**swap, "num_warps": 8}, {**swap, "BLOCK_M": 256, "BLOCK_K": 32, "num_warps": 8},
+        {**swap, "BLOCK_M": 512, "num_warps": 8},
+        {**pipe, "num_stages": 2}, pipe, {**pipe, "num_stages": 4},
+        {**pipe, "BLOCK_K": 32, "num_stages": 4}, {**pipe, "num_warps": 8},
+        {**pipe, "BLOCK_M": 256, "num_warps": 8}, {**pipe, "BLOCK_M": 64, "num_stages": 4},
+        {**pipe, **swap}, {**pipe, **swap, "BLOCK_M": 256, "num_warps": 8},
+        {**pipe, "maxnreg": 128},
+        {**l1, "num_stages": 2}, l1, {**l1, "num_stages": 4},
+        {**l1, "BLOCK_M": 256, "num_warps": 8}, {**l1, **swap}, {"LOAD_BYTES": 8},
     ]:  # fmt: skip
         results.append(timed(
             "forward", token_conv.FORWARD,
             lambda: token_conv.conv_tokens_forward(rows, w_t, None, hw, cout),
-            BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps, num_stages=stages,
-            SWAP_AB=swap, PIPELINE=pipe, LOAD_BYTES=load_bytes,
+            **{**base, **change},
         ))  # fmt: skip
     shape = (G, 3, 3, w.shape[1], cout // G)
     grow = gy.reshape(-1, cout)

@@ -181,6 +181,12 @@ VARIANTS = [
     # pipelined, the activations copied 8 bytes at a time, through L1 (eighth pass)
     ("conv pipelined l1", (), False,
      functools.partial(settings, token_conv.FORWARD, PIPELINE=1, LOAD_BYTES=8)),
+    # register caps, so that more programs share a multiprocessor (eighth pass)
+    ("conv 128 registers", (), False,
+     functools.partial(settings, token_conv.FORWARD, maxnreg=128)),
+    ("blocks 128 registers", (), False,
+     lambda: _patched((token_norm, "BACKWARD_MAXNREG", 128),
+                      (token_attention, "BACKWARD_MAXNREG", 128))),
     ("heads permuted", (), False, _heads_permuted),
     ("sdpa flash", (), False, _sdpa("FLASH_ATTENTION")),
     ("sdpa efficient", (), False, _sdpa("EFFICIENT_ATTENTION")),

@@ -200,7 +200,7 @@ def compile_launch(kernel: Any, args: tuple, kwargs: dict, arch: int = 90) -> An
     from triton.compiler import ASTSource
 
     kwargs = dict(kwargs)
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     signature, attrs = {}, {}
     for i, (name, value) in enumerate(zip(kernel.arg_names, args)):
         if isinstance(value, torch.Tensor):

@@ -64,6 +64,7 @@ def test_swapped_conv_switches_set_the_forward_kernel_only_and_restore_it(varian
         ("conv pipelined", {"PIPELINE": 1}),
         ("conv pipelined swapped", {"PIPELINE": 1, "SWAP_AB": 1}),
         ("conv pipelined l1", {"PIPELINE": 1, "LOAD_BYTES": 8}),
+        ("conv 128 registers", {"maxnreg": 128}),
     ],
 )
 def test_pipelined_conv_switches_set_the_forward_kernel_only_and_restore_it(variants, name, values):
@@ -89,3 +90,13 @@ def test_the_attention_projection_switch_puts_the_projection_inside_the_kernels_
     with switch():
         assert token_attention.PROJECT
     assert not token_attention.PROJECT
+
+
+def test_the_blocks_register_cap_switch_caps_the_norm_and_attention_backward(variants):
+    from data2vec.nn import token_attention, token_norm
+
+    switch = {v[0]: v[3] for v in variants.VARIANTS}["blocks 128 registers"]
+    assert token_norm.BACKWARD_MAXNREG == token_attention.BACKWARD_MAXNREG == 0  # no caps yet
+    with switch():
+        assert token_norm.BACKWARD_MAXNREG == token_attention.BACKWARD_MAXNREG == 128
+    assert token_norm.BACKWARD_MAXNREG == token_attention.BACKWARD_MAXNREG == 0

@@ -93,6 +93,29 @@ def test_the_weight_gradient_loop_sums_on_the_tensor_cores_and_divides_by_consta
     assert ops.get("IABS", 0) == 0 and ops.get("MUFU", 0) == 0, ops
 
 
+def test_register_caps_reach_the_compiled_kernels_without_spills(sass, monkeypatch, tmp_path):
+    """``maxnreg`` settings reach the launches (none is passed while they are 0, so a Triton
+    without the option is never asked for it) and compile to at most that many registers,
+    without spilling, for the kernels whose occupancy they are meant to raise."""
+    if triton_gate.triton is None:
+        pytest.skip("Triton < 3.2: the kernels are not defined (see the first test)")
+    from data2vec.nn import token_attention, token_norm
+
+    forward = sass.launches()["forward"]
+    assert "maxnreg" not in forward[2]
+    monkeypatch.setitem(token_conv.FORWARD, "maxnreg", 128)
+    monkeypatch.setattr(token_norm, "BACKWARD_MAXNREG", 128)
+    monkeypatch.setattr(token_attention, "BACKWARD_MAXNREG", 128)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # not under HOME
+    conv, blocks = sass.launches(), sass.block_launches()
+    capped = [conv["forward"], conv["input gradient"], blocks["norm backward"],
+              blocks["attention backward"]]  # fmt: skip
+    for kernel, args, kwargs in capped:
+        assert kwargs["maxnreg"] == 128
+        stats = sass.sass_stats(sass.compile_launch(kernel, args, kwargs))
+        assert stats["registers"] <= 128 and stats["local_bytes"] == 0, (kernel, stats)
+
+
 def test_the_input_gradient_reads_whole_16_byte_vectors_and_nothing_spills(report):
     if report is None:
         pytest.skip("Triton < 3.2: the kernels are not defined (see the test above)")

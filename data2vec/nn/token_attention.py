@@ -52,6 +52,10 @@ MAX_TOKENS = 64
 # GPU can say which costs more.
 PROJECT = False
 
+# The backward kernel's register cap (0: none): 141 registers uncapped (sm_90), 3 programs per
+# multiprocessor; 128 fits 4, without spills. Eighth pass, not yet run on a GPU.
+BACKWARD_MAXNREG = 0
+
 if triton is not None:
 
     @triton.jit
@@ -194,7 +198,7 @@ def _backward(
     _attention_backward[(B * num_heads,)](
         qkv, out, g.contiguous(), lse, dqkv, dqkv if parts is None else parts, T, num_heads,
         scale, C=C3 // 3, D=C3 // (3 * num_heads), IEEE=_ieee(qkv), SUM_ROWS=sums,
-        **_launch(T),
+        **_launch(T), **token_conv.register_cap(BACKWARD_MAXNREG),
     )  # fmt: skip
     return dqkv, parts
 

@@ -135,6 +135,11 @@ MIN_ROWS = 40960
 # floats per program) stay a small fraction of the gradient traffic.
 ROWS_PER_PROGRAM = 128
 
+# The backward kernel's register cap (0: none). Uncapped it takes 197 registers (sm_90), so two
+# of its 128-thread programs share a multiprocessor; at 128 four do, without spills. Eighth
+# pass, not yet run on a GPU (benchmarks/README.md).
+BACKWARD_MAXNREG = 0
+
 
 def _forward(
     x: Tensor, a: Tensor, weight: Tensor, bias: Tensor, eps: float, low_dtype, save_z: bool
@@ -181,6 +186,7 @@ class _AddLayerNorm(torch.autograd.Function):
             z, weight, z if gy is None else gy, z if glow is None else glow, gz, ga, gw, gb,
             M, ctx.eps, C=C, HAS_GY=gy is not None, HAS_GLOW=glow is not None,
             HAS_GA=split_a, ROWS_PER_PROGRAM=rows, **blocks,
+            **token_conv.register_cap(BACKWARD_MAXNREG),
         )  # fmt: skip
         gw, gb = parts.sum(1).to(weight.dtype)
         return gz, ga, gw, gb, None, None
