@@ -20,7 +20,14 @@ from data2vec import targets
 from data2vec.engine import trainer
 from data2vec.masking import MaskInfo, select_positions
 from data2vec.models import data2vec2, decoders
-from data2vec.nn import attention, token_attention, token_conv, token_mlp, token_norm
+from data2vec.nn import (
+    attention,
+    token_attention,
+    token_conv,
+    token_layer,
+    token_mlp,
+    token_norm,
+)
 
 # the functions the sixth pass's switches wrap, as they are without a switch
 _FORWARD_LOSS, _FORWARD = data2vec2.Data2Vec2.forward_loss, data2vec2.Data2Vec2.forward
@@ -200,6 +207,7 @@ VARIANTS = [
     # the fused projection inside the attention's autograd function (eighth pass)
     ("attention projection inside", (), False,
      lambda: _patched((token_attention, "PROJECT", True))),
+    ("decoder rows padded", (), False, lambda: _patched((token_layer, "SPLIT_ROWS", False))),
     ("host reads", (), False, _host_reads),
     ("conv bias pass", (), False, _conv_bias_pass),
     ("before sixth pass", (), False, _before_sixth_pass),

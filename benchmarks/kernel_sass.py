@@ -37,7 +37,14 @@ from typing import Any
 
 import torch
 
-from data2vec.nn import token_attention, token_conv, token_conv_kernels, token_mlp, token_norm
+from data2vec.nn import (
+    token_attention,
+    token_conv,
+    token_conv_kernels,
+    token_layer,
+    token_mlp,
+    token_norm,
+)
 from data2vec.nn.triton_gate import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -156,7 +163,9 @@ def block_launches(batch: int = 128, clones: int = 16) -> dict[str, tuple[Any, t
     """The image-v2-base student blocks' Triton launches at batch 128 (``batch * clones``
     sequences of 40 visible tokens, 768 wide, 12 heads): the fused norm's forward and backward,
     the MLP's fused backward over the 3072-wide hidden layer, and the short-sequence attention's
-    forward and backward, each recorded through its module's own entry point."""
+    forward and backward, each recorded through its module's own entry point; and the
+    decoder layers' row kernels (``batch * clones * 196`` rows of 768: LayerNorm, GELU and the
+    residual, forward and backward), as ``token_layer`` launches them."""
     B, T, C, H = batch * clones, 40, 768, 12
     M = B * T
     bf16 = {"device": "meta", "dtype": torch.bfloat16}
@@ -184,12 +193,28 @@ def block_launches(batch: int = 128, clones: int = 16) -> dict[str, tuple[Any, t
         token_attention._backward(qkv, torch.empty(B, T, C, **bf16), torch.empty(B, T, C, **bf16),
                                   torch.empty(B * H, T, **f32), H, 0.125, sums=True)  # fmt: skip
 
+    rows = batch * clones * 196
+    y, grid_blocks = torch.empty(rows, C, **bf16), token_layer.split_launch(rows, C)
+
+    def rows_forward() -> None:
+        token_layer._forward_kernel[grid_blocks[0]](
+            y, torch.empty(rows, C, **f32), torch.empty(rows, C, **f32), torch.empty_like(y),
+            rows, 1e-5, C=C, HAS_RES=True, HAS_LOW=True, **grid_blocks[1],
+        )  # fmt: skip
+
+    def rows_backward() -> None:
+        token_layer._backward_kernel[grid_blocks[0]](
+            y, torch.empty(rows, C, **f32), torch.empty_like(y), rows, 1e-5, C=C, **grid_blocks[1]
+        )  # fmt: skip
+
     runs = {
         "norm forward": (token_norm, "_add_norm_forward", norm_forward),
         "norm backward": (token_norm, "_add_norm_backward", norm_backward),
         "mlp backward": (token_mlp, "_gelu_grad_kernel", mlp_backward),
         "attention forward": (token_attention, "_attention_forward", attention_forward),
         "attention backward": (token_attention, "_attention_backward", attention_backward),
+        "decoder rows forward": (token_layer, "_forward_kernel", rows_forward),
+        "decoder rows backward": (token_layer, "_backward_kernel", rows_backward),
     }
     return {name: record(module, kernel, run) for name, (module, kernel, run) in runs.items()}
 

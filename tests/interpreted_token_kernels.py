@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data2vec.models.decoders import ConvDecoder
-from data2vec.nn import token_conv
+from data2vec.nn import token_conv, token_layer
 from data2vec.nn.token_layer import decoder_layer
 from tests.conftest import rel
 
@@ -104,12 +104,24 @@ def plain_layer(h, w, b, hw, residual):
     return out + h if residual else out
 
 
-@pytest.mark.parametrize("residual", [True, False])
-def test_decoder_layer_matches_plain_ops(residual):
+@pytest.mark.parametrize(
+    ("residual", "C", "split"), [(True, 32, True), (False, 32, True), (True, 48, True),
+                                 (True, 48, False), (False, 40, True)]
+)  # fmt: skip
+def test_decoder_layer_matches_plain_ops(residual, C, split, monkeypatch):
     """Two stacked fused layers (the second reads the first's low-precision copy, through
-    which no gradient flows) against the plain composition: values and every gradient."""
+    which no gradient flows) against the plain composition: values and every gradient. Rows
+    of 32 channels are one tile; of 48, two (32 + 16) or, not split, one of 64; of 40, 32 + 8."""
+    monkeypatch.setattr(token_layer, "SPLIT_ROWS", split)
+    blocks = token_layer.split_launch(1, C)[1]
+    assert (blocks["BLOCK_A"], blocks["BLOCK_B"]) == {
+        (32, True): (32, 0),
+        (48, True): (32, 16),
+        (48, False): (64, 0),
+        (40, True): (32, 8),
+    }[C, split]
     g = torch.Generator().manual_seed(2)
-    N, H, W, C, G = 2, 4, 6, 32, 4
+    N, H, W, G = 2, 4, 6, 4
     h = (2 * torch.randn(N, H * W, C, generator=g)).requires_grad_()
     ws = [(0.3 * torch.randn(C, C // G, 3, 3, generator=g)).requires_grad_() for _ in range(2)]
     bs = [torch.randn(C, generator=g, requires_grad=True) for _ in range(2)]

@@ -100,3 +100,14 @@ def test_the_blocks_register_cap_switch_caps_the_norm_and_attention_backward(var
     with switch():
         assert token_norm.BACKWARD_MAXNREG == token_attention.BACKWARD_MAXNREG == 128
     assert token_norm.BACKWARD_MAXNREG == token_attention.BACKWARD_MAXNREG == 0
+
+
+def test_the_padded_rows_switch_turns_the_split_off(variants):
+    from data2vec.nn import token_layer
+
+    switch = {v[0]: v[3] for v in variants.VARIANTS}["decoder rows padded"]
+    assert token_layer.SPLIT_ROWS
+    with switch():
+        assert not token_layer.SPLIT_ROWS
+        assert token_layer.split_launch(8, 768)[1]["BLOCK_B"] == 0
+    assert token_layer.split_launch(8, 768)[1]["BLOCK_B"] == 256

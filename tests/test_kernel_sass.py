@@ -93,6 +93,29 @@ def test_the_weight_gradient_loop_sums_on_the_tensor_cores_and_divides_by_consta
     assert ops.get("IABS", 0) == 0 and ops.get("MUFU", 0) == 0, ops
 
 
+def test_decoder_rows_split_in_two_tiles_run_fewer_instructions(sass, monkeypatch, tmp_path):
+    """768 channels as tiles of 512 and 256 rather than one of 1024: the lanes that worked on
+    the padding columns are gone, in both row kernels (the backward is bound by issuing
+    instructions on an H100)."""
+    if triton_gate.triton is None:
+        pytest.skip("Triton < 3.2: the kernels are not defined (see the first test)")
+    from data2vec.nn import token_layer
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # not under HOME
+    counts = {}
+    for split in (False, True):
+        monkeypatch.setattr(token_layer, "SPLIT_ROWS", split)
+        launches = sass.block_launches()
+        for name in ("decoder rows forward", "decoder rows backward"):
+            kernel, args, kwargs = launches[name]
+            assert kwargs["BLOCK_B"] == (256 if split else 0)
+            stats = sass.sass_stats(sass.compile_launch(kernel, args, kwargs))
+            assert stats["local_bytes"] == 0
+            counts[split, name] = stats["instructions"]
+    for name in ("decoder rows forward", "decoder rows backward"):
+        assert counts[True, name] < 0.85 * counts[False, name], counts
+
+
 def test_register_caps_reach_the_compiled_kernels_without_spills(sass, monkeypatch, tmp_path):
     """``maxnreg`` settings reach the launches (none is passed while they are 0, so a Triton
     without the option is never asked for it) and compile to at most that many registers,
@@ -137,7 +160,8 @@ def test_the_blocks_kernels_move_whole_16_byte_vectors_and_nothing_spills(report
         pytest.skip("Triton < 3.2: the kernels are not defined (see the first test)")
     blocks = report["blocks"]
     assert set(blocks) == {"norm forward", "norm backward", "mlp backward", "attention forward",
-                           "attention backward"}  # fmt: skip
+                           "attention backward", "decoder rows forward",
+                           "decoder rows backward"}  # fmt: skip
     for name, stats in blocks.items():
         assert stats["local_bytes"] == 0, name
         accesses = stats["global_memory"]

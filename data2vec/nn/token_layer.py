@@ -15,6 +15,9 @@ the convolutions (``benchmarks/README.md``, GPU section). Here a layer is:
   writes ``y``'s gradient; the convolution's input gradient adds the residual's gradient as
   it stores; the weight gradient reads the saved bf16 input.
 
+A row of ``C`` channels is read as two column tiles whose widths are powers of two (768 =
+512 + 256), so that no thread works on padding columns (:data:`SPLIT_ROWS`).
+
 Only ``y`` and the bf16 input are kept for backward (``checkpoint_elementwise`` keeps the
 same two on the plain path). The float32 residual stream and the autocast rounding of the
 convolution's operands are those of the plain ops; the LayerNorm has no affine parameters
@@ -30,9 +33,42 @@ from torch import Tensor
 from data2vec.nn import token_conv
 from data2vec.nn.triton_gate import tl, triton
 
+# Decoder rows as two column tiles, so that no lane works on padding: 768 channels as 512 + 256
+# rather than one tile of 1024. The backward kernel is bound by issuing instructions on an H100
+# (2128 per 4-row program, sm_90: about 0.92 of its measured 1.05 ms), a quarter of them for
+# padding; benchmarks/README.md, "GPU, eighth pass". False: one tile, as measured before.
+SPLIT_ROWS = True
+
 if triton is not None:
-    # The two kernels below start alike (the row statistics); they are kept as the separate
-    # bodies that were measured on the GPU rather than sharing a helper function.
+
+    @triton.jit
+    def _row_tile(rows, M, C: tl.constexpr, START: tl.constexpr, BLOCK: tl.constexpr):
+        """Offsets into ``(M, C)`` rows and the mask of their columns ``[START, START +
+        BLOCK)``, each ``(BLOCK_R, BLOCK)``."""
+        cols = START + tl.arange(0, BLOCK)
+        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+        return offs, (rows < M)[:, None] & (cols < C)[None, :]
+
+    @triton.jit
+    def _gelu_grad(n, g, ok):
+        """``g * gelu'(n)`` (exact GELU), zero outside ``ok``: d gelu(n) / dn = Phi(n) +
+        n phi(n), with phi the standard normal density."""
+        cdf = 0.5 * (1.0 + tl.math.erf(n * 0.7071067811865476))
+        return tl.where(ok, g * (cdf + n * tl.exp(-0.5 * n * n) * 0.3989422804014327), 0.0)
+
+    @triton.jit
+    def _store_layer_out(n, r_ptr, out_ptr, low_ptr, offs, ok, HAS_RES: tl.constexpr,
+                         HAS_LOW: tl.constexpr):  # fmt: skip
+        """``gelu(n) (+ r)`` of one tile, stored in ``out``'s dtype and in ``low``'s."""
+        out = 0.5 * n * (1.0 + tl.math.erf(n * 0.7071067811865476))
+        if HAS_RES:
+            out += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
+        if HAS_LOW:
+            tl.store(low_ptr + offs, out.to(low_ptr.dtype.element_ty), mask=ok)
+
+    # Both kernels take a row's columns as tile a, [0, BLOCK_A), and, unless BLOCK_B is 0,
+    # tile b, [BLOCK_A, BLOCK_A + BLOCK_B) (see split_launch); each row sum adds both tiles'.
     @triton.jit
     def _forward_kernel(
         y_ptr,
@@ -45,25 +81,31 @@ if triton is not None:
         HAS_RES: tl.constexpr,
         HAS_LOW: tl.constexpr,
         BLOCK_R: tl.constexpr,
-        BLOCK_C: tl.constexpr,
+        BLOCK_A: tl.constexpr,
+        BLOCK_B: tl.constexpr,
     ):
         """``out = gelu(layer_norm(y)) (+ r)`` over rows of ``C`` channels, and ``low``, its
         copy in ``low``'s (lower) precision."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.arange(0, BLOCK_C)
-        ok = (rows < M)[:, None] & (cols < C)[None, :]
-        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        mean = tl.sum(y, axis=1) / C
-        d = tl.where(ok, y - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
-        n = d * rstd[:, None]
-        out = 0.5 * n * (1.0 + tl.math.erf(n * 0.7071067811865476))
-        if HAS_RES:
-            out += tl.load(r_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
-        if HAS_LOW:
-            tl.store(low_ptr + offs, out.to(low_ptr.dtype.element_ty), mask=ok)
+        offs_a, ok_a = _row_tile(rows, M, C, 0, BLOCK_A)
+        ya = tl.load(y_ptr + offs_a, mask=ok_a, other=0.0).to(tl.float32)
+        total = tl.sum(ya, axis=1)
+        if BLOCK_B > 0:
+            offs_b, ok_b = _row_tile(rows, M, C, BLOCK_A, BLOCK_B)
+            yb = tl.load(y_ptr + offs_b, mask=ok_b, other=0.0).to(tl.float32)
+            total += tl.sum(yb, axis=1)
+        mean = total / C
+        da = tl.where(ok_a, ya - mean[:, None], 0.0)
+        squares = tl.sum(da * da, axis=1)
+        if BLOCK_B > 0:
+            db = tl.where(ok_b, yb - mean[:, None], 0.0)
+            squares += tl.sum(db * db, axis=1)
+        rstd = 1.0 / tl.sqrt(squares / C + eps)
+        _store_layer_out(da * rstd[:, None], r_ptr, out_ptr, low_ptr, offs_a, ok_a,
+                         HAS_RES, HAS_LOW)  # fmt: skip
+        if BLOCK_B > 0:
+            _store_layer_out(db * rstd[:, None], r_ptr, out_ptr, low_ptr, offs_b, ok_b,
+                             HAS_RES, HAS_LOW)  # fmt: skip
 
     @triton.jit
     def _backward_kernel(
@@ -74,27 +116,42 @@ if triton is not None:
         eps,
         C: tl.constexpr,
         BLOCK_R: tl.constexpr,
-        BLOCK_C: tl.constexpr,
+        BLOCK_A: tl.constexpr,
+        BLOCK_B: tl.constexpr,
     ):
         """Gradient of ``gelu(layer_norm(y))`` w.r.t. ``y`` from the output gradient ``g``."""
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.arange(0, BLOCK_C)
-        ok = (rows < M)[:, None] & (cols < C)[None, :]
-        offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
-        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        mean = tl.sum(y, axis=1) / C
-        d = tl.where(ok, y - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
-        n = d * rstd[:, None]
-        g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        # d gelu(n) / dn = Phi(n) + n phi(n), with phi the standard normal density
-        cdf = 0.5 * (1.0 + tl.math.erf(n * 0.7071067811865476))
-        gn = tl.where(ok, g * (cdf + n * tl.exp(-0.5 * n * n) * 0.3989422804014327), 0.0)
+        offs_a, ok_a = _row_tile(rows, M, C, 0, BLOCK_A)
+        ya = tl.load(y_ptr + offs_a, mask=ok_a, other=0.0).to(tl.float32)
+        total = tl.sum(ya, axis=1)
+        if BLOCK_B > 0:
+            offs_b, ok_b = _row_tile(rows, M, C, BLOCK_A, BLOCK_B)
+            yb = tl.load(y_ptr + offs_b, mask=ok_b, other=0.0).to(tl.float32)
+            total += tl.sum(yb, axis=1)
+        mean = total / C
+        da = tl.where(ok_a, ya - mean[:, None], 0.0)
+        squares = tl.sum(da * da, axis=1)
+        if BLOCK_B > 0:
+            db = tl.where(ok_b, yb - mean[:, None], 0.0)
+            squares += tl.sum(db * db, axis=1)
+        rstd = 1.0 / tl.sqrt(squares / C + eps)
+        na = da * rstd[:, None]
+        gna = _gelu_grad(na, tl.load(g_ptr + offs_a, mask=ok_a, other=0.0).to(tl.float32), ok_a)
         # LayerNorm without affine: dy = rstd * (gn - mean(gn) - n * mean(gn * n))
-        m1 = tl.sum(gn, axis=1) / C
-        m2 = tl.sum(gn * n, axis=1) / C
-        gy = rstd[:, None] * (gn - m1[:, None] - n * m2[:, None])
-        tl.store(gy_ptr + offs, gy.to(gy_ptr.dtype.element_ty), mask=ok)
+        m1 = tl.sum(gna, axis=1)
+        m2 = tl.sum(gna * na, axis=1)
+        if BLOCK_B > 0:
+            nb = db * rstd[:, None]
+            gb = tl.load(g_ptr + offs_b, mask=ok_b, other=0.0).to(tl.float32)
+            gnb = _gelu_grad(nb, gb, ok_b)
+            m1 += tl.sum(gnb, axis=1)
+            m2 += tl.sum(gnb * nb, axis=1)
+        m1, m2 = m1 / C, m2 / C
+        gya = rstd[:, None] * (gna - m1[:, None] - na * m2[:, None])
+        tl.store(gy_ptr + offs_a, gya.to(gy_ptr.dtype.element_ty), mask=ok_a)
+        if BLOCK_B > 0:
+            gyb = rstd[:, None] * (gnb - m1[:, None] - nb * m2[:, None])
+            tl.store(gy_ptr + offs_b, gyb.to(gy_ptr.dtype.element_ty), mask=ok_b)
 
 
 def rows_launch(M: int, C: int) -> tuple[tuple[int], dict[str, int]]:
@@ -103,6 +160,19 @@ def rows_launch(M: int, C: int) -> tuple[tuple[int], dict[str, int]]:
     block_c = triton.next_power_of_2(C)
     block_r = max(1, min(8, 4096 // block_c))
     return (triton.cdiv(M, block_r),), {"BLOCK_R": block_r, "BLOCK_C": block_c}
+
+
+def split_launch(M: int, C: int) -> tuple[tuple[int], dict[str, int]]:
+    """:func:`rows_launch` for this module's kernels, a row's columns as two tiles (see
+    :data:`SPLIT_ROWS`): ``BLOCK_A``, the largest power of two below ``C``, and ``BLOCK_B``, a
+    power of two covering the rest; one tile of ``C`` rounded up (``BLOCK_B`` 0) where ``C`` is
+    a power of two or the split is off."""
+    grid, blocks = rows_launch(M, C)
+    block_c = blocks.pop("BLOCK_C")
+    if SPLIT_ROWS and block_c != C:
+        block_a = block_c // 2
+        return grid, {**blocks, "BLOCK_A": block_a, "BLOCK_B": triton.next_power_of_2(C - block_a)}
+    return grid, {**blocks, "BLOCK_A": block_c, "BLOCK_B": 0}
 
 
 class _DecoderLayer(torch.autograd.Function):
@@ -122,7 +192,7 @@ class _DecoderLayer(torch.autograd.Function):
         M, C = y.shape
         out = torch.empty(M, C, device=y.device, dtype=out_dtype)
         low = torch.empty(M, C, device=y.device, dtype=weight.dtype)
-        grid, blocks = rows_launch(M, C)
+        grid, blocks = split_launch(M, C)
         _forward_kernel[grid](
             y, h, out, low, M, eps, C=C, HAS_RES=residual, HAS_LOW=True, **blocks
         )  # fmt: skip
@@ -141,7 +211,7 @@ class _DecoderLayer(torch.autograd.Function):
         g = (g_low if g is None else g if g_low is None else g + g_low).contiguous()
         M, C = y.shape
         gy = torch.empty_like(y)
-        grid, blocks = rows_launch(M, C)
+        grid, blocks = split_launch(M, C)
         _backward_kernel[grid](y, g, gy, M, ctx.eps, C=C, **blocks)
         groups = x.shape[1] // weight.shape[1]
         gh = gw = gb = None
