@@ -208,6 +208,7 @@ VARIANTS = [
     ("attention projection inside", (), False,
      lambda: _patched((token_attention, "PROJECT", True))),
     ("decoder rows padded", (), False, lambda: _patched((token_layer, "SPLIT_ROWS", False))),
+    ("norm rows 128", (), False, lambda: _patched((token_norm, "ROWS_PER_PROGRAM", 128))),
     ("host reads", (), False, _host_reads),
     ("conv bias pass", (), False, _conv_bias_pass),
     ("before sixth pass", (), False, _before_sixth_pass),

@@ -111,3 +111,13 @@ def test_the_padded_rows_switch_turns_the_split_off(variants):
         assert not token_layer.SPLIT_ROWS
         assert token_layer.split_launch(8, 768)[1]["BLOCK_B"] == 0
     assert token_layer.split_launch(8, 768)[1]["BLOCK_B"] == 256
+
+
+def test_the_norm_rows_switch_restores_the_longer_backward_programs(variants):
+    from data2vec.nn import token_norm
+
+    switch = {v[0]: v[3] for v in variants.VARIANTS}["norm rows 128"]
+    assert token_norm.ROWS_PER_PROGRAM == 32
+    with switch():
+        assert token_norm.ROWS_PER_PROGRAM == 128
+    assert token_norm.ROWS_PER_PROGRAM == 32

@@ -132,8 +132,13 @@ if triton is not None:
 MIN_ROWS = 40960
 
 # Rows each backward program walks: enough that the weight/bias partial sums (one row of C
-# floats per program) stay a small fraction of the gradient traffic.
-ROWS_PER_PROGRAM = 128
+# floats per program) stay a small fraction of the gradient traffic (1.5 % at 32 rows of 768),
+# few enough that the programs come in many waves. At image-v2-base's batch 128 (81920 rows)
+# 128 rows made 640 programs, 2.4 waves of the 264 that fit on an H100 at once (2 per
+# multiprocessor: 197 registers), so the last wave ran 42 % full: the kernel took 0.44 ms for
+# 1.2 GB, 80 % of the memory bandwidth. 32 rows: 2560 programs, 9.7 waves. Eighth pass, not
+# yet run on a GPU (benchmarks/README.md); variant "norm rows 128" in gpu_check.py.
+ROWS_PER_PROGRAM = 32
 
 # The backward kernel's register cap (0: none). Uncapped it takes 197 registers (sm_90), so two
 # of its 128-thread programs share a multiprocessor; at 128 four do, without spills. Eighth
