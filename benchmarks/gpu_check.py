@@ -208,8 +208,10 @@ def _runner(batch: int, conv_impl: str, extra: tuple[str, ...] = (), preset: str
     return model, step
 
 
-def _median_step(step, steps: int, warmup: int = 2) -> tuple[float, float]:
-    """(median seconds of ``steps`` timed steps, the first warm-up step's loss)."""
+def _median_step(step, steps: int, warmup: int = 2) -> tuple[float, float, float]:
+    """(median seconds of ``steps`` timed steps, the first warm-up step's loss, the last
+    step's loss). The last loss depends on every gradient of the steps before it, so
+    variants that compute the same step agree on it too, up to bf16 rounding's drift."""
     first_loss = float(step().loss)
     for _ in range(warmup - 1):
         step()
@@ -217,10 +219,10 @@ def _median_step(step, steps: int, warmup: int = 2) -> tuple[float, float]:
     for _ in range(steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        step()
+        result = step()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), first_loss
+    return statistics.median(times), first_loss, float(result.loss)
 
 
 def variants(
@@ -231,9 +233,9 @@ def variants(
     preset: str = "image-v2-base",
     repeat: int = 1,
 ) -> list[dict[str, Any]]:
-    """Step time of each of ``VARIANTS`` (those in ``names``, or all), and its first step's
-    loss (the same initial weights and batch in every variant: the losses agree to bf16
-    rounding); the list ``repeat`` times over, alternating, for noisy (small) settings."""
+    """Step time of each of ``VARIANTS`` (those in ``names``, or all), and its first and last
+    steps' losses (the same initial weights and batches in every variant: the losses agree to
+    bf16 rounding); the list ``repeat`` times over, alternating, for noisy (small) settings."""
     chosen = [v for v in VARIANTS if names is None or v[0] in names]
     out = []
     for name, extra, plain_layers, switch in chosen * repeat:
@@ -242,9 +244,9 @@ def variants(
         t0 = time.perf_counter()
         model, step = _runner(batch, conv_impl, extra, preset)
         with plain(model, set(CHANGES) if plain_layers else set()), switch():
-            step_s, loss = _median_step(step, steps)
+            step_s, loss, loss_last = _median_step(step, steps)
         out.append({"variant": name, "preset": preset, "batch": batch, "step_time_s": step_s,
-                    "loss_first": loss,
+                    "loss_first": loss, "loss_last": loss_last,
                     "peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
                     "seconds": time.perf_counter() - t0})  # fmt: skip
         _print(out[-1])

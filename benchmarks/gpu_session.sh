@@ -7,8 +7,9 @@
 #      L1, the eighth), the eighth pass's attention projection and register caps (opt-in),
 #      and its decoder rows in two tiles and shorter norm programs undone, in the whole step,
 #      all alternating, and the idle-gap profile ("conv swapped" is in the sweep);
-#   2. the decoder convolution's tile sweep (both opt-in forms included) and the MLP
-#      kernel's launch sweep.
+#   2. CPU-vs-GPU and bf16 agreement (the eighth pass changed default kernels: the decoder's
+#      weight gradient and row kernels), the decoder convolution's tile sweep (the opt-in
+#      forms included) and the MLP kernel's launch sweep.
 # Results go to $OUT (default benchmarks/results), one JSON and one log per run; each run has
 # its own time limit, so the second one runs even if the first is cut short.
 #
@@ -39,8 +40,8 @@ run() {  # run NAME LIMIT_S ARGS...: gpu_check.py into $OUT/gpu_check_<date>_<NA
   tail -n 5 "$OUT/gpu_check_${stamp}_${name}.log"
 }
 
-run step_variants 330 --batch 128 --conv-impl auto --no-agreement \
+run step_variants 300 --batch 128 --conv-impl auto --no-agreement \
   --variants default "before sixth pass" "host reads" "attention projection inside" \
   "conv pipelined" "conv pipelined l1" "conv pipelined swapped" "conv 128 registers" \
   "blocks 128 registers" "decoder rows padded" "norm rows 128" --repeat 2 --profile
-run sweeps 220 --batch --no-agreement --conv --sweep --mlp
+run agreement_sweeps 250 --batch --conv --sweep --mlp
