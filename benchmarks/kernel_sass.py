@@ -11,10 +11,11 @@ directly; they do say whether a kernel compiled to the structure meant (benchmar
 The kernels are compiled exactly as their launchers would launch them, under the settings
 tables of the moment: a launcher runs on ``meta`` tensors of image-v2-base's shapes at batch
 128 (the decoder convolution: 2048 x 196 positions, 768 channels in 16 groups, 3x3, under each
-forward setting asked for; the blocks' norms, MLP backward and attention: 2048 x 40 tokens),
-with the kernel replaced by a recorder of its arguments; the recorded arguments are then
-compiled, pointers 16-byte aligned and integers that are multiples of 16 marked so, as Triton's
-launcher specializes them on a GPU.
+forward setting asked for; the blocks' norms, MLP backward and attention: 2048 x 40 tokens;
+the decoder layers' row kernels: 2048 x 196 rows), with the kernel replaced by a recorder of
+its arguments; the recorded arguments are then compiled, pointers 16-byte aligned and integers
+that are multiples of 16 marked so, as Triton's launcher specializes them on a GPU. Each loop's
+body is reported on its own (a loop's instructions are issued once per iteration).
 
     python benchmarks/kernel_sass.py [--arch 90] [--settings default pipelined ...] [--no-blocks]
 """
