@@ -154,12 +154,18 @@ if triton is not None:
             tl.store(gy_ptr + offs_b, gyb.to(gy_ptr.dtype.element_ty), mask=ok_b)
 
 
+def _pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (plain Python: launch sizes are worked out without
+    Triton installed too)."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def rows_launch(M: int, C: int) -> tuple[tuple[int], dict[str, int]]:
     """Grid and block sizes of the row-wise kernels (this module's and ``token_norm``'s): a few
     whole rows per program."""
-    block_c = triton.next_power_of_2(C)
+    block_c = _pow2(C)
     block_r = max(1, min(8, 4096 // block_c))
-    return (triton.cdiv(M, block_r),), {"BLOCK_R": block_r, "BLOCK_C": block_c}
+    return (-(-M // block_r),), {"BLOCK_R": block_r, "BLOCK_C": block_c}
 
 
 def split_launch(M: int, C: int) -> tuple[tuple[int], dict[str, int]]:
@@ -171,7 +177,7 @@ def split_launch(M: int, C: int) -> tuple[tuple[int], dict[str, int]]:
     block_c = blocks.pop("BLOCK_C")
     if SPLIT_ROWS and block_c != C:
         block_a = block_c // 2
-        return grid, {**blocks, "BLOCK_A": block_a, "BLOCK_B": triton.next_power_of_2(C - block_a)}
+        return grid, {**blocks, "BLOCK_A": block_a, "BLOCK_B": _pow2(C - block_a)}
     return grid, {**blocks, "BLOCK_A": block_c, "BLOCK_B": 0}
 
 
