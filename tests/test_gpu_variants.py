@@ -121,3 +121,23 @@ def test_the_norm_rows_switch_restores_the_longer_backward_programs(variants):
     with switch():
         assert token_norm.ROWS_PER_PROGRAM == 128
     assert token_norm.ROWS_PER_PROGRAM == 32
+
+
+def test_the_gpu_session_script_names_only_variants_that_exist(variants):
+    """A misspelt variant in ``gpu_session.sh`` would cost a GPU session's run: every name
+    after ``--variants`` is one of ``VARIANTS``."""
+    import shlex
+    from pathlib import Path
+
+    script = Path(variants.__file__).with_name("gpu_session.sh").read_text()
+    words = shlex.split(script.replace("\\\n", " "), comments=True)
+    names = []
+    for i, word in enumerate(words):
+        if word == "--variants":
+            for name in words[i + 1 :]:
+                if name.startswith("--") or name == "run":
+                    break
+                names.append(name)
+    assert len(names) >= 5, names
+    known = {v[0] for v in variants.VARIANTS}
+    assert [n for n in names if n not in known] == []
