@@ -50,6 +50,31 @@ if triton is not None:
         return offs, (rows < M)[:, None] & (cols < C)[None, :]
 
     @triton.jit
+    def _normalized_rows(y_ptr, M, eps, C: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):  # fmt: skip
+        """This program's rows of ``y`` normalized over their ``C`` channels (no affine):
+        ``(offs_a, ok_a, n_a, offs_b, ok_b, n_b, rstd)``, each tile's offsets, mask and values
+        (float32), and each row's ``1 / std``. With ``BLOCK_B`` 0 tile b repeats tile a."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_a, ok_a = _row_tile(rows, M, C, 0, BLOCK_A)
+        ya = tl.load(y_ptr + offs_a, mask=ok_a, other=0.0).to(tl.float32)
+        total = tl.sum(ya, axis=1)
+        offs_b, ok_b, yb = offs_a, ok_a, ya
+        if BLOCK_B > 0:
+            offs_b, ok_b = _row_tile(rows, M, C, BLOCK_A, BLOCK_B)
+            yb = tl.load(y_ptr + offs_b, mask=ok_b, other=0.0).to(tl.float32)
+            total += tl.sum(yb, axis=1)
+        mean = total / C
+        da = tl.where(ok_a, ya - mean[:, None], 0.0)
+        squares = tl.sum(da * da, axis=1)
+        db = da
+        if BLOCK_B > 0:
+            db = tl.where(ok_b, yb - mean[:, None], 0.0)
+            squares += tl.sum(db * db, axis=1)
+        rstd = 1.0 / tl.sqrt(squares / C + eps)
+        return offs_a, ok_a, da * rstd[:, None], offs_b, ok_b, db * rstd[:, None], rstd
+
+    @triton.jit
     def _gelu_grad(n, g, ok):
         """``g * gelu'(n)`` (exact GELU), zero outside ``ok``: d gelu(n) / dn = Phi(n) +
         n phi(n), with phi the standard normal density."""
@@ -86,26 +111,12 @@ if triton is not None:
     ):
         """``out = gelu(layer_norm(y)) (+ r)`` over rows of ``C`` channels, and ``low``, its
         copy in ``low``'s (lower) precision."""
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        offs_a, ok_a = _row_tile(rows, M, C, 0, BLOCK_A)
-        ya = tl.load(y_ptr + offs_a, mask=ok_a, other=0.0).to(tl.float32)
-        total = tl.sum(ya, axis=1)
+        offs_a, ok_a, na, offs_b, ok_b, nb, _ = _normalized_rows(
+            y_ptr, M, eps, C, BLOCK_R, BLOCK_A, BLOCK_B
+        )
+        _store_layer_out(na, r_ptr, out_ptr, low_ptr, offs_a, ok_a, HAS_RES, HAS_LOW)
         if BLOCK_B > 0:
-            offs_b, ok_b = _row_tile(rows, M, C, BLOCK_A, BLOCK_B)
-            yb = tl.load(y_ptr + offs_b, mask=ok_b, other=0.0).to(tl.float32)
-            total += tl.sum(yb, axis=1)
-        mean = total / C
-        da = tl.where(ok_a, ya - mean[:, None], 0.0)
-        squares = tl.sum(da * da, axis=1)
-        if BLOCK_B > 0:
-            db = tl.where(ok_b, yb - mean[:, None], 0.0)
-            squares += tl.sum(db * db, axis=1)
-        rstd = 1.0 / tl.sqrt(squares / C + eps)
-        _store_layer_out(da * rstd[:, None], r_ptr, out_ptr, low_ptr, offs_a, ok_a,
-                         HAS_RES, HAS_LOW)  # fmt: skip
-        if BLOCK_B > 0:
-            _store_layer_out(db * rstd[:, None], r_ptr, out_ptr, low_ptr, offs_b, ok_b,
-                             HAS_RES, HAS_LOW)  # fmt: skip
+            _store_layer_out(nb, r_ptr, out_ptr, low_ptr, offs_b, ok_b, HAS_RES, HAS_LOW)
 
     @triton.jit
     def _backward_kernel(
@@ -120,28 +131,14 @@ if triton is not None:
         BLOCK_B: tl.constexpr,
     ):
         """Gradient of ``gelu(layer_norm(y))`` w.r.t. ``y`` from the output gradient ``g``."""
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        offs_a, ok_a = _row_tile(rows, M, C, 0, BLOCK_A)
-        ya = tl.load(y_ptr + offs_a, mask=ok_a, other=0.0).to(tl.float32)
-        total = tl.sum(ya, axis=1)
-        if BLOCK_B > 0:
-            offs_b, ok_b = _row_tile(rows, M, C, BLOCK_A, BLOCK_B)
-            yb = tl.load(y_ptr + offs_b, mask=ok_b, other=0.0).to(tl.float32)
-            total += tl.sum(yb, axis=1)
-        mean = total / C
-        da = tl.where(ok_a, ya - mean[:, None], 0.0)
-        squares = tl.sum(da * da, axis=1)
-        if BLOCK_B > 0:
-            db = tl.where(ok_b, yb - mean[:, None], 0.0)
-            squares += tl.sum(db * db, axis=1)
-        rstd = 1.0 / tl.sqrt(squares / C + eps)
-        na = da * rstd[:, None]
+        offs_a, ok_a, na, offs_b, ok_b, nb, rstd = _normalized_rows(
+            y_ptr, M, eps, C, BLOCK_R, BLOCK_A, BLOCK_B
+        )
         gna = _gelu_grad(na, tl.load(g_ptr + offs_a, mask=ok_a, other=0.0).to(tl.float32), ok_a)
         # LayerNorm without affine: dy = rstd * (gn - mean(gn) - n * mean(gn * n))
         m1 = tl.sum(gna, axis=1)
         m2 = tl.sum(gna * na, axis=1)
         if BLOCK_B > 0:
-            nb = db * rstd[:, None]
             gb = tl.load(g_ptr + offs_b, mask=ok_b, other=0.0).to(tl.float32)
             gnb = _gelu_grad(nb, gb, ok_b)
             m1 += tl.sum(gnb, axis=1)

@@ -137,7 +137,7 @@ MIN_ROWS = 40960
 # 128 rows made 640 programs, 2.4 waves of the 264 that fit on an H100 at once (2 per
 # multiprocessor: 197 registers), so the last wave ran 42 % full: the kernel took 0.44 ms for
 # 1.2 GB, 80 % of the memory bandwidth. 32 rows: 2560 programs, 9.7 waves. Eighth pass, not
-# yet run on a GPU (benchmarks/README.md); variant "norm rows 128" in gpu_check.py.
+# yet run on a GPU (benchmarks/README.md); variant "norm rows 128" in benchmarks/gpu_variants.py.
 ROWS_PER_PROGRAM = 32
 
 # The backward kernel's register cap (0: none). Uncapped it takes 197 registers (sm_90), so two
