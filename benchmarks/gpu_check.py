@@ -19,7 +19,8 @@ script can sit in any checklist.
    ``--norms``: the blocks' fused ``LayerNorm(x + a)`` alone against the torch ops, at several
    token counts; ``--attention``: a block's attention alone, the Triton kernels against each
    SDPA backend; ``--mlp``: the MLP's fused hidden-layer backward alone, with a sweep of its
-   launch settings (all in ``gpu_kernels.py``).
+   launch settings; ``--loss``: the regression loss read by index alone against the gather,
+   its gradient's bits and a sweep of its launch settings (all in ``gpu_kernels.py``).
 3. **Throughput**: ``data2vec bench`` of image-v2-base in bf16 autocast for each ``--batch`` and
    ``--conv-impl`` (FLOPs from ``torch.utils.flop_counter``, MFU against the measured bf16
    matmul peak of the same GPU), plus the peak GPU memory.
@@ -36,8 +37,9 @@ script can sit in any checklist.
    and the GPU's idle gaps with what the host was doing in them (``gpu_gaps.py``).
 
 python benchmarks/gpu_check.py [--batch 32 128] [--conv-impl torch triton] [--steps 10]
-    [--no-agreement] [--conv] [--sweep] [--norms] [--attention] [--mlp] [--norm-min-rows N]
-    [--variants [NAME ...]] [--repeat N] [--audio BATCH] [--profile] [--on PRESET:BATCH ...]
+    [--no-agreement] [--conv] [--sweep] [--norms] [--attention] [--mlp] [--loss]
+    [--norm-min-rows N] [--variants [NAME ...]] [--repeat N] [--audio BATCH] [--profile]
+    [--on PRESET:BATCH ...]
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ import gpu_gaps  # sibling script modules
 from gpu_kernels import (  # sibling script modules
     attention_check,
     conv_check,
+    loss_check,
     mlp_check,
     norm_check,
 )
@@ -385,6 +388,8 @@ def main() -> None:
                    help="time the MLP's fused backward pass alone, with a sweep")  # fmt: skip
     p.add_argument("--attention", action="store_true",
                    help="time the short-sequence attention alone")  # fmt: skip
+    p.add_argument("--loss", action="store_true",
+                   help="the loss read by index alone, with a sweep")  # fmt: skip
     p.add_argument("--norm-min-rows", type=int, default=None,
                    help="set data2vec.nn.token_norm.MIN_ROWS for this run")  # fmt: skip
     p.add_argument("--variants", nargs="*", metavar="NAME", default=None,
@@ -435,6 +440,10 @@ def main() -> None:
     if args.attention:
         result["attention"] = _guarded(attention_check, kernel_batch)
         _print({"attention": result["attention"]})
+    if args.loss:
+        result["loss"] = _guarded(loss_check)
+        _print({"loss": result["loss"]})
+        passed.append(result["loss"].get("pass", False))
     result["throughput"] = []
     for batch in args.batch:
         for impl in args.conv_impl:

@@ -10,7 +10,10 @@ the short-sequence attention.
   81920 x 3072, bf16) against the torch ops it replaces, and under several launch settings;
 * :func:`attention_check` - one block's attention (image-v2-base student: 40 tokens, 12 heads
   of 64), bf16: the Triton kernels against each SDPA backend, errors against float32 and
-  milliseconds forward and forward + backward.
+  milliseconds forward and forward + backward;
+* :func:`loss_check` - the regression loss read by index (image-v2-base b128: 321536 masked
+  rows of 768 against a 25088-row table), bf16 predictions: against the gather and the torch
+  ops, the gradient's bits, and under several launch settings.
 """
 
 from __future__ import annotations
@@ -184,6 +187,58 @@ def mlp_check(tokens: int = 81920, hidden: int = 3072) -> dict[str, Any]:
     out["torch_tb_per_s"] = 1.5 * moved / out["torch_ms"] / 1e9  # six passes, not four
     out["sweep"] = sweep
     return out
+
+
+def loss_check(rows: int = 321536, table_rows: int = 25088, width: int = 768) -> dict[str, Any]:
+    """``token_loss.squared_error_sum`` forward + backward against the gathered rows through
+    the torch ops (``regression_loss`` without an index), bf16 predictions; the loss's relative
+    difference, how many gradient elements differ in their bits (none expected), and the
+    bytes each pass must move as an effective bandwidth; then a sweep of launch settings."""
+    from data2vec.nn import token_loss
+    from data2vec.targets import regression_loss
+
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float16  # (the interpreter's bf16)
+    pred = torch.randn(rows, width, device=dev, generator=gen).to(dtype).requires_grad_()
+    table = torch.randn(table_rows, width, device=dev, generator=gen)
+    index = torch.randint(0, table_rows, (rows,), device=dev, generator=gen)
+    # read pred and the targets' rows forward and backward, write the gradient once
+    moved = rows * width * (2 * (pred.element_size() + 4) + pred.element_size())
+
+    def step(fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        with settings_switch(token_loss, fused):
+            loss = regression_loss(pred, table, 0.0, None, index)
+        return loss.detach(), torch.autograd.grad(loss, pred)[0]
+
+    out: dict[str, Any] = {"shape": f"{rows} x {width} from {table_rows}",
+                           "torch_ms": gpu_ms(lambda: step(False)),
+                           "triton_ms": gpu_ms(lambda: step(True))}  # fmt: skip
+    (want, want_grad), (got, got_grad) = step(False), step(True)
+    out["loss_rel_diff"] = float((got - want).abs() / want.abs())
+    out["grad_elements_differing"] = int((got_grad != want_grad).sum())
+    out["pass"] = out["loss_rel_diff"] < 1e-5 and out["grad_elements_differing"] == 0
+    sweep = []
+    tried = [{}, {"BLOCK_R": 8}, {"BLOCK_R": 32}, {"BLOCK_D": 128}, {"BLOCK_D": 512},
+             {"num_warps": 8}, {"BLOCK_R": 32, "num_warps": 8}]  # fmt: skip
+    for setting in tried:
+        with settings(token_loss.LAUNCH, **setting):
+            ms = gpu_ms(lambda: step(True))
+            sweep.append({**token_loss.LAUNCH, "ms": ms, "tb_per_s": moved / ms / 1e9})
+    out["triton_tb_per_s"] = moved / out["triton_ms"] / 1e9
+    out["sweep"] = sweep
+    return out
+
+
+@contextlib.contextmanager
+def settings_switch(module: Any, enabled: bool) -> Iterator[None]:
+    """``module.ENABLED`` set to ``enabled`` for the block, then restored."""
+    before = module.ENABLED
+    module.ENABLED = enabled
+    try:
+        yield
+    finally:
+        module.ENABLED = before
 
 
 def attention_check(

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The next GPU session's prepared measurements, in one call of at most 10 minutes
-# (benchmarks/README.md, "GPU, sixth pass" to "GPU, eighth pass"), run from the repository
+# (benchmarks/README.md, "GPU, sixth pass" to "GPU, ninth pass"), run from the repository
 # root on a CUDA machine whose PyTorch ships Triton:
 #   1. the sixth pass against the code without it, the decoder convolution's opt-in forms
 #      (transposed products; a pipelined loop, the seventh pass; its activation copies through
 #      L1, the eighth), the eighth pass's attention projection and register caps (opt-in),
-#      and its decoder rows in two tiles and shorter norm programs undone, in the whole step,
-#      all alternating, and the idle-gap profile ("conv swapped" is in the sweep);
+#      and its decoder rows in two tiles and shorter norm programs undone, the ninth pass's
+#      loss read by index undone, in the whole step, all alternating, and the idle-gap
+#      profile ("conv swapped" is in the sweep);
 #   2. CPU-vs-GPU and bf16 agreement (the eighth pass changed default kernels: the decoder's
 #      weight gradient and row kernels), the decoder convolution's tile sweep (the opt-in
-#      forms included) and the MLP kernel's launch sweep.
+#      forms included), the MLP kernel's launch sweep, and the loss kernel alone (its
+#      gradient's bits against the gather's, its launch sweep).
 # Results go to $OUT (default benchmarks/results), one JSON and one log per run; each run has
 # its own time limit, so the second one runs even if the first is cut short.
 #
@@ -43,5 +45,6 @@ run() {  # run NAME LIMIT_S ARGS...: gpu_check.py into $OUT/gpu_check_<date>_<NA
 run step_variants 300 --batch 128 --conv-impl auto --no-agreement \
   --variants default "before sixth pass" "host reads" "attention projection inside" \
   "conv pipelined" "conv pipelined l1" "conv pipelined swapped" "conv 128 registers" \
-  "blocks 128 registers" "decoder rows padded" "norm rows 128" --repeat 2 --profile
-run agreement_sweeps 250 --batch --conv --sweep --mlp
+  "blocks 128 registers" "decoder rows padded" "norm rows 128" "loss gathered" --repeat 2 \
+  --profile
+run agreement_sweeps 250 --batch --conv --sweep --mlp --loss

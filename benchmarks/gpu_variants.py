@@ -93,20 +93,44 @@ def _per_dim_std_before(x):
     return torch.sqrt(x.var(dim=0) + 1e-6).mean()
 
 
-def _glue_before() -> contextlib.AbstractContextManager:
-    """The fifth pass's changes around the decoder and the loss undone (the attention kept)."""
+def _loss_gathered() -> contextlib.AbstractContextManager:
+    """The loss as before the ninth pass: the targets gathered into one ``(rows, D)`` float32
+    tensor, from which the loss and the logged target std are computed."""
+    gathered = {}
+
+    def loss(pred, table, beta=0.0, scale=None, index=None):
+        if index is not None:
+            table = gathered["y"] = table[index]
+        return targets.regression_loss(pred, table, beta, scale)
+
+    def target_std(table, counts):
+        return data2vec2.per_dim_std(gathered.pop("y"))
+
+    return _patched(
+        (data2vec2, "regression_loss", loss), (data2vec2, "per_dim_std_of_rows", target_std)
+    )
+
+
+@contextlib.contextmanager
+def _glue_before() -> Iterator[None]:
+    """The fifth pass's changes around the decoder and the loss undone (the attention kept;
+    the loss's targets gathered, as they were then)."""
 
     class Composition:
         @staticmethod
         def apply(pred, target):
             return (pred - target).square().sum()
 
-    return _patched(
-        (data2vec2.Data2Vec2, "decoder_input", _decoder_input_before),
-        (decoders.ConvDecoder, "forward", _decoder_forward_before),
-        (data2vec2, "per_dim_std", _per_dim_std_before),
-        (targets, "_SquaredErrorSum", Composition),
-    )
+    with (
+        _loss_gathered(),
+        _patched(
+            (data2vec2.Data2Vec2, "decoder_input", _decoder_input_before),
+            (decoders.ConvDecoder, "forward", _decoder_forward_before),
+            (data2vec2, "per_dim_std", _per_dim_std_before),
+            (targets, "_SquaredErrorSum", Composition),
+        ),
+    ):
+        yield
 
 
 def _attention_sdpa() -> contextlib.AbstractContextManager:
@@ -209,6 +233,8 @@ VARIANTS = [
      lambda: _patched((token_attention, "PROJECT", True))),
     ("decoder rows padded", (), False, lambda: _patched((token_layer, "SPLIT_ROWS", False))),
     ("norm rows 128", (), False, lambda: _patched((token_norm, "ROWS_PER_PROGRAM", 128))),
+    # the loss's targets gathered, then the torch ops (the ninth pass undone)
+    ("loss gathered", (), False, _loss_gathered),
     ("host reads", (), False, _host_reads),
     ("conv bias pass", (), False, _conv_bias_pass),
     ("before sixth pass", (), False, _before_sixth_pass),

@@ -43,6 +43,7 @@ from data2vec.nn import (
     token_conv,
     token_conv_kernels,
     token_layer,
+    token_loss,
     token_mlp,
     token_norm,
 )
@@ -63,7 +64,7 @@ SETTINGS: dict[str, dict[str, int]] = {
     "pipelined swapped": {"PIPELINE": 1, "SWAP_AB": 1, "LOAD_BYTES": 0},
 }
 
-_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64"}
 _CLASSES = {  # SASS opcodes, by what they do
     "tensor_core": ("HGMMA", "HMMA"),
     "async_copy": ("LDGSTS",),
@@ -208,6 +209,20 @@ def block_launches(batch: int = 128, clones: int = 16) -> dict[str, tuple[Any, t
             y, torch.empty(rows, C, **f32), torch.empty_like(y), rows, 1e-5, C=C, **grid_blocks[1]
         )  # fmt: skip
 
+    # the loss's 321536 masked rows (16 clones x 157 of 196 patches) against the (B·196, 768)
+    # table of targets
+    loss_rows = batch * clones * 157
+    pred, table = torch.empty(loss_rows, C, **bf16), torch.empty(batch * 196, C, **f32)
+    index = torch.empty(loss_rows, device="meta", dtype=torch.int64)
+
+    def loss_forward() -> None:
+        token_loss._GatheredSquaredError.forward(SimpleNamespace(save_for_backward=lambda *t: None),
+                                                 pred, table, index)  # fmt: skip
+
+    def loss_backward() -> None:
+        loss_ctx = SimpleNamespace(saved_tensors=(pred, table, index))
+        token_loss._GatheredSquaredError.backward(loss_ctx, torch.empty((), **f32))
+
     runs = {
         "norm forward": (token_norm, "_add_norm_forward", norm_forward),
         "norm backward": (token_norm, "_add_norm_backward", norm_backward),
@@ -216,6 +231,8 @@ def block_launches(batch: int = 128, clones: int = 16) -> dict[str, tuple[Any, t
         "attention backward": (token_attention, "_attention_backward", attention_backward),
         "decoder rows forward": (token_layer, "_forward_kernel", rows_forward),
         "decoder rows backward": (token_layer, "_backward_kernel", rows_backward),
+        "loss forward": (token_loss, "_squared_error_forward", loss_forward),
+        "loss backward": (token_loss, "_squared_error_backward", loss_backward),
     }
     return {name: record(module, kernel, run) for name, (module, kernel, run) in runs.items()}
 

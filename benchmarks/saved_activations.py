@@ -70,8 +70,10 @@ def _unfused_attention_proj(q, k, v, attn_mask, p, proj):
     return proj(out.transpose(1, 2).reshape(B, T, H * d))
 
 
-def _plain_loss(pred, target, beta=0.0, scale=None):
-    """The regression loss as it was: ``F.mse_loss`` keeps both of its inputs."""
+def _plain_loss(pred, target, beta=0.0, scale=None, index=None):
+    """The regression loss as it was: ``F.mse_loss`` keeps both of its inputs (and the
+    targets gathered first, where they come as a table and an index)."""
+    target = target if index is None else target[index]
     pred, target = pred.float(), target.float()
     if beta == 0:
         loss = F.mse_loss(pred, target, reduction="sum")

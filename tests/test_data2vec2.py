@@ -7,6 +7,7 @@ import torch
 from data2vec.convert.fairseq import import_v2
 from data2vec.masking import MaskInfo, inverse_block_mask, make_rng
 from data2vec.models.registry import build_model
+from data2vec.targets import per_dim_std
 from tests.conftest import FIXTURES, tiny_config
 
 FIXTURE = FIXTURES / "fairseq" / "v2_image_tiny"
@@ -137,6 +138,29 @@ def test_cls_loss_weight_and_logged_statistics():
     torch.testing.assert_close(with_cls.loss - without.loss, with_cls.logs["loss_cls"])
     for key in ("target_std", "pred_std", "loss_regression", "masked_fraction"):
         assert torch.isfinite(with_cls.logs[key])
+
+
+def test_logged_target_std_is_the_std_of_each_predictions_target(monkeypatch):
+    """The loss's targets are rows of the per-sample table read by index; the logged target
+    std (from how often each row is read) is that of the rows the predictions are compared
+    with, 3 samples x 4 clones with different masks."""
+    import data2vec.models.data2vec2 as d2v2
+
+    cfg = tiny_config("mask.clones=4")
+    model = build_model(cfg)
+    x, mask = _batch(cfg)
+    seen = []
+    real = d2v2.regression_loss
+
+    def spy(pred, target, beta, scale, index=None):
+        if index is not None:
+            seen.append(target[index])
+        return real(pred, target, beta, scale, index)
+
+    monkeypatch.setattr(d2v2, "regression_loss", spy)
+    out = model(x, mask)
+    assert len(seen) == 1 and seen[0].shape[0] == int(mask.sum())
+    torch.testing.assert_close(out.logs["target_std"], per_dim_std(seen[0]), rtol=1e-6, atol=0)
 
 
 def test_wrong_number_of_mask_rows_is_an_error():

@@ -123,6 +123,44 @@ def test_the_norm_rows_switch_restores_the_longer_backward_programs(variants):
     assert token_norm.ROWS_PER_PROGRAM == 32
 
 
+def test_the_loss_gathered_switch_gathers_the_targets_as_before(variants, monkeypatch):
+    """Under ``"loss gathered"`` the loss is computed on the gathered ``(rows, D)`` targets
+    (not a table and an index), the logged target std from them too (the same values up to
+    summation order); afterwards the model's functions are restored."""
+    from data2vec import targets
+    from data2vec.masking import inverse_block_mask, make_rng
+    from data2vec.models import data2vec2
+
+    switch = {v[0]: v[3] for v in variants.VARIANTS}["loss gathered"]
+    cfg = tiny_config("mask.clones=2")
+    model = build_model(cfg)
+    size, p = cfg.encoder.image_size, cfg.encoder.patch_size
+    x = torch.randn(2, 3, size, size)
+    mask = torch.from_numpy(inverse_block_mask(size // p, size // p, 4, 0.5, make_rng(0)))
+    torch.manual_seed(0)
+    now = model(x, mask)
+    calls, stds = [], []
+    real_loss, real_std = targets.regression_loss, data2vec2.per_dim_std
+    monkeypatch.setattr(
+        targets,
+        "regression_loss",
+        lambda pred, y, *a: calls.append(y.shape) or real_loss(pred, y, *a),
+    )
+    monkeypatch.setattr(data2vec2, "per_dim_std", lambda y: stds.append(y) or real_std(y))
+    restored = (data2vec2.regression_loss, data2vec2.per_dim_std_of_rows)
+    with switch():
+        torch.manual_seed(0)
+        before = model(x, mask)
+    assert (data2vec2.regression_loss, data2vec2.per_dim_std_of_rows) == restored
+    rows = (int(mask.sum()), cfg.model.embed_dim)
+    assert calls[0] == rows  # the regression term on the gathered rows (then the CLS term)
+    assert len(stds) == 2 and stds[0].shape == rows and stds[0].requires_grad is False
+    torch.testing.assert_close(real_std(stds[0]), now.logs["target_std"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(before.loss, now.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(before.logs["target_std"], now.logs["target_std"], rtol=1e-6, atol=0)
+    assert not torch.equal(stds[0], stds[1])  # the targets' std, then the predictions'
+
+
 def test_the_gpu_session_script_names_only_variants_that_exist(variants):
     """A misspelt variant in ``gpu_session.sh`` would cost a GPU session's run: every name
     after ``--variants`` is one of ``VARIANTS``."""

@@ -155,17 +155,25 @@ def test_the_input_gradient_reads_whole_16_byte_vectors_and_nothing_spills(repor
 
 def test_the_blocks_kernels_move_whole_16_byte_vectors_and_nothing_spills(report):
     """The fused norms and the MLP's backward are bound by memory traffic: every access a
-    128-bit vector. The attention reads and writes its float32 log-sum-exp rows narrower."""
+    128-bit vector. The attention reads and writes its float32 log-sum-exp rows narrower; the
+    loss reads its row indices and writes its one partial sum narrower, and each row of the
+    predictions (bf16), of the targets (float32) and of the gradient in 128-bit vectors."""
     if report is None:
         pytest.skip("Triton < 3.2: the kernels are not defined (see the first test)")
     blocks = report["blocks"]
     assert set(blocks) == {"norm forward", "norm backward", "mlp backward", "attention forward",
                            "attention backward", "decoder rows forward",
-                           "decoder rows backward"}  # fmt: skip
+                           "decoder rows backward", "loss forward", "loss backward"}  # fmt: skip
     for name, stats in blocks.items():
         assert stats["local_bytes"] == 0, name
         accesses = stats["global_memory"]
-        if not name.startswith("attention"):
+        if name.startswith("loss"):
+            # a 16 x 256 tile per step, 128 threads: 4 bf16 and 8 float32 vectors per thread
+            loop_loads = [loop["ops"].get("LDG", 0) for loop in stats["loops"]]
+            assert loop_loads == [12] and accesses.get("LDG.E.128", 0) >= 12, (name, accesses)
+            stores = {k: n for k, n in accesses.items() if k.startswith("STG")}
+            assert stores == ({"STG.E": 1} if name == "loss forward" else {"STG.E.128": 4})
+        elif not name.startswith("attention"):
             assert accesses and all(k.endswith(".128") for k in accesses), (name, accesses)
         else:
             assert sum(n for k, n in accesses.items() if k.endswith(".128")) > 10, accesses

@@ -5,7 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from data2vec.targets import build_targets, instance_norm_over_time, per_dim_std, regression_loss
+from data2vec.targets import (
+    build_targets,
+    instance_norm_over_time,
+    per_dim_std,
+    per_dim_std_of_rows,
+    regression_loss,
+)
 
 
 def test_instance_norm_over_time__hand_example():
@@ -94,3 +100,31 @@ def test_per_dim_std__matches_formula():
     # the unbiased variance torch computes, on large-mean data where one-pass formulas lose digits
     y = torch.randn(3000, 7, generator=torch.Generator().manual_seed(0)) * 0.1 + 100.0
     torch.testing.assert_close(per_dim_std(y), torch.sqrt(y.var(dim=0) + 1e-6).mean())
+
+
+def test_per_dim_std_of_rows__is_the_std_of_the_repeated_rows():
+    """Each table row counted as often as it is repeated (0 = left out), against the std of the
+    repeated rows themselves; fewer than two rows give NaN, as per_dim_std does."""
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(40, 12, generator=g) * 0.3 + 5.0
+    counts = torch.randint(0, 5, (40,), generator=g)
+    counts[:3] = 0
+    want = per_dim_std(table.repeat_interleave(counts, dim=0))
+    torch.testing.assert_close(per_dim_std_of_rows(table, counts), want, rtol=1e-6, atol=0)
+    one = torch.zeros(40, dtype=torch.long)
+    one[7] = 1
+    assert per_dim_std_of_rows(table, one).isnan()
+
+
+@pytest.mark.parametrize("beta", [0.0, 2.0])
+def test_regression_loss__rows_by_index_are_the_gathered_rows(beta):
+    """With an index into a table of targets, the loss and gradient of the gathered rows (on
+    the CPU, where the rows are gathered: the same bits)."""
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randn(30, 8, generator=g).requires_grad_()
+    table = torch.randn(10, 8, generator=g)
+    index = torch.randint(0, 10, (30,), generator=g)
+    got = regression_loss(pred, table, beta, 0.5, index)
+    want = regression_loss(pred, table[index], beta, 0.5)
+    assert torch.equal(got, want)
+    assert torch.equal(*(torch.autograd.grad(loss, pred)[0] for loss in (got, want)))

@@ -25,7 +25,7 @@ from data2vec.engine import distributed
 from data2vec.masking import MaskInfo, true_rows
 from data2vec.models.encoder import Encoder, EncoderOutput
 from data2vec.nn.lean import lean_dropout
-from data2vec.targets import TopKTargets, per_dim_std, regression_loss
+from data2vec.targets import TopKTargets, per_dim_std, per_dim_std_of_rows, regression_loss
 from data2vec.teacher import EMATeacher
 
 
@@ -186,15 +186,18 @@ class Data2Vec2(nn.Module):
         T = loss_mask.shape[1]
         if loss_rows is None:
             loss_rows = true_rows(loss_mask)
+        M, D = N // B, targets.shape[-1]
         rows, cols = loss_rows.div(T, rounding_mode="floor"), loss_rows.remainder(T)
-        # Clone row n belongs to sample n // M: index targets instead of repeating them M times.
-        y = targets[rows.div(N // B, rounding_mode="floor"), cols]  # (num_loss, D)
+        # Clone row n belongs to sample n // M: each prediction's target is a row of the
+        # (B·T, D) table, read by index instead of the targets being repeated M times.
+        table = targets.reshape(B * T, D)
+        index = rows.div(M, rounding_mode="floor").mul_(T).add_(cols)  # (num_loss,)
         local_size = max(int(rows.numel()), 1)
         # The loss is a mean over the masked tokens of *all* workers: DDP averages gradients
         # over W ranks, so each rank scales its sum by W / (global count).
         world = distributed.world_size()
         sample_size = distributed.global_count(int(rows.numel()), pred.device)
-        reg = regression_loss(pred, y, self.loss_cfg.beta, self.loss_cfg.scale)
+        reg = regression_loss(pred, table, self.loss_cfg.beta, self.loss_cfg.scale, index)
         loss = reg / sample_size * world
         logs = {"loss_regression": reg.detach() / local_size}
         if self.loss_cfg.cls_weight > 0:
@@ -206,7 +209,9 @@ class Data2Vec2(nn.Module):
             cls = self.loss_cfg.cls_weight * cls
             loss = loss + cls * world  # a sum over the rows of all workers
             logs["loss_cls"] = cls.detach()
-        logs["target_std"] = per_dim_std(y)
+        # the std of the repeated targets, from how often each is repeated
+        counts = loss_mask.reshape(B, M, T).sum(dim=1).reshape(-1)  # (B·T,)
+        logs["target_std"] = per_dim_std_of_rows(table, counts)
         logs["pred_std"] = per_dim_std(pred.detach())
         logs["masked_fraction"] = torch.tensor(rows.numel() / loss_mask.numel())
         return PretrainOutput(loss=loss, sample_size=sample_size, logs=logs)
