@@ -19,6 +19,8 @@ the short-sequence attention.
 from __future__ import annotations
 
 import contextlib
+import json
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -311,13 +313,16 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
 
     def timed(kernel: str, table: dict[str, int], run, **values: int) -> dict[str, Any]:
         """One sweep entry: ``run()`` timed with ``table`` under ``values``, or the error of a
-        setting the compiler rejects (reported, and the sweep goes on)."""
+        setting the compiler rejects (reported, and the sweep goes on). Each entry also goes
+        to stderr as it is measured, so a run cut short by its time limit keeps it in its log."""
         with settings(table, **values):
             try:
                 ms = gpu_ms(run)
-                return {"kernel": kernel, **table, "ms": ms, "tflops": flops / ms / 1e9}
+                entry = {"kernel": kernel, **table, "ms": ms, "tflops": flops / ms / 1e9}
             except Exception as exc:
-                return {"kernel": kernel, **table, "error": str(exc)[:200]}
+                entry = {"kernel": kernel, **table, "error": str(exc)[:200]}
+        print(json.dumps(entry), file=sys.stderr, flush=True)
+        return entry
 
     results = []
     # Forward settings over BLOCK_M 128, BLOCK_K 64, PACK_K 1, 4 warps, 3 stages and the opt-in

@@ -6,8 +6,9 @@
 #      (transposed products; a pipelined loop, the seventh pass; its activation copies through
 #      L1, the eighth), the eighth pass's attention projection and register caps (opt-in),
 #      and its decoder rows in two tiles and shorter norm programs undone, the ninth pass's
-#      loss read by index undone, in the whole step, all alternating, and the idle-gap
-#      profile ("conv swapped" is in the sweep);
+#      loss read by index undone, and the teachers' norms fused (their 25216 tokens are
+#      under token_norm.MIN_ROWS; the fifth pass could not tell it from noise), in the whole
+#      step, all alternating, and the idle-gap profile ("conv swapped" is in the sweep);
 #   2. CPU-vs-GPU and bf16 agreement (the eighth pass changed default kernels: the decoder's
 #      weight gradient and row kernels), the decoder convolution's tile sweep (the opt-in
 #      forms included), the MLP kernel's launch sweep, and the loss kernel alone (its
@@ -45,6 +46,6 @@ run() {  # run NAME LIMIT_S ARGS...: gpu_check.py into $OUT/gpu_check_<date>_<NA
 run step_variants 300 --batch 128 --conv-impl auto --no-agreement \
   --variants default "before sixth pass" "host reads" "attention projection inside" \
   "conv pipelined" "conv pipelined l1" "conv pipelined swapped" "conv 128 registers" \
-  "blocks 128 registers" "decoder rows padded" "norm rows 128" "loss gathered" --repeat 2 \
-  --profile
+  "blocks 128 registers" "decoder rows padded" "norm rows 128" "loss gathered" \
+  "norms from 16384 rows" --repeat 2 --profile
 run agreement_sweeps 250 --batch --conv --sweep --mlp --loss
