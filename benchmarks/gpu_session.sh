@@ -2,7 +2,9 @@
 # The next GPU session's prepared measurements, in one call of at most 10 minutes
 # (benchmarks/README.md, "GPU, sixth pass" to "GPU, ninth pass"), run from the repository
 # root on a CUDA machine whose PyTorch ships Triton:
-#   1. the sixth pass against the code without it, the decoder convolution's opt-in forms
+#   1. image-v2-base's throughput and MFU (data2vec bench) at batch 128 and 256 (the issue
+#      fixes no batch; 256 should fit in 80 GB after the ninth pass: 33 GB at 128 before it);
+#      then the sixth pass against the code without it, the decoder convolution's opt-in forms
 #      (transposed products; a pipelined loop, the seventh pass; its activation copies through
 #      L1, the eighth), the eighth pass's attention projection and register caps (opt-in),
 #      and its decoder rows in two tiles and shorter norm programs undone, the ninth pass's
@@ -43,7 +45,7 @@ run() {  # run NAME LIMIT_S ARGS...: gpu_check.py into $OUT/gpu_check_<date>_<NA
   tail -n 5 "$OUT/gpu_check_${stamp}_${name}.log"
 }
 
-run step_variants 300 --batch 128 --conv-impl auto --no-agreement \
+run step_variants 300 --batch 128 256 --conv-impl auto --no-agreement \
   --variants default "before sixth pass" "host reads" "attention projection inside" \
   "conv pipelined" "conv pipelined l1" "conv pipelined swapped" "conv 128 registers" \
   "blocks 128 registers" "decoder rows padded" "norm rows 128" "loss gathered" \
