@@ -29,9 +29,10 @@ from data2vec.data.image_pretrain import ImageMaskGenerator
 from data2vec.engine.runtime import autocast, check_precision, configure_threads, resolve_device
 from data2vec.engine.trainer import StepResult, new_state, train_step
 from data2vec.masking import make_rng, random_mask
+from data2vec.models.data2vec2 import Data2Vec2
 from data2vec.models.decoders import ConvDecoder
 from data2vec.models.registry import build_model
-from data2vec.nn import token_attention, token_conv, token_mlp, token_norm
+from data2vec.nn import token_attention, token_conv, token_loss, token_mlp, token_norm
 from data2vec.nn.attention import Attention
 from data2vec.nn.block import Mlp, PostLNBlock
 
@@ -239,6 +240,25 @@ def block_kernels(model: torch.nn.Module, device: torch.device, precision: str) 
     return out
 
 
+def loss_kernel(model: torch.nn.Module, device: torch.device, precision: str) -> str | None:
+    """Which regression loss a data2vec 2.0 model's training step runs on ``device`` at
+    ``precision``: ``"triton"`` (the targets read by index, ``token_loss``), ``"torch"`` (the
+    targets gathered, then the torch ops), or None (no data2vec 2.0 objective)."""
+    models = [m for m in model.modules() if isinstance(m, Data2Vec2)]
+    if not models:
+        return None
+    dtype = _DTYPES[precision] if device.type == "cuda" else torch.float32
+    fused = any(
+        m.loss_cfg.beta == 0
+        and token_loss.supports(
+            torch.empty(1, m.encoder.embed_dim, device=device, dtype=dtype),
+            torch.empty(1, m.encoder.embed_dim, device=device),
+        )
+        for m in models
+    )
+    return "triton" if fused else "torch"
+
+
 def time_steps(
     cfg: Config,
     steps: int,
@@ -255,7 +275,7 @@ def time_steps(
     Returns:
         ``{"times": [s, ...], "losses": [loss, ...], "skipped_steps", "flops": FLOPs of one
         step or None, "threads", "device", "decoder_conv", "block_norms", "attention",
-        "mlp_backward", "peak_rss_mb",
+        "mlp_backward", "loss", "peak_rss_mb",
         "peak_rss_is_steps_only", "peak_rss_setup_mb"}``.
     """
     model, step, device, threads = prepare_steps(cfg, seconds, seq_len)
@@ -293,6 +313,7 @@ def time_steps(
         "decoder_conv": decoder_conv(model, device),
         "block_norms": block_norms(model, device, cfg.train.precision),
         **block_kernels(model, device, cfg.train.precision),
+        "loss": loss_kernel(model, device, cfg.train.precision),
         "peak_rss_mb": peak_rss_mb(),
         "peak_rss_is_steps_only": steps_only,
         "peak_rss_setup_mb": setup_peak,
@@ -364,6 +385,7 @@ def bench(
             "block_norms": run["block_norms"],
             "attention": run["attention"],
             "mlp_backward": run["mlp_backward"],
+            "loss": run["loss"],
         },
     }
 

@@ -104,3 +104,18 @@ def test_data2vec2_loss_and_gradients_with_the_kernel(monkeypatch):
         torch.testing.assert_close(fused.logs[key], gathered.logs[key], rtol=1e-6, atol=0)
     for a, b in zip(fused_grads, grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bench_reports_the_loss_kernel(monkeypatch):
+    """``data2vec bench`` says which loss a model's step runs: the kernel under the
+    interpreter (on the CPU there), the gathered torch ops without it or for smooth L1, and
+    nothing for a model without the data2vec 2.0 objective."""
+    from data2vec.bench import loss_kernel
+    from data2vec.config import load_config
+
+    cpu = torch.device("cpu")
+    assert loss_kernel(build_model(tiny_config()), cpu, "bf16") == "triton"
+    assert loss_kernel(build_model(tiny_config("loss.beta=0.5")), cpu, "bf16") == "torch"
+    assert loss_kernel(build_model(load_config("image-v1-tiny")), cpu, "bf16") is None
+    monkeypatch.setattr(token_loss, "ENABLED", False)
+    assert loss_kernel(build_model(tiny_config()), cpu, "bf16") == "torch"

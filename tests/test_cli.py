@@ -205,6 +205,7 @@ def test_bench_json_has_contract_keys(capsys):
     assert r["env"]["decoder_conv"] == "torch"  # "auto" picks Triton on CUDA only
     assert r["env"]["block_norms"] == "torch"  # likewise
     assert r["env"]["attention"] == "sdpa" and r["env"]["mlp_backward"] == "torch"  # likewise
+    assert r["env"]["loss"] == "torch"  # likewise
     assert r["skipped_steps"] == 0 and math.isfinite(r["loss_last"]) and r["loss_last"] > 0
 
 
