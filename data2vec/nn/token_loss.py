@@ -24,9 +24,10 @@ from torch import Tensor
 from data2vec.nn import token_conv
 from data2vec.nn.triton_gate import NEEDS_TRITON, tl, triton
 
-# On CUDA by default (prepared without a GPU, 2026-11-27: it reads 1.5 GB per pass where the
-# torch ops move about 8 GB at image-v2-base batch 128); gpu_session.sh steps with the gather
-# as the variant "loss gathered". False: gather the targets, then the torch ops.
+# On CUDA by default (prepared without a GPU, 2026-11-27: about 3.5 GB moved per step, forward
+# and backward, where the torch ops moved about 10 GB at image-v2-base batch 128);
+# gpu_session.sh steps with the gather as the variant "loss gathered". False: gather the
+# targets, then the torch ops.
 ENABLED = True
 
 # Rows per program, and columns per step of a program's loop over D.
