@@ -20,7 +20,9 @@ script can sit in any checklist.
    token counts; ``--attention``: a block's attention alone, the Triton kernels against each
    SDPA backend; ``--mlp``: the MLP's fused hidden-layer backward alone, with a sweep of its
    launch settings; ``--loss``: the regression loss read by index alone against the gather,
-   its gradient's bits and a sweep of its launch settings (all in ``gpu_kernels.py``).
+   its gradient's bits and a sweep of its launch settings (all in ``gpu_kernels.py``);
+   ``--gemm``: an experiment, ``fc1`` with its bias and GELU in the epilogue of a Triton
+   matrix product against cuBLAS then ``F.gelu`` (``gpu_gemm.py``).
 3. **Throughput**: ``data2vec bench`` of image-v2-base in bf16 autocast for each ``--batch`` and
    ``--conv-impl`` (FLOPs from ``torch.utils.flop_counter``, MFU against the measured bf16
    matmul peak of the same GPU), plus the peak GPU memory.
@@ -37,7 +39,7 @@ script can sit in any checklist.
    and the GPU's idle gaps with what the host was doing in them (``gpu_gaps.py``).
 
 python benchmarks/gpu_check.py [--batch 32 128] [--conv-impl torch triton] [--steps 10]
-    [--no-agreement] [--conv] [--sweep] [--norms] [--attention] [--mlp] [--loss]
+    [--no-agreement] [--conv] [--sweep] [--norms] [--attention] [--mlp] [--loss] [--gemm]
     [--norm-min-rows N] [--variants [NAME ...]] [--repeat N] [--audio BATCH] [--profile]
     [--on PRESET:BATCH ...]
 """
@@ -62,6 +64,7 @@ from data2vec.nn import token_norm, triton_gate
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu_gaps  # sibling script modules
+from gpu_gemm import gemm_check
 from gpu_kernels import (  # sibling script modules
     attention_check,
     conv_check,
@@ -390,6 +393,8 @@ def main() -> None:
                    help="time the short-sequence attention alone")  # fmt: skip
     p.add_argument("--loss", action="store_true",
                    help="the loss read by index alone, with a sweep")  # fmt: skip
+    p.add_argument("--gemm", action="store_true",
+                   help="fc1 with GELU in a Triton product's epilogue (gpu_gemm.py)")  # fmt: skip
     p.add_argument("--norm-min-rows", type=int, default=None,
                    help="set data2vec.nn.token_norm.MIN_ROWS for this run")  # fmt: skip
     p.add_argument("--variants", nargs="*", metavar="NAME", default=None,
@@ -441,6 +446,9 @@ def main() -> None:
         result["loss"] = _guarded(loss_check)
         _print({"loss": result["loss"]})
         passed.append(result["loss"].get("pass", False))
+    if args.gemm:
+        result["gemm"] = _guarded(gemm_check)
+        _print({"gemm": result["gemm"]})
     # the convolution last of the kernels alone: its sweep is the longest (a run cut short by
     # its time limit keeps what was printed before)
     if args.conv:

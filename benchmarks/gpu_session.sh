@@ -18,6 +18,9 @@
 # Results go to $OUT (default benchmarks/results), one JSON and one log per run; each run has
 # its own time limit, so the second one runs even if the first is cut short.
 #
+# `gpu_session.sh gemm` runs only an experiment (gpu_gemm.py: fc1 with GELU in a Triton
+# product's epilogue against cuBLAS then F.gelu), for a second short call on the warm machine.
+#
 # Machines without this package's dependencies installed: put wheels for them in .whl/ first
 # (soundfile, soxr, cffi, pycparser for the machine's Python), e.g.
 #   python -m pip download soundfile soxr cffi pycparser --only-binary=:all: \
@@ -44,6 +47,11 @@ run() {  # run NAME LIMIT_S ARGS...: gpu_check.py into $OUT/gpu_check_<date>_<NA
   echo "$name: rc $? ($(wc -c < "$OUT/gpu_check_${stamp}_${name}.json") bytes of JSON)"
   tail -n 5 "$OUT/gpu_check_${stamp}_${name}.log"
 }
+
+if [[ "${1:-}" == "gemm" ]]; then  # a short second call, where device time is left (~1 min)
+  run gemm 120 --batch --no-agreement --gemm
+  exit 0
+fi
 
 run step_variants 300 --batch 128 256 --conv-impl auto --no-agreement \
   --variants default "before sixth pass" "host reads" "attention projection inside" \

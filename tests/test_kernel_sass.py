@@ -177,3 +177,31 @@ def test_the_blocks_kernels_move_whole_16_byte_vectors_and_nothing_spills(report
             assert accesses and all(k.endswith(".128") for k in accesses), (name, accesses)
         else:
             assert sum(n for k, n in accesses.items() if k.endswith(".128")) > 10, accesses
+
+
+def test_the_gemm_experiment_runs_on_hoppers_tensor_cores_without_spills(
+    sass, tmp_path, monkeypatch
+):
+    """``gpu_gemm.py``'s fused ``fc1`` + GELU at image-v2-base's batch-128 shapes, under its
+    first setting: warpgroup products (``HGMMA``) fed by asynchronous copies, within the
+    registers and shared memory of an H100, no spills."""
+    if triton_gate.triton is None:
+        pytest.skip("Triton < 3.2: the kernels are not defined (see the first test)")
+    import torch
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    with benchmark_module("gpu_gemm") as gpu_gemm:
+        meta = {"device": "meta", "dtype": torch.bfloat16}
+        x, w = torch.empty(81920, 768, **meta), torch.empty(3072, 768, **meta)
+        config = gpu_gemm.CONFIGS[0]
+        kernel, args, kwargs = sass.record(
+            gpu_gemm, "_linear_gelu_kernel",
+            lambda: gpu_gemm.linear_gelu(x, w, torch.empty(3072, **meta), config),
+        )  # fmt: skip
+        # (meta tensors take the interpreter's launch, without warps and stages)
+        kwargs = {**kwargs, "num_warps": config[4], "num_stages": config[5]}
+        stats = sass.sass_stats(sass.compile_launch(kernel, args, kwargs))
+    assert stats["local_bytes"] == 0 and stats["registers"] <= 255
+    assert stats["shared_bytes"] <= 227 * 1024
+    assert stats["by_class"]["tensor_core"] >= 12 and stats["by_class"]["async_copy"] > 0
+    assert stats["global_memory"].get("STG.E.128", 0) > 0  # h and gelu(h) as 128-bit vectors

@@ -46,13 +46,13 @@ def test_kernels_match_the_plain_ops_under_the_interpreter():
         return
     assert triton_gate.triton is not None
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    names = ("kernels", "norm", "attention", "mlp", "loss")
+    names = ("kernels", "norm", "attention", "mlp", "loss", "gemm")
     inner = [str(HERE / f"interpreted_token_{name}.py") for name in names]
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
            "-o", "python_files=interpreted_*.py", *inner]  # fmt: skip
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "97 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+    assert "99 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 
 def test_device_guard_makes_the_tensors_gpu_current_only_when_it_is_not(monkeypatch):
