@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from data2vec.nn import token_conv
 from data2vec.nn.triton_gate import tl, triton
 
 # Tile settings the experiment times (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, warps, stages). 128 x
@@ -101,7 +102,7 @@ def linear_gelu(
         raise ValueError(f"N={N} and K={K} must be multiples of the tile {bn} x {bk}")
     h = torch.empty(M, N, device=x.device, dtype=x.dtype)
     g = torch.empty_like(h)
-    launch = {} if x.device.type == "cpu" else {"num_warps": warps, "num_stages": stages}
+    launch = {} if token_conv.interpreting() else {"num_warps": warps, "num_stages": stages}
     grid = (triton.cdiv(M, bm) * (N // bn),)
     _linear_gelu_kernel[grid](x, w, b, h, g, M, N=N, K=K, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                               GROUP_M=group, **launch)  # fmt: skip

@@ -31,6 +31,19 @@ from data2vec.nn import token_conv
 
 
 @contextlib.contextmanager
+def patched(*patches: tuple[Any, str, Any]) -> Iterator[None]:
+    """Set ``(owner, attribute, value)`` for the block, then restore them."""
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, value in patches:
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)
+
+
+@contextlib.contextmanager
 def settings(*tables: dict[str, int], **values: int) -> Iterator[None]:
     """Launch-setting tables (``token_conv.FORWARD``, ``token_mlp.LAUNCH``, ...) updated with
     ``values`` for the block, then restored as they were."""
@@ -209,7 +222,7 @@ def loss_check(rows: int = 321536, table_rows: int = 25088, width: int = 768) ->
     moved = rows * width * (2 * (pred.element_size() + 4) + pred.element_size())
 
     def step(fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        with settings_switch(token_loss, fused):
+        with patched((token_loss, "ENABLED", fused)):
             loss = regression_loss(pred, table, 0.0, None, index)
         return loss.detach(), torch.autograd.grad(loss, pred)[0]
 
@@ -230,17 +243,6 @@ def loss_check(rows: int = 321536, table_rows: int = 25088, width: int = 768) ->
     out["triton_tb_per_s"] = moved / out["triton_ms"] / 1e9
     out["sweep"] = sweep
     return out
-
-
-@contextlib.contextmanager
-def settings_switch(module: Any, enabled: bool) -> Iterator[None]:
-    """``module.ENABLED`` set to ``enabled`` for the block, then restored."""
-    before = module.ENABLED
-    module.ENABLED = enabled
-    try:
-        yield
-    finally:
-        module.ENABLED = before
 
 
 def attention_check(

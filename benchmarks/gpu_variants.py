@@ -11,10 +11,9 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
-from typing import Any
 
 import torch
-from gpu_kernels import conv_settings, settings  # sibling script module
+from gpu_kernels import conv_settings, patched, settings  # sibling script module
 
 from data2vec import targets
 from data2vec.engine import trainer
@@ -43,7 +42,7 @@ def _heads_permuted() -> contextlib.AbstractContextManager:
         parts = qkv.view(B, T, 3, num_heads, C3 // (3 * num_heads)).permute(2, 0, 3, 1, 4)
         return parts.unbind(0)
 
-    return _patched((attention, "split_heads", permuted))
+    return patched((attention, "split_heads", permuted))
 
 
 def _sdpa(backend: str):
@@ -51,19 +50,6 @@ def _sdpa(backend: str):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return functools.partial(sdpa_kernel, [getattr(SDPBackend, backend)])
-
-
-@contextlib.contextmanager
-def _patched(*patches: tuple[Any, str, Any]) -> Iterator[None]:
-    """Set ``(owner, attribute, value)`` for the block, then restore them."""
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    for owner, name, value in patches:
-        setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        for owner, name, value in saved:
-            setattr(owner, name, value)
 
 
 def _decoder_input_before(self, student, mask, noise=None):
@@ -106,7 +92,7 @@ def _loss_gathered() -> contextlib.AbstractContextManager:
     def target_std(table, counts):
         return data2vec2.per_dim_std(gathered.pop("y"))
 
-    return _patched(
+    return patched(
         (data2vec2, "regression_loss", loss), (data2vec2, "per_dim_std_of_rows", target_std)
     )
 
@@ -123,7 +109,7 @@ def _glue_before() -> Iterator[None]:
 
     with (
         _loss_gathered(),
-        _patched(
+        patched(
             (data2vec2.Data2Vec2, "decoder_input", _decoder_input_before),
             (decoders.ConvDecoder, "forward", _decoder_forward_before),
             (data2vec2, "per_dim_std", _per_dim_std_before),
@@ -135,12 +121,12 @@ def _glue_before() -> Iterator[None]:
 
 def _attention_sdpa() -> contextlib.AbstractContextManager:
     """Every attention through SDPA (the short-sequence Triton kernels off)."""
-    return _patched((token_attention, "MAX_TOKENS", 0))
+    return patched((token_attention, "MAX_TOKENS", 0))
 
 
 @contextlib.contextmanager
 def _before_fifth_pass() -> Iterator[None]:
-    with _glue_before(), _attention_sdpa(), _patched((token_mlp, "ENABLED", False)):
+    with _glue_before(), _attention_sdpa(), patched((token_mlp, "ENABLED", False)):
         yield
 
 
@@ -164,7 +150,7 @@ def _host_reads() -> Iterator[None]:
     loss find the masked rows on the device, the loss is read before backward, the optimizer
     step is prepared after the read (the mask is still checked on the host). The masked rows
     are gathered by boolean indexing again, as before."""
-    with _patched(
+    with patched(
         (MaskInfo, "masked_rows", lambda self: self.mask),
         (data2vec2.Data2Vec2, "forward_loss", _forward_loss_from_mask),
         (data2vec2.Data2Vec2, "forward", _forward_reading_loss),
@@ -180,7 +166,7 @@ def _conv_bias_pass() -> contextlib.AbstractContextManager:
         gw, _ = _WEIGHT_BIAS_GRAD(x, gy, hw, weight, groups, bias=False)
         return gw, gy.sum(0, dtype=torch.float32) if bias else None
 
-    return _patched((token_conv, "weight_bias_grad", weight_bias_grad))
+    return patched((token_conv, "weight_bias_grad", weight_bias_grad))
 
 
 @contextlib.contextmanager
@@ -216,7 +202,7 @@ VARIANTS = [
     ("conv 128 registers", (), False,
      functools.partial(settings, token_conv.FORWARD, maxnreg=128)),
     ("blocks 128 registers", (), False,
-     lambda: _patched((token_norm, "BACKWARD_MAXNREG", 128),
+     lambda: patched((token_norm, "BACKWARD_MAXNREG", 128),
                       (token_attention, "BACKWARD_MAXNREG", 128))),
     ("heads permuted", (), False, _heads_permuted),
     ("sdpa flash", (), False, _sdpa("FLASH_ATTENTION")),
@@ -225,14 +211,14 @@ VARIANTS = [
     ("attention sdpa", (), False, _attention_sdpa),
     ("glue before", (), False, _glue_before),
     ("before fifth pass", (), False, _before_fifth_pass),
-    ("lean mlp", (), False, lambda: _patched((token_mlp, "ENABLED", False))),
-    ("norms from 16384 rows", (), False, lambda: _patched((token_norm, "MIN_ROWS", 16384))),
-    ("norms at any size", (), False, lambda: _patched((token_norm, "MIN_ROWS", 0))),
+    ("lean mlp", (), False, lambda: patched((token_mlp, "ENABLED", False))),
+    ("norms from 16384 rows", (), False, lambda: patched((token_norm, "MIN_ROWS", 16384))),
+    ("norms at any size", (), False, lambda: patched((token_norm, "MIN_ROWS", 0))),
     # the fused projection inside the attention's autograd function (eighth pass)
     ("attention projection inside", (), False,
-     lambda: _patched((token_attention, "PROJECT", True))),
-    ("decoder rows padded", (), False, lambda: _patched((token_layer, "SPLIT_ROWS", False))),
-    ("norm rows 128", (), False, lambda: _patched((token_norm, "ROWS_PER_PROGRAM", 128))),
+     lambda: patched((token_attention, "PROJECT", True))),
+    ("decoder rows padded", (), False, lambda: patched((token_layer, "SPLIT_ROWS", False))),
+    ("norm rows 128", (), False, lambda: patched((token_norm, "ROWS_PER_PROGRAM", 128))),
     # the loss's targets gathered, then the torch ops (the ninth pass undone)
     ("loss gathered", (), False, _loss_gathered),
     ("host reads", (), False, _host_reads),
