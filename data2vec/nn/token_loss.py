@@ -36,6 +36,14 @@ LAUNCH = {"BLOCK_R": 16, "BLOCK_D": 256, "num_warps": 4}
 if triton is not None:
 
     @triton.jit
+    def _program_rows(index_ptr, M, BLOCK_R: tl.constexpr):
+        """This program's rows, their mask, and each one's row of the table (int64)."""
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < M
+        src = tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        return rows, row_ok, src
+
+    @triton.jit
     def _diff_tile(pred_ptr, table_ptr, rows, src, cols, ok, D: tl.constexpr):
         """``pred[rows] - table[src]`` at ``cols``, in float32 (0 outside ``ok``)."""
         p = tl.load(pred_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], mask=ok, other=0.0)
@@ -54,17 +62,14 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
     ):
         """``part[pid] = sum over this program's rows r of (pred[r] - table[index[r]])²``."""
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < M
-        src = tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        rows, row_ok, src = _program_rows(index_ptr, M, BLOCK_R)
         acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
             ok = row_ok[:, None] & (cols < D)[None, :]
             diff = _diff_tile(pred_ptr, table_ptr, rows, src, cols, ok, D)
             acc += diff * diff
-        tl.store(part_ptr + pid, tl.sum(tl.sum(acc, axis=1), axis=0))
+        tl.store(part_ptr + tl.program_id(0), tl.sum(tl.sum(acc, axis=1), axis=0))
 
     @triton.jit
     def _squared_error_backward(
@@ -80,10 +85,7 @@ if triton is not None:
     ):
         """``grad[r] = g * (pred[r] - table[index[r]])`` in ``grad``'s dtype; ``g`` is twice
         the loss's upstream gradient (one float32 value)."""
-        pid = tl.program_id(0)
-        rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-        row_ok = rows < M
-        src = tl.load(index_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        rows, row_ok, src = _program_rows(index_ptr, M, BLOCK_R)
         g = tl.load(g_ptr)
         for d0 in range(0, D, BLOCK_D):
             cols = d0 + tl.arange(0, BLOCK_D)
