@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from data2vec.config import Config, load_config
+from data2vec.masking import inverse_block_mask, make_rng
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -48,6 +49,16 @@ TINY = [
 
 def tiny_config(*overrides: str) -> Config:
     return load_config("image-v2-tiny", [*TINY, *overrides])
+
+
+def image_batch(cfg: Config, B: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B`` random images of ``cfg``'s size and ``B x clones`` inverse block masks over its
+    patch grid at its mask ratio, both drawn from ``seed``: ``(x, mask)``."""
+    size, p = cfg.encoder.image_size, cfg.encoder.patch_size
+    g = size // p
+    x = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    mask = inverse_block_mask(g, g, B * cfg.mask.clones, cfg.mask.ratio, make_rng(seed))
+    return x, torch.from_numpy(mask)
 
 
 @pytest.fixture(autouse=True)

@@ -12,11 +12,10 @@ import os
 import pytest
 import torch
 
-from data2vec.masking import inverse_block_mask, make_rng
 from data2vec.models.registry import build_model
 from data2vec.nn import token_loss
 from data2vec.targets import _SquaredErrorSum, regression_loss
-from tests.conftest import tiny_config
+from tests.conftest import image_batch, tiny_config
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_token_kernels.py"
 
@@ -80,10 +79,7 @@ def test_data2vec2_loss_and_gradients_with_the_kernel(monkeypatch):
     read by index against the gather (the same model and batch)."""
     cfg = tiny_config("mask.clones=4")
     model = build_model(cfg)
-    size, p, B = cfg.encoder.image_size, cfg.encoder.patch_size, 2
-    x = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(1))
-    m = inverse_block_mask(size // p, size // p, B * 4, cfg.mask.ratio, make_rng(0))
-    mask = torch.from_numpy(m)
+    x, mask = image_batch(cfg, B=2)
 
     def run():
         torch.manual_seed(3)

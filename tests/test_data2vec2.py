@@ -5,20 +5,12 @@ import pytest
 import torch
 
 from data2vec.convert.fairseq import import_v2
-from data2vec.masking import MaskInfo, inverse_block_mask, make_rng
+from data2vec.masking import MaskInfo
 from data2vec.models.registry import build_model
 from data2vec.targets import per_dim_std
-from tests.conftest import FIXTURES, tiny_config
+from tests.conftest import FIXTURES, image_batch, tiny_config
 
 FIXTURE = FIXTURES / "fairseq" / "v2_image_tiny"
-
-
-def _batch(cfg, B=3, seed=0):
-    size, p = cfg.encoder.image_size, cfg.encoder.patch_size
-    x = torch.randn(B, 3, size, size)
-    g = size // p
-    mask = inverse_block_mask(g, g, B * cfg.mask.clones, cfg.mask.ratio, make_rng(seed))
-    return x, torch.from_numpy(mask)
 
 
 def test_teacher_runs_once_per_sample_whatever_the_clones():
@@ -30,7 +22,7 @@ def test_teacher_runs_once_per_sample_whatever_the_clones():
         seen[clones] = rows
         block = model.teacher.model.blocks[0]
         block.register_forward_hook(lambda m, i, o, rows=rows: rows.append(i[0].shape[0]))
-        x, mask = _batch(cfg, B=3)
+        x, mask = image_batch(cfg, B=3)
         model(x, mask)
     assert seen == {1: [3], 4: [3]}
 
@@ -40,7 +32,7 @@ def test_student_encodes_visible_tokens_only():
     model = build_model(cfg)
     shapes = []
     model.encoder.blocks[0].register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
-    x, mask = _batch(cfg, B=2)
+    x, mask = image_batch(cfg, B=2)
     model(x, mask)
     visible = 16 - (16 - int(16 * 0.25))  # 4x4 grid, 25% kept
     assert shapes == [(2 * 4, 1 + visible, cfg.model.embed_dim)]  # + CLS
@@ -50,7 +42,7 @@ def _encoded(cfg):
     """A model of ``cfg`` and its stages on a 2-sample batch: ``(model, mask, info, targets,
     student)``."""
     model = build_model(cfg)
-    x, mask = _batch(cfg, B=2)
+    x, mask = image_batch(cfg, B=2)
     info = MaskInfo.from_mask(mask)
     local, _ = model.encoder.modality.embed(x)
     targets = model.forward_targets(x, None, local, None)
@@ -99,7 +91,7 @@ def test_loss_from_masked_row_indices_equals_loss_from_the_mask():
 def test_decoder_input__visible_in_place_noise_elsewhere():
     cfg = tiny_config()
     model = build_model(cfg)
-    x, mask = _batch(cfg, B=2)
+    x, mask = image_batch(cfg, B=2)
     info = MaskInfo.from_mask(mask)
     local, _ = model.encoder.modality.embed(x)
     student = model.forward_student(local, None, info)
@@ -126,7 +118,7 @@ def test_decoder_input__visible_in_place_noise_elsewhere():
 def test_cls_loss_weight_and_logged_statistics():
     cfg = tiny_config("loss.cls_weight=0.5")
     model = build_model(cfg)
-    x, mask = _batch(cfg)
+    x, mask = image_batch(cfg, B=3)
     torch.manual_seed(1)
     with_cls = model(x, mask)
     cfg0 = tiny_config("loss.cls_weight=0")
@@ -148,7 +140,7 @@ def test_logged_target_std_is_the_std_of_each_predictions_target(monkeypatch):
 
     cfg = tiny_config("mask.clones=4")
     model = build_model(cfg)
-    x, mask = _batch(cfg)
+    x, mask = image_batch(cfg, B=3)
     seen = []
     real = d2v2.regression_loss
 
@@ -166,7 +158,7 @@ def test_logged_target_std_is_the_std_of_each_predictions_target(monkeypatch):
 def test_wrong_number_of_mask_rows_is_an_error():
     cfg = tiny_config("mask.clones=2")
     model = build_model(cfg)
-    x, mask = _batch(cfg, B=2)
+    x, mask = image_batch(cfg, B=2)
     with pytest.raises(ValueError, match="mask rows"):
         model(x, mask[:3])
 

@@ -9,7 +9,7 @@ import torch
 from data2vec.bench import _synthetic_batch
 from data2vec.engine import trainer
 from data2vec.models.registry import build_model
-from tests.conftest import benchmark_module, tiny_config
+from tests.conftest import benchmark_module, image_batch, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -128,15 +128,12 @@ def test_the_loss_gathered_switch_gathers_the_targets_as_before(variants, monkey
     (not a table and an index), the logged target std from them too (the same values up to
     summation order); afterwards the model's functions are restored."""
     from data2vec import targets
-    from data2vec.masking import inverse_block_mask, make_rng
     from data2vec.models import data2vec2
 
     switch = {v[0]: v[3] for v in variants.VARIANTS}["loss gathered"]
     cfg = tiny_config("mask.clones=2")
     model = build_model(cfg)
-    size, p = cfg.encoder.image_size, cfg.encoder.patch_size
-    x = torch.randn(2, 3, size, size)
-    mask = torch.from_numpy(inverse_block_mask(size // p, size // p, 4, 0.5, make_rng(0)))
+    x, mask = image_batch(cfg, B=2)
     torch.manual_seed(0)
     now = model(x, mask)
     calls, stds = [], []

@@ -6,17 +6,8 @@ import torch
 from data2vec.engine.runtime import autocast
 from data2vec.engine.trainer import new_state
 from data2vec.errors import UserError
-from data2vec.masking import inverse_block_mask, make_rng
 from data2vec.models.registry import build_model
-from tests.conftest import tiny_config
-
-
-def _batch(cfg, B=2, seed=0):
-    size, p = cfg.encoder.image_size, cfg.encoder.patch_size
-    g = size // p
-    x = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    mask = inverse_block_mask(g, g, B * cfg.mask.clones, cfg.mask.ratio, make_rng(seed))
-    return x, torch.from_numpy(mask)
+from tests.conftest import image_batch, tiny_config
 
 
 def _loss_and_grads(cfg, x, mask):
@@ -32,7 +23,7 @@ def _loss_and_grads(cfg, x, mask):
 def test_activation_checkpointing__same_loss_and_gradients(dropout):
     drops = [f"model.{k}={dropout}" for k in ("encoder_dropout", "post_mlp_dropout")]
     base = tiny_config(*drops)
-    x, mask = _batch(base)
+    x, mask = image_batch(base)
     loss, grads = _loss_and_grads(base, x, mask)
     loss_ckpt, grads_ckpt = _loss_and_grads(
         tiny_config(*drops, "model.activation_checkpointing=true"), x, mask
@@ -47,7 +38,7 @@ def test_activation_checkpointing__keeps_fewer_tensors_for_backward():
     def saved_bytes(cfg):
         torch.manual_seed(0)
         model = build_model(cfg).train()
-        x, mask = _batch(cfg)
+        x, mask = image_batch(cfg)
         sizes: dict[int, int] = {}
 
         def pack(t):
@@ -67,7 +58,7 @@ def test_bf16_autocast__fp32_targets_loss_and_master_weights():
     cfg = tiny_config()
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    x, mask = _batch(cfg)
+    x, mask = image_batch(cfg)
     seen = {}
     model.encoder.blocks[0].register_forward_hook(lambda m, i, o: seen.update(block=o[0].dtype))
     orig = model.forward_loss
