@@ -203,3 +203,27 @@ def test_the_gemm_experiment_runs_on_hoppers_tensor_cores_without_spills(
     assert stats["shared_bytes"] <= 227 * 1024
     assert stats["by_class"]["tensor_core"] >= 12 and stats["by_class"]["async_copy"] > 0
     assert stats["global_memory"].get("STG.E.128", 0) > 0  # h and gelu(h) as 128-bit vectors
+
+
+# The most shared memory one block may use on sm_86 and sm_89 (the CUDA C++ Programming Guide's
+# table "Technical Specifications per Compute Capability": 99 KB; 8.0 163 KB, 9.0 227 KB).
+SM86_SHARED_BYTES = 99 * 1024
+
+
+def test_the_default_kernels_fit_every_gpu_auto_takes_them_on(sass, tmp_path, monkeypatch):
+    """`decoder.conv_impl=auto` and the blocks' kernels run on every NVIDIA GPU of compute
+    capability 8.0 or newer. A consumer Ampere or Ada card (sm_86, sm_89) gives a block less than
+    half the shared memory of an H100, and a launch asking for more fails at the first step. So
+    every kernel an image-v2-base step launches, under the default settings, compiles for sm_86
+    within 99 KB, with no spills (sm_89 compiles to the same sizes, sm_80 allows more)."""
+    if triton_gate.triton is None:
+        pytest.skip("Triton < 3.2: the kernels are not defined (see the first test)")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    out = sass.report(["default"], arch=86, blocks=True)
+    assert out["arch"] == "sm_86"
+    compiled = {**out["blocks"], **out["settings"]["default"]}
+    compiled.pop("forward_settings")
+    assert len(compiled) == 9 + 4  # the blocks' nine launches, the convolution's four
+    for name, stats in compiled.items():
+        assert 0 <= stats["shared_bytes"] <= SM86_SHARED_BYTES, (name, stats["shared_bytes"])
+        assert stats["local_bytes"] == 0 and stats["registers"] <= 255, name
