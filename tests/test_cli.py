@@ -2,6 +2,8 @@
 
 import json
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -255,3 +257,46 @@ def test_data_synth_speech_builds_a_voice_disjoint_corpus(tmp_path, capsys):
         for split in ("train", "test")
     }
     assert voices["train"] and voices["test"] and not voices["train"] & voices["test"]
+
+
+def _reference_lines() -> list[str]:
+    """The command lines of the README's "Command-line reference" block."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    block = text.split("## Command-line reference", 1)[1].split("```")[1]
+    return [line for line in block.splitlines() if line.startswith("data2vec ")]
+
+
+def test_the_readme_command_reference_names_the_parsers_commands_options_and_choices():
+    """Every command the CLI has is in the README's reference; every option a line names
+    exists; and where an option has fixed choices, the values the reference lists for it (over
+    all of its lines) are exactly those choices, so neither drifts from the other."""
+    import argparse
+
+    from data2vec.cli import _parser
+
+    def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        return dict(action.choices)
+
+    commands = {}
+    for name, sub in subparsers(_parser()).items():
+        if name == "data":
+            commands.update({f"data {n}": s for n, s in subparsers(sub).items()})
+        else:
+            commands[name] = sub
+    listed: dict[str, dict[str, set[str]]] = {}
+    for line in _reference_lines():
+        words = line.split()
+        name = " ".join(words[1:3]) if words[1] == "data" else words[1]
+        assert name in commands, line
+        for flag, value in re.findall(r"(--[a-z-]+)(?:[ =]([^\s\]\[]+))?", line):
+            values = listed.setdefault(name, {}).setdefault(flag, set())
+            if value and not value.isupper() and not value[0].isdigit():
+                values.update(value.split("|"))
+    assert set(listed) == set(commands)
+    for name, flags in listed.items():
+        options = {s: a for a in commands[name]._actions for s in a.option_strings}
+        for flag, values in flags.items():
+            assert flag in options, (name, flag)
+            if options[flag].choices is not None:
+                assert values == set(options[flag].choices), (name, flag, values)
