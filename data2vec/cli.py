@@ -136,18 +136,23 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="pretrain a tiny model and compare probes")
     p.add_argument(
         "--modality",
-        choices=["image", "audio", "text", "signal"],
+        choices=["image", "audio", "text", "signal", "all"],
         default="image",
         help="image: Fashion-MNIST; audio: synthesized spoken words + CTC; text: WordNet "
-        "glosses; signal: a UCR/UEA time-series data set",
+        "glosses; signal: a UCR/UEA time-series data set; all: each of them in turn on its "
+        "default data (about 40 minutes), one table at the end",
     )
     p.add_argument(
-        "--minutes", type=float, help="pretraining budget (image 7, audio 5, text 8, signal 4)"
+        "--minutes",
+        type=float,
+        help="pretraining budget (image 7, audio 5, text 8, signal 4; all: the total, shared "
+        "in those proportions)",
     )
     p.add_argument(
         "--out",
         type=Path,
-        help="output folder (default demo_out, demo_audio, demo_text or demo_signal)",
+        help="output folder (default demo_out, demo_audio, demo_text, demo_signal; all: "
+        "demo_all, one sub-folder per modality)",
     )
     p.add_argument(
         "--data",

@@ -213,15 +213,13 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_demo(args: argparse.Namespace) -> int:
     from data2vec.demo import run_demo as demo
+    from data2vec.demo_all import ALL_OUT, DEFAULTS, check, run_all
 
-    defaults = {
-        "image": (7.0, "demo_out", "fashion-mnist"),
-        "audio": (5.0, "demo_audio", None),
-        # text needs ~1500 steps to pay off (configs/text-v2-tiny.yaml): 8 minutes here
-        "text": (8.0, "demo_text", None),
-        "signal": (4.0, "demo_signal", None),
-    }
-    minutes, out, data = defaults[args.modality]
+    if args.modality == "all":
+        check(args.data, list(args.overrides))
+        run_all(Path(args.out or ALL_OUT), args.minutes, list(args.overrides), demo)
+        return 0
+    minutes, out, data = DEFAULTS[args.modality]
     demo(
         out=Path(args.out or out),
         minutes=args.minutes or minutes,

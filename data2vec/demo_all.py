@@ -1,0 +1,126 @@
+"""``data2vec demo --modality all``: every modality's demo in turn, one summary at the end.
+
+Each demo runs as ``data2vec demo --modality M`` would, on its default data, into
+``OUT/<modality>/``. The checks that need no work (``--data``, the overrides against every
+demo's preset) run before the first demo starts, so a typo fails in a second, not after the
+image demo's 13 minutes. A demo that fails later is reported and the others still run: their
+results are kept and the command exits non-zero at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from data2vec.config import load_config
+from data2vec.errors import UserError
+
+log = logging.getLogger("data2vec.demo")
+
+# modality -> (pretraining minutes, output folder, data) of `data2vec demo --modality M`
+DEFAULTS: dict[str, tuple[float, str, str | None]] = {
+    "image": (7.0, "demo_out", "fashion-mnist"),
+    "audio": (5.0, "demo_audio", None),
+    # text needs ~1500 steps to pay off (configs/text-v2-tiny.yaml): 8 minutes here
+    "text": (8.0, "demo_text", None),
+    "signal": (4.0, "demo_signal", None),
+}
+ALL_OUT = "demo_all"
+
+
+def presets() -> dict[str, str]:
+    """The preset each modality's demo pretrains."""
+    from data2vec import demo, demo_audio, demo_signal, demo_text
+
+    modules = {"image": demo, "audio": demo_audio, "text": demo_text, "signal": demo_signal}
+    return {modality: module.PRESET for modality, module in modules.items()}
+
+
+def budgets(minutes: float | None) -> dict[str, float]:
+    """Each demo's pretraining minutes: its own default, or a total of ``minutes`` shared in
+    proportion to the defaults (7 : 5 : 8 : 4)."""
+    if minutes is None:
+        return {modality: default[0] for modality, default in DEFAULTS.items()}
+    if minutes <= 0:
+        raise UserError(f"--minutes {minutes:g}: the total pretraining budget must be > 0")
+    total = sum(default[0] for default in DEFAULTS.values())
+    return {modality: minutes * default[0] / total for modality, default in DEFAULTS.items()}
+
+
+def check(data: str | None, overrides: list[str]) -> None:
+    """Refuse what would fail later: a ``--data`` (it names one modality's data) and overrides
+    that some demo's preset does not take."""
+    if data is not None:
+        raise UserError(
+            f"--data {data}: with --modality all every demo uses its own default data; "
+            "run one modality (--modality image|audio|text|signal) to give it data"
+        )
+    for modality, preset in presets().items():
+        try:
+            load_config(preset, overrides)
+        except UserError as exc:
+            raise UserError(f"{modality} demo ({preset}): {exc}") from exc
+
+
+def run_all(
+    out: Path,
+    minutes: float | None,
+    overrides: list[str],
+    run_one: Callable[..., dict[str, Any]],
+) -> dict[str, Any]:
+    """Run every demo with ``run_one`` (:func:`data2vec.demo.run_demo`'s signature) into
+    ``out/<modality>``; write ``out/results.json`` and print one table.
+
+    Raises:
+        UserError: when a demo failed with one (after the others ran); any other failure is
+            raised as a ``RuntimeError`` naming the demos that failed.
+    """
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"modalities": {}, "failed": {}}
+    failures: dict[str, Exception] = {}
+    for i, (modality, budget) in enumerate(budgets(minutes).items(), 1):
+        print(f"\n=== demo {i}/{len(DEFAULTS)}: {modality} ({budget:.3g} min) ===")
+        data = DEFAULTS[modality][2]
+        try:
+            result = run_one(
+                out=out / modality,
+                minutes=budget,
+                data=data,
+                overrides=list(overrides),
+                modality=modality,
+            )
+        except Exception as exc:  # one demo's failure must not throw away the others' work
+            log.error("%s demo failed:\n%s", modality, traceback.format_exc())
+            failures[modality] = exc
+            summary["failed"][modality] = f"{type(exc).__name__}: {exc}"
+            continue
+        summary["modalities"][modality] = result
+    summary["total_seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    print()
+    print(table(summary))
+    print(f"\nwrote {out / 'results.json'}; each demo's plots are in {out}/<modality>/")
+    if failures:
+        names = ", ".join(f"{m} ({summary['failed'][m]})" for m in failures)
+        if all(isinstance(exc, UserError) for exc in failures.values()):
+            raise UserError(f"demo failed for {names}; the others' results are in {out}")
+        raise RuntimeError(f"demo failed for {names}; the others' results are in {out}")
+    return summary
+
+
+def table(summary: dict[str, Any]) -> str:
+    """Every demo's rows (features, linear probe, kNN) under one header."""
+    lines = [f"{'modality':<9}{'features':<32}{'linear probe':>14}{'kNN (k=20)':>12}", "-" * 67]
+    for modality, result in summary["modalities"].items():
+        for name, r in result["results"].items():
+            linear, knn = (100 * r[probe]["accuracy"] for probe in ("linear", "knn"))
+            lines.append(f"{modality:<9}{name:<32}{linear:>13.2f}%{knn:>11.2f}%")
+    for modality, why in summary["failed"].items():
+        lines.append(f"{modality:<9}failed: {why}")
+    return "\n".join(lines)
