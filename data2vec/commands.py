@@ -217,7 +217,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if args.modality == "all":
         check(args.data, list(args.overrides))
-        run_all(Path(args.out or ALL_OUT), args.minutes, list(args.overrides), demo)
+        run_all(Path(args.out or ALL_OUT), args.minutes, list(args.overrides))
         return 0
     minutes, out, data = DEFAULTS[args.modality]
     demo(

@@ -289,8 +289,9 @@ def test_the_readme_command_reference_names_the_parsers_commands_options_and_cho
         words = line.split()
         name = " ".join(words[1:3]) if words[1] == "data" else words[1]
         assert name in commands, line
+        listed.setdefault(name, {})
         for flag, value in re.findall(r"(--[a-z-]+)(?:[ =]([^\s\]\[]+))?", line):
-            values = listed.setdefault(name, {}).setdefault(flag, set())
+            values = listed[name].setdefault(flag, set())
             if value and not value.isupper() and not value[0].isdigit():
                 values.update(value.split("|"))
     assert set(listed) == set(commands)

@@ -1,6 +1,7 @@
 """``data2vec demo --modality all``: every demo in turn, checks before any work, failures kept
 apart. Each demo itself is tested end to end elsewhere (``test_cli``, ``test_audio_pipeline``,
-``test_signal_pipeline``); here a recorder stands in for it."""
+``test_signal_pipeline``); here a recorder stands in for the child process that runs it, and
+one real child runs the signal demo."""
 
 import json
 import re
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from data2vec import demo, demo_all
+from data2vec import demo_all
 from data2vec.cli import main
 from data2vec.errors import UserError
 
@@ -22,15 +23,14 @@ def _results(modality: str) -> dict:
 
 
 class _Recorder:
-    """Stands in for ``data2vec.demo.run_demo``: records each call, fails where told."""
+    """Stands in for ``demo_all.run_in_process``: records each call, fails where told."""
 
     def __init__(self, fail: dict[str, Exception] | None = None) -> None:
         self.calls: list[dict] = []
         self.fail = fail or {}
 
-    def __call__(self, out: Path, minutes: float, data, overrides, modality) -> dict:
-        self.calls.append(dict(out=out, minutes=minutes, data=data, overrides=overrides,
-                               modality=modality))  # fmt: skip
+    def __call__(self, modality: str, out: Path, minutes: float, overrides: list[str]) -> dict:
+        self.calls.append(dict(modality=modality, out=out, minutes=minutes, overrides=overrides))
         if modality in self.fail:
             raise self.fail[modality]
         out.mkdir(parents=True)
@@ -41,7 +41,7 @@ def test_every_demo_runs_in_turn_on_its_default_data_and_one_table_sums_them_up(
     tmp_path, monkeypatch, capsys
 ):
     recorder = _Recorder()
-    monkeypatch.setattr(demo, "run_demo", recorder)
+    monkeypatch.setattr(demo_all, "run_in_process", recorder)
     out = tmp_path / "all"
     code = main(["demo", "--modality", "all", "--out", str(out), "--minutes", "12",
                  "optim.lr=1e-3"])  # fmt: skip
@@ -49,7 +49,6 @@ def test_every_demo_runs_in_turn_on_its_default_data_and_one_table_sums_them_up(
     assert [c["modality"] for c in recorder.calls] == ["image", "audio", "text", "signal"]
     for call in recorder.calls:
         assert call["out"] == out / call["modality"]
-        assert call["data"] == demo_all.DEFAULTS[call["modality"]][2]  # its own default data
         assert call["overrides"] == ["optim.lr=1e-3"]
     # 12 minutes shared 7 : 5 : 8 : 4
     assert [c["minutes"] for c in recorder.calls] == pytest.approx([3.5, 2.5, 4.0, 2.0])
@@ -82,7 +81,7 @@ def test_what_would_fail_later_is_refused_before_any_demo_starts(
     args, message, tmp_path, monkeypatch, capsys
 ):
     recorder = _Recorder()
-    monkeypatch.setattr(demo, "run_demo", recorder)
+    monkeypatch.setattr(demo_all, "run_in_process", recorder)
     code = main(["demo", "--modality", "all", "--out", str(tmp_path / "all"), *args])
     assert code == 2 and not recorder.calls
     error = capsys.readouterr().err
@@ -108,7 +107,7 @@ def test_when_only_user_errors_failed_the_cli_says_so_with_exit_code_2(
     tmp_path, monkeypatch, capsys
 ):
     recorder = _Recorder(fail={"text": UserError("wordnet-base is not installed")})
-    monkeypatch.setattr(demo, "run_demo", recorder)
+    monkeypatch.setattr(demo_all, "run_in_process", recorder)
     code = main(["demo", "--modality", "all", "--out", str(tmp_path / "all")])
     assert code == 2 and len(recorder.calls) == 4
     assert "text (UserError: wordnet-base is not installed)" in capsys.readouterr().err
@@ -121,3 +120,22 @@ def test_the_presets_are_the_ones_the_demos_pretrain():
         "text": "text-v2-tiny",
         "signal": "signal-v2-tiny",
     }
+
+
+def test_a_demo_runs_in_a_child_process_as_the_command_would_and_its_results_come_back(
+    tmp_path,
+):
+    """The signal demo (the smallest data set) for two steps, in a real child process."""
+    out = tmp_path / "signal"
+    result = demo_all.run_in_process("signal", out, 0.05, ["train.max_steps=2"])
+    assert result == json.loads((out / "results.json").read_text())
+    assert result["modality"] == "signal" and result["pretraining"]["steps"] == 2
+    assert result["data"]["train"] == "ucr:JapaneseVowels:train"  # the demo's default data
+    assert 0 < result["results"]["data2vec 2.0 (pretrained)"]["linear"]["accuracy"] <= 1
+
+
+def test_a_child_that_refuses_its_input_is_a_user_error(tmp_path, capfd):
+    with pytest.raises(UserError, match="--modality image refused its input"):
+        demo_all.run_in_process("image", tmp_path / "image", 1.0, ["optim.lrr=1"])
+    assert "unknown field optim.lrr" in capfd.readouterr().err  # the child said why
+    assert not (tmp_path / "image" / "results.json").exists()
