@@ -241,3 +241,34 @@ def test_small_sets_get_enough_sgd_steps() -> None:
         x[:300], y[:300], x[300:], y[300:], lrs=(0.1,), weight_decays=(0.0,), min_steps=0
     )
     assert quick.epochs == 30
+
+
+def _subnormal(t: torch.Tensor) -> int:
+    return int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum())
+
+
+def test_a_confident_heads_gradient_has_no_subnormal_values_and_stays_exact(monkeypatch) -> None:
+    """A class 100 logits below the best has probability e^-100 = 3.7e-44, below float32's
+    normal range: products reading such values run several times slower on x86 CPUs (the text
+    demo's probe took 12 minutes). The probe sets probabilities under 2^-100 to zero, and its
+    gradient still equals the float64 cross-entropy gradient. (The probe's accuracy is
+    unchanged: the digits tests above; the demos' probes in benchmarks/README.md.)"""
+    import data2vec.evaluate.linear_probe as lp
+
+    x = torch.tensor([[1.0, 0.5], [1.0, -0.5]])
+    y = torch.tensor([0, 1])
+    weight = torch.tensor([[[50.0, 49.0, -50.0], [0.0, 0.0, 0.0]]])  # (K=1, D=2, C=3)
+    bias = torch.zeros(1, 3)
+    logits = torch.einsum("kdc,bd->kcb", weight, x)
+    assert _subnormal(logits.softmax(dim=1)) > 0  # what the products used to read
+    grad_w, grad_b = lp._cross_entropy_grads(x, y, weight, bias)
+    assert _subnormal(grad_w) == 0 and _subnormal(grad_b) == 0
+
+    w64 = weight[0].double().requires_grad_(True)
+    b64 = bias[0].double().requires_grad_(True)
+    F.cross_entropy(x.double() @ w64 + b64, y).backward()
+    torch.testing.assert_close(grad_w[0].double(), w64.grad, atol=1e-7, rtol=1e-6)
+    torch.testing.assert_close(grad_b[0].double(), b64.grad, atol=1e-7, rtol=1e-6)
+
+    monkeypatch.setattr(lp, "MIN_PROBABILITY", 0.0)  # nothing set to zero: the code before
+    assert _subnormal(lp._cross_entropy_grads(x, y, weight, bias)[0]) > 0
