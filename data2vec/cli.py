@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
         default="image",
         help="image: Fashion-MNIST; audio: synthesized spoken words + CTC; text: WordNet "
         "glosses; signal: a UCR/UEA time-series data set; all: each of them in turn on its "
-        "default data (about 40 minutes), one table at the end",
+        "default data (about 35 minutes), one table at the end",
     )
     p.add_argument(
         "--minutes",
