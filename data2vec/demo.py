@@ -121,12 +121,18 @@ def _plot_pca(feats: dict[str, Features], out: Path, n: int = 2000) -> Path:
     return out
 
 
+TABLE_HEADER = f"{'features':<32}{'linear probe':>14}{'kNN (k=20)':>12}"
+
+
+def table_row(name: str, result: dict[str, Any]) -> str:
+    """One row of the results table: a feature set's linear-probe and kNN accuracy."""
+    linear, knn = (100 * result[probe]["accuracy"] for probe in ("linear", "knn"))
+    return f"{name:<32}{linear:>13.2f}%{knn:>11.2f}%"
+
+
 def _table(results: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'features':<32}{'linear probe':>14}{'kNN (k=20)':>12}", "-" * 58]
-    for name, r in results.items():
-        lines.append(
-            f"{name:<32}{100 * r['linear']['accuracy']:>13.2f}%{100 * r['knn']['accuracy']:>11.2f}%"
-        )
+    lines = [TABLE_HEADER, "-" * len(TABLE_HEADER)]
+    lines += [table_row(name, r) for name, r in results.items()]
     return "\n".join(lines)
 
 

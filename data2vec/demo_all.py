@@ -130,11 +130,12 @@ def run_all(
 
 def table(summary: dict[str, Any]) -> str:
     """Every demo's rows (features, linear probe, kNN) under one header."""
-    lines = [f"{'modality':<9}{'features':<32}{'linear probe':>14}{'kNN (k=20)':>12}", "-" * 67]
+    from data2vec.demo import TABLE_HEADER, table_row
+
+    header = f"{'modality':<9}{TABLE_HEADER}"
+    lines = [header, "-" * len(header)]
     for modality, result in summary["modalities"].items():
-        for name, r in result["results"].items():
-            linear, knn = (100 * r[probe]["accuracy"] for probe in ("linear", "knn"))
-            lines.append(f"{modality:<9}{name:<32}{linear:>13.2f}%{knn:>11.2f}%")
+        lines += [f"{modality:<9}{table_row(name, r)}" for name, r in result["results"].items()]
     for modality, why in summary["failed"].items():
         lines.append(f"{modality:<9}failed: {why}")
     return "\n".join(lines)
