@@ -491,6 +491,10 @@ class TrainConfig:
 
     max_steps: int = 375_300
     max_minutes: float | None = None  # stop (and checkpoint) after this much wall-clock time
+    # With max_minutes: re-estimate max_steps every step from the measured pace, so the
+    # learning-rate schedule ends when the time budget does (the demo's setting). max_steps is
+    # the first estimate; a resumed run fits the schedule to its own new budget.
+    fit_schedule: bool = False
     seed: int = 1
     precision: Precision = "fp32"
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
@@ -530,6 +534,11 @@ class TrainConfig:
             raise ConfigError(f"train.max_minutes={self.max_minutes} must be > 0 or null")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"train.threads={self.threads} must be >= 1 or null")
+        if self.fit_schedule and self.max_minutes is None:
+            raise ConfigError(
+                "train.fit_schedule=true fits the schedule to a time budget: set "
+                "train.max_minutes too, or train.fit_schedule=false"
+            )
 
 
 ENCODER_CONFIGS: dict[str, type] = {

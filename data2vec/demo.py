@@ -146,8 +146,10 @@ def _fit_schedule(
 ) -> Config:
     """Set ``train.max_steps`` so the cosine schedule ends when the time budget does.
 
-    A few timed steps on synthetic input measure this machine's step time (the data loader runs
-    in parallel, so real steps cost about the same). An explicit ``train.max_steps`` override
+    A few timed steps on synthetic input give the first estimate of this machine's step time
+    (the data loader runs in parallel, so real steps cost about the same); with
+    ``train.fit_schedule`` the trainer then re-estimates it every step from the real pace, since
+    a busy machine's speed changes during the run. An explicit ``train.max_steps`` override
     wins; the time budget always stays the hard limit.
     """
     if any(o.startswith("train.max_steps=") for o in overrides):
@@ -166,7 +168,13 @@ def _fit_schedule(
     steps = max(1, int(minutes * 60 / step))
     log.info("measured %.3f s/step: scheduling %d steps for %g minutes", step, steps, minutes)
     return load_config(
-        cfg.preset, [f"train.max_minutes={minutes}", f"train.max_steps={steps}", *overrides]
+        cfg.preset,
+        [
+            f"train.max_minutes={minutes}",
+            f"train.max_steps={steps}",
+            "train.fit_schedule=true",
+            *overrides,
+        ],
     )
 
 

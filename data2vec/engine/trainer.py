@@ -11,6 +11,7 @@ checkpoint. The read is the step's only wait for a GPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -46,7 +47,7 @@ from data2vec.engine.runtime import (
     configure_threads,
     resolve_device,
 )
-from data2vec.engine.schedules import lr_at
+from data2vec.engine.schedules import ScheduleFit, lr_at
 from data2vec.errors import DataError, UserError
 from data2vec.models.data2vec2 import Data2Vec2
 from data2vec.models.registry import build_model
@@ -426,7 +427,9 @@ def _pretrain(
         if info.enabled
         else "",
     )
-    if cfg.train.max_steps == 0 or state.step >= cfg.train.max_steps:
+    # A fitted schedule's max_steps is a guess: a resumed run trains its own new budget.
+    done = state.step >= cfg.train.max_steps and not cfg.train.fit_schedule
+    if cfg.train.max_steps == 0 or done:
         path = save(state, run_dir, cfg, skips)
         return TrainResult(run_dir, state.step, "max_steps", 0.0, path, len(skips))
     loader = make_loader(
@@ -485,6 +488,22 @@ def _stop_requests() -> Iterator[dict[str, bool]]:
             signal.signal(sig, old)
 
 
+def _refit(
+    cfg: Config, fit: ScheduleFit, step: int, elapsed: float, device: torch.device, bar: tqdm
+) -> Config:
+    """``cfg`` with ``train.max_steps`` re-estimated by ``fit`` (the longest estimate of all
+    ranks, so they agree on when the schedule ends)."""
+    total = fit.update(step, elapsed)
+    if total is None:  # the pace is not known yet: a first estimate too short must not end it
+        total = max(cfg.train.max_steps, step + 1)
+    if distributed.active():
+        total = int(distributed.global_max(torch.tensor(total, device=device)))
+    if total == cfg.train.max_steps:
+        return cfg
+    bar.total = total
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=total))
+
+
 def _record(
     state: TrainState,
     result: StepResult,
@@ -532,6 +551,7 @@ def _loop(
     start = last_log = time.perf_counter()
     budget = cfg.train.max_minutes * 60 if cfg.train.max_minutes else math.inf
     samples, stopped, last_ckpt, saved_step = 0, "max_steps", None, -1
+    fit = ScheduleFit(budget, state.step) if cfg.train.fit_schedule else None
     history: list[dict[str, float]] = []
     pending: list[PretrainBatch] = []  # the micro-batches of the next optimizer step
     with contextlib.ExitStack() as stack:
@@ -572,6 +592,8 @@ def _loop(
             if not result.updated:
                 continue
             bar.update(1)
+            if fit is not None:
+                cfg = _refit(cfg, fit, state.step, time.perf_counter() - start, device, bar)
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 now = time.perf_counter()
                 record = _record(state, result, samples, now - last_log, now - start, skips)
