@@ -97,3 +97,25 @@ def test_resume__a_fitted_run_trains_a_new_budget(tmp_path, image_folder):
     assert first.stopped == "time_budget" and first.steps > 3
     again = pretrain(cfg, image_folder, tmp_path / "run", resume=True)
     assert again.stopped == "time_budget" and again.steps > first.steps
+
+
+def test_processes_take_the_longest_estimate(monkeypatch):
+    """Under torchrun each process refits from its own clock; all take the longest estimate
+    (here another rank's 900 steps against this one's 200), so their schedules stay equal."""
+    import torch
+
+    from data2vec.engine import distributed, trainer
+
+    other_rank = torch.tensor(900)
+    monkeypatch.setattr(distributed, "active", lambda: True)
+    monkeypatch.setattr(distributed, "global_max", lambda t: torch.maximum(t, other_rank))
+
+    class Bar:
+        total = None
+
+    cfg = tiny_config("train.max_minutes=1", "train.fit_schedule=true", "train.max_steps=50")
+    fit, bar = ScheduleFit(budget=100.0, start_step=0), Bar()
+    for step in range(1, 21):
+        cfg = trainer._refit(cfg, fit, step, 0.5 * step, torch.device("cpu"), bar)
+    assert fit.update(21, 10.5) == 200  # this process alone: 100 s at 0.5 s a step
+    assert cfg.train.max_steps == 900 and bar.total == 900
