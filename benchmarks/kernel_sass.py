@@ -264,6 +264,30 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
+def conditional_products(ttgir: str) -> int:
+    """Matrix products (``tt.dot``, ``ttng.warp_group_dot``) under an ``scf.if`` inside an
+    ``scf.for`` of a kernel's Triton GPU IR.
+
+    Triton 3.6's pipeliner leaves such a product out when it decides how long a loaded tile
+    must stay in shared memory, and can overwrite the tile while the product reads it: the
+    decoder convolution's bias sums under a run-time ``if`` came out wrong on an H200
+    (benchmarks/README.md, "GPU, tenth pass"). The IR nests regions one per line: an opening
+    line ends with ``{``, a closing one starts with ``}`` (``} else {`` does both).
+    """
+    stack: list[str] = []
+    count = 0
+    for line in ttgir.splitlines():
+        text = line.strip()
+        if text.startswith("}"):
+            stack.pop()
+        if text.endswith("{"):
+            stack.append("for" if "scf.for" in text else "if" if "scf.if" in text or
+                         text.startswith("} else") else "other")  # fmt: skip
+        elif re.search(r"\b(tt\.dot|ttng\.warp_group_dot)\b", text) and "for" in stack:
+            count += "if" in stack[stack.index("for") :]
+    return count
+
+
 def sass_stats(compiled: Any) -> dict[str, Any]:
     """Registers, shared and local memory, the instruction mix of a compiled kernel, and the
     instruction mix of each of its loops' bodies."""
@@ -309,6 +333,7 @@ def sass_stats(compiled: Any) -> dict[str, Any]:
         },
         "global_memory": dict(memory),
         "loops": loops,  # each loop's body (from its label to the branch back), in code order
+        "conditional_products": conditional_products(compiled.asm["ttgir"]),
     }
 
 

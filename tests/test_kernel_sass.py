@@ -227,3 +227,54 @@ def test_the_default_kernels_fit_every_gpu_auto_takes_them_on(sass, tmp_path, mo
     for name, stats in compiled.items():
         assert 0 <= stats["shared_bytes"] <= SM86_SHARED_BYTES, (name, stats["shared_bytes"])
         assert stats["local_bytes"] == 0 and stats["registers"] <= 255, name
+
+
+def test_no_matrix_product_runs_under_a_condition_inside_a_loop(report):
+    """Every launch of the step, under every forward setting: no product under an ``scf.if``
+    in a loop, which Triton's pipeliner mishandles (the decoder's bias gradient came out wrong
+    on an H200 when its bias sums were taken under ``if kc == 0`` in the loop)."""
+    if report is None:
+        pytest.skip("Triton < 3.2: the kernels are not defined (see the first test)")
+    launches = {f"blocks/{name}": stats for name, stats in report["blocks"].items()}
+    for setting, stats in report["settings"].items():
+        launches |= {f"{setting}/{k}": v for k, v in stats.items() if k != "forward_settings"}
+    assert len(launches) > 10
+    assert {k: v["conditional_products"] for k, v in launches.items()} == dict.fromkeys(launches, 0)
+
+
+def test_conditional_products_are_found_in_compiled_ir(sass, monkeypatch, tmp_path):
+    """The check above finds such a product: a loop whose product runs under a run-time ``if``
+    (as the weight gradient's bias sums did) counts one, the same loop with the product
+    outside the ``if`` none."""
+    if triton_gate.triton is None:
+        pytest.skip("Triton < 3.2: the kernels are not defined (see the first test)")
+    import torch
+
+    from data2vec.nn.triton_gate import tl, triton
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+
+    @triton.jit
+    def loop(a_ptr, out_ptr, flag, ITERS: tl.constexpr, GUARD: tl.constexpr):
+        r = tl.arange(0, 16)
+        acc = tl.zeros((16, 16), dtype=tl.float32)
+        for i in range(ITERS):
+            a = tl.load(a_ptr + i * 256 + r[:, None] * 16 + r[None, :])
+            if GUARD:
+                if flag > 0:
+                    acc = tl.dot(a, a, acc)
+            else:
+                acc = tl.dot(a, a, acc)
+        tl.store(out_ptr + r[:, None] * 16 + r[None, :], acc)
+
+    a = torch.empty(64 * 256, dtype=torch.bfloat16, device="meta")
+    out = torch.empty(256, dtype=torch.float32, device="meta")
+    counts = [
+        sass.conditional_products(
+            sass.compile_launch(loop, (a, out, 1), {"ITERS": 64, "GUARD": g}).asm["ttgir"]
+        )
+        for g in (True, False)
+    ]
+    assert counts == [1, 0]
+    ir = "scf.for {\n scf.if %c {\n tt.dot\n } else {\n tt.dot\n }\n tt.dot\n}\ntt.dot"
+    assert sass.conditional_products(ir) == 2

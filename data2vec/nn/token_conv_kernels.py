@@ -240,12 +240,13 @@ if triton is not None:
         # The bias sums as a product with a column of ones (beside 15 of zeros: a product is at
         # least 16 wide) on the tensor cores, from the gy tile already in shared memory. Summed
         # in registers (tl.sum over rows) they crossed threads and warps every iteration: 459
-        # instructions per iteration against 313 (sm_90). Only the first column block's
-        # programs store them, so only they add up.
+        # instructions per iteration against 313 (sm_90). Every program adds them (only the
+        # first column block's programs store them): a product under a run-time condition was
+        # left out of Triton 3.6's pipeliner, which then overwrote the gy tile in shared memory
+        # while that product could still read it (wrong bias gradients on an H200, 2026-11-28).
         gsum = tl.zeros((BLOCK_O, 16), dtype=tl.float32)
         ones = tl.where(tl.arange(0, 16)[None, :] == 0, 1.0, tl.zeros((BLOCK_M, 16), tl.float32))
         ones = ones.to(gy_ptr.dtype.element_ty)
-        sums_bias = HAS_BIAS and kc == 0
         # A compile-time trip count (a power of two, so few variants get compiled) and the
         # same loop in every program.
         for it in range(ITERS):
@@ -257,7 +258,7 @@ if triton is not None:
                 mask=in_rows[:, None] & (outs[None, :] < COUT_G),
                 other=0.0,
             )
-            if sums_bias:
+            if HAS_BIAS:  # compile-time: no branch in the loop
                 gsum = _dot(tl.trans(gy), ones, gsum, IEEE)
             if PACK:
                 src, ok = _packed_rows(
@@ -277,7 +278,7 @@ if triton is not None:
                     other=0.0,
                 ).to(gy.dtype)
             acc = _dot(tl.trans(gy), xs, acc, IEEE)
-        if sums_bias:  # one program of each (slice, group); columns 1-15 hold zeros
+        if HAS_BIAS and kc == 0:  # one program of each (slice, group); columns 1-15 hold zeros
             tl.store(bs_ptr + s * C_OUT + g * COUT_G + outs, tl.sum(gsum, axis=1),
                      mask=outs < COUT_G)  # fmt: skip
         if PACK:
