@@ -87,6 +87,7 @@ _INSTRUCTION = re.compile(
 
 # ".L_x_3:" (a branch target) and "BRA `(.L_x_3)"
 _LABEL = re.compile(r"^(\.L_x_\d+):")
+_TILE_READ = re.compile(r"\b(tt\.dot|ttng\.warp_group_dot|ttg\.local_load)\b")  # Triton GPU IR
 _BRANCH = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
 
 
@@ -264,9 +265,9 @@ def _tool(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def conditional_products(ttgir: str) -> int:
-    """Matrix products (``tt.dot``, ``ttng.warp_group_dot``) under an ``scf.if`` inside an
-    ``scf.for`` of a kernel's Triton GPU IR.
+def conditional_tile_reads(ttgir: str) -> int:
+    """Matrix products (``tt.dot``, ``ttng.warp_group_dot``) and reads of shared memory
+    (``ttg.local_load``) under an ``scf.if`` inside an ``scf.for`` of a kernel's Triton GPU IR.
 
     Triton 3.6's pipeliner leaves such a product out when it decides how long a loaded tile
     must stay in shared memory, and can overwrite the tile while the product reads it: the
@@ -283,7 +284,10 @@ def conditional_products(ttgir: str) -> int:
         if text.endswith("{"):
             stack.append("for" if "scf.for" in text else "if" if "scf.if" in text or
                          text.startswith("} else") else "other")  # fmt: skip
-        elif re.search(r"\b(tt\.dot|ttng\.warp_group_dot)\b", text) and "for" in stack:
+        elif (
+            re.search(r"\b(tt\.dot|ttng\.warp_group_dot|ttg\.local_load)\b", text)
+            and "for" in stack
+        ):
             count += "if" in stack[stack.index("for") :]
     return count
 
@@ -333,7 +337,7 @@ def sass_stats(compiled: Any) -> dict[str, Any]:
         },
         "global_memory": dict(memory),
         "loops": loops,  # each loop's body (from its label to the branch back), in code order
-        "conditional_products": conditional_products(compiled.asm["ttgir"]),
+        "conditional_tile_reads": conditional_tile_reads(compiled.asm["ttgir"]),
     }
 
 
