@@ -328,25 +328,17 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
 
     results = []
     # Forward settings over BLOCK_M 128, BLOCK_K 64, PACK_K 1, 4 warps, 3 stages and the opt-in
-    # forms off. None of the transposed products (SWAP_AB, sixth pass), the pipelined loop
-    # (PIPELINE, seventh pass), its copies through L1 (LOAD_BYTES 8) and the register cap
-    # (maxnreg, eighth pass) has run on a GPU yet. Unrolled, num_stages has no effect.
+    # forms off. On an H200 (2026-11-28, "GPU, tenth pass") the whole sweep of the eighth pass
+    # ran but for its L1 settings (since removed): the pipelined loop 1.385 ms against 1.488
+    # unrolled, and 1.330 ms with BLOCK_K 32 and 4 stages; these are repeated here, beside the
+    # transposed products' best. Unrolled, num_stages has no effect.
     base = {"BLOCK_M": 128, "BLOCK_K": 64, "PACK_K": 1, "num_warps": 4, "num_stages": 3,
-            "SWAP_AB": 0, "PIPELINE": 0, "LOAD_BYTES": 0, "maxnreg": 0}  # fmt: skip
-    pipe, swap, l1 = {"PIPELINE": 1}, {"SWAP_AB": 1}, {"PIPELINE": 1, "LOAD_BYTES": 8}
+            "SWAP_AB": 0, "PIPELINE": 0, "maxnreg": 0}  # fmt: skip
+    pipe, swap = {"PIPELINE": 1}, {"SWAP_AB": 1}
     for change in [
-        {}, {"num_warps": 8}, {"BLOCK_M": 64}, {"BLOCK_M": 256, "num_warps": 8},
-        {"maxnreg": 128}, {"maxnreg": 168},
-        swap, {**swap, "BLOCK_M": 256}, {**swap, "BLOCK_M": 256, "num_warps": 8},
-        {**swap, "num_warps": 8}, {**swap, "BLOCK_M": 256, "BLOCK_K": 32, "num_warps": 8},
-        {**swap, "BLOCK_M": 512, "num_warps": 8},
-        {**pipe, "num_stages": 2}, pipe, {**pipe, "num_stages": 4},
-        {**pipe, "BLOCK_K": 32, "num_stages": 4}, {**pipe, "num_warps": 8},
-        {**pipe, "BLOCK_M": 256, "num_warps": 8}, {**pipe, "BLOCK_M": 64, "num_stages": 4},
-        {**pipe, **swap}, {**pipe, **swap, "BLOCK_M": 256, "num_warps": 8},
-        {**pipe, "maxnreg": 128},
-        {**l1, "num_stages": 2}, l1, {**l1, "num_stages": 4},
-        {**l1, "BLOCK_M": 256, "num_warps": 8}, {**l1, **swap}, {"LOAD_BYTES": 8},
+        {}, pipe, {**pipe, "BLOCK_K": 32, "num_stages": 4}, {**pipe, "BLOCK_K": 32},
+        {**pipe, "BLOCK_K": 32, "num_stages": 4, "maxnreg": 128}, {**swap, "BLOCK_M": 256},
+        {**pipe, **swap}, {"maxnreg": 128},
     ]:  # fmt: skip
         results.append(timed(
             "forward", token_conv.FORWARD,
@@ -355,15 +347,27 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
         ))  # fmt: skip
     shape = (G, 3, 3, w.shape[1], cout // G)
     grow = gy.reshape(-1, cout)
+
+    def with_bias() -> Any:
+        """The weight gradient as a step takes it, with the bias sums (their product in every
+        program since the tenth pass)."""
+        return token_conv.conv_tokens_grads(rows, grow, hw, shape, bias=True)
+
+    def separate() -> Any:
+        """The fifth pass's form: the bias gradient as a separate column sum."""
+        return token_conv.conv_tokens_grads(rows, grow, hw, shape), grow.sum(0, dtype=torch.float32)
+
     for bm, bk, pack, warps, stages, per_sm in [
-        (64, 0, 0, 4, 3, 64), (64, 64, 1, 4, 3, 64), (64, 32, 1, 4, 3, 64), (64, 64, 1, 4, 3, 32),
+        (64, 64, 1, 4, 3, 64), (64, 32, 1, 4, 3, 64), (64, 64, 1, 4, 3, 32),
         (64, 64, 1, 4, 3, 128), (64, 64, 1, 8, 3, 64), (128, 64, 1, 8, 3, 64),
-        (32, 64, 1, 4, 3, 64), (64, 64, 1, 4, 4, 64), (64, 128, 1, 8, 3, 64),
+        (64, 64, 1, 4, 4, 64), (64, 64, 1, 4, 2, 64),
     ]:  # fmt: skip
-        results.append(timed(
-            "weight_grad", token_conv.WEIGHT_GRAD,
-            lambda: token_conv.conv_tokens_weight_grad(rows, grow, hw, shape),
-            BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps, num_stages=stages,
-            programs_per_sm=per_sm,
-        ))  # fmt: skip
+        for name, run in (("weight_bias_grad", with_bias), ("weight_grad_then_bias_sum", separate)):
+            if name == "weight_grad_then_bias_sum" and (bk, stages, per_sm) != (64, 3, 64):
+                continue  # the separate form at the base setting and the warps/rows changes only
+            results.append(timed(
+                name, token_conv.WEIGHT_GRAD, run,
+                BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps, num_stages=stages,
+                programs_per_sm=per_sm,
+            ))  # fmt: skip
     return results

@@ -1,22 +1,16 @@
 #!/usr/bin/env bash
 # The next GPU session's prepared measurements, in one call of at most 10 minutes
-# (benchmarks/README.md, "GPU, sixth pass" to "GPU, ninth pass"), run from the repository
-# root on a CUDA machine whose PyTorch ships Triton:
-#   1. image-v2-base's throughput and MFU (data2vec bench) at batch 128 and 256 (the issue
-#      fixes no batch; 256 should fit in 80 GB after the ninth pass: 33 GB at 128 before it);
-#      then the sixth pass against the code without it, the decoder convolution's opt-in forms
-#      (transposed products; a pipelined loop, the seventh pass; its activation copies through
-#      L1, the eighth), the eighth pass's attention projection and register caps (opt-in),
-#      and its decoder rows in two tiles and shorter norm programs undone, the ninth pass's
-#      loss read by index undone, and the teachers' norms fused (their 25216 tokens are
-#      under token_norm.MIN_ROWS; the fifth pass could not tell it from noise), in the whole
-#      step, all alternating, and the idle-gap profile ("conv swapped" is in the sweep);
-#   2. CPU-vs-GPU and bf16 agreement (the eighth pass changed default kernels: the decoder's
-#      weight gradient and row kernels), the decoder convolution's tile sweep (the opt-in
-#      forms included), the MLP kernel's launch sweep, and the loss kernel alone (its
-#      gradient's bits against the gather's, its launch sweep).
-# Results go to $OUT (default benchmarks/results), one JSON and one log per run; each run has
-# its own time limit, so the second one runs even if the first is cut short.
+# (benchmarks/README.md, "GPU, tenth pass"), run from the repository root on a CUDA machine
+# whose PyTorch ships Triton:
+#   1. CPU-vs-GPU and bf16 agreement first: the tenth pass fixed the decoder convolution's
+#      bias gradient (its product under a run-time condition, which Triton's pipeliner raced),
+#      found wrong by this check on an H200 and not yet run since;
+#   2. image-v2-base's throughput and MFU (data2vec bench) at batch 128 and 256 (measured on
+#      an H200 only, with the racing kernel), then the whole step three times over: the
+#      default, the bias as a separate sum (the fifth pass's form), and the opt-ins that tied
+#      on the H200 (the pipelined forward, the teachers' norms fused, the register caps);
+#   3. the decoder convolution's kernels alone: the forward's best settings of the H200 sweep
+#      and the weight gradient's sweep with its bias sums (never reached on the H200).
 #
 # `gpu_session.sh gemm` runs only an experiment (gpu_gemm.py: fc1 with GELU in a Triton
 # product's epilogue against cuBLAS then F.gelu), for a second short call on the warm machine.
@@ -53,9 +47,8 @@ if [[ "${1:-}" == "gemm" ]]; then  # a short second call, where device time is l
   exit 0
 fi
 
-run step_variants 300 --batch 128 256 --conv-impl auto --no-agreement \
-  --variants default "before sixth pass" "host reads" "attention projection inside" \
-  "conv pipelined" "conv pipelined l1" "conv pipelined swapped" "conv 128 registers" \
-  "blocks 128 registers" "decoder rows padded" "norm rows 128" "loss gathered" \
-  "norms from 16384 rows" --repeat 2 --profile
-run agreement_sweeps 250 --batch --conv --sweep --mlp --loss
+run agreement 120 --batch
+run step_variants 240 --batch 128 256 --conv-impl auto --no-agreement \
+  --variants default "conv bias pass" "conv pipelined" "norms from 16384 rows" \
+  "blocks 128 registers" --repeat 3
+run sweeps 200 --batch --no-agreement --conv --sweep

@@ -195,9 +195,6 @@ VARIANTS = [
     ("conv pipelined", (), False, functools.partial(settings, token_conv.FORWARD, PIPELINE=1)),
     ("conv pipelined swapped", (), False,
      functools.partial(settings, token_conv.FORWARD, PIPELINE=1, SWAP_AB=1)),
-    # pipelined, the activations copied 8 bytes at a time, through L1 (eighth pass)
-    ("conv pipelined l1", (), False,
-     functools.partial(settings, token_conv.FORWARD, PIPELINE=1, LOAD_BYTES=8)),
     # register caps, so that more programs share a multiprocessor (eighth pass)
     ("conv 128 registers", (), False,
      functools.partial(settings, token_conv.FORWARD, maxnreg=128)),

@@ -53,15 +53,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu_kernels import settings  # a sibling script module
 
 # The forward kernel's settings to compile (token_conv.FORWARD values over the defaults).
-# "pipelined l1": 8-byte activation copies, which Triton emits as cp.async.ca (through L1);
-# it emits 16-byte ones as cp.async.cg (L2 only).
 SETTINGS: dict[str, dict[str, int]] = {
     "default": {},
-    "unrolled": {"PIPELINE": 0, "SWAP_AB": 0, "LOAD_BYTES": 0},
-    "pipelined": {"PIPELINE": 1, "SWAP_AB": 0, "LOAD_BYTES": 0},
-    "pipelined l1": {"PIPELINE": 1, "SWAP_AB": 0, "LOAD_BYTES": 8},
-    "swapped": {"PIPELINE": 0, "SWAP_AB": 1, "LOAD_BYTES": 0},
-    "pipelined swapped": {"PIPELINE": 1, "SWAP_AB": 1, "LOAD_BYTES": 0},
+    "unrolled": {"PIPELINE": 0, "SWAP_AB": 0},
+    "pipelined": {"PIPELINE": 1, "SWAP_AB": 0},
+    "swapped": {"PIPELINE": 0, "SWAP_AB": 1},
+    "pipelined swapped": {"PIPELINE": 1, "SWAP_AB": 1},
 }
 
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64"}

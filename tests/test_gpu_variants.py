@@ -63,7 +63,6 @@ def test_swapped_conv_switches_set_the_forward_kernel_only_and_restore_it(varian
     [
         ("conv pipelined", {"PIPELINE": 1}),
         ("conv pipelined swapped", {"PIPELINE": 1, "SWAP_AB": 1}),
-        ("conv pipelined l1", {"PIPELINE": 1, "LOAD_BYTES": 8}),
         ("conv 128 registers", {"maxnreg": 128}),
     ],
 )

@@ -114,18 +114,15 @@ def _capability(device_index: int | None) -> tuple[int, int]:
 # pairs packed into the products' K (forward 1.45 ms, weight gradient 1.56 ms, against 1.84
 # and 1.97 ms one tap at a time). BLOCK_K 0 = the packed pairs' count (or, unpacked, the
 # channels per group) rounded up to a power of two, at most 64.
-# PIPELINE (seventh pass, not yet run on a GPU): the forward's packed steps as a pipelined loop
-# (num_stages deep) rather than unrolled, in which num_stages does nothing; off until the
-# whole step with it is measured. LOAD_BYTES (eighth pass, not yet run on a GPU): at most this
-# many bytes per vector load of the activations (0: as many channels as the group allows, up to
-# 16). Pipelined, Triton copies 16-byte vectors with cp.async.cg, which skips the L1 cache,
-# where a row tile's nine taps would find the rows they share; 8 (cp.async.ca) keeps them in
-# L1 (benchmarks/README.md, "GPU, eighth pass"). maxnreg (eighth pass, not yet run on a GPU):
-# a register cap (0: none). At 128 the forward compiles to 128 registers instead of 136 and the
-# input gradient instead of 184, no spills (sm_90), so 4 programs share a multiprocessor
-# instead of 3 and 2.
+# PIPELINE (seventh pass): the forward's packed steps as a pipelined loop (num_stages deep)
+# rather than unrolled, in which num_stages does nothing. Off: on an H200 the kernel alone ran
+# 7 % faster with it, the whole step no faster ("GPU, tenth pass").
+# maxnreg (eighth pass): a register cap (0: none). At 128 the forward compiles to 128
+# registers instead of 136 and the input gradient instead of 184, no spills (sm_90), so 4
+# programs share a multiprocessor instead of 3 and 2; the whole step was no faster with it on
+# an H200.
 FORWARD = {
-    "BLOCK_M": 128, "BLOCK_K": 0, "PACK_K": 1, "SWAP_AB": 0, "PIPELINE": 0, "LOAD_BYTES": 0,
+    "BLOCK_M": 128, "BLOCK_K": 0, "PACK_K": 1, "SWAP_AB": 0, "PIPELINE": 0,
     "num_warps": 4, "num_stages": 3, "maxnreg": 0,
 }  # fmt: skip
 WEIGHT_GRAD = {
@@ -155,17 +152,11 @@ def _block(n: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(n)))
 
 
-def _vec(channels: int, cap: int = 0) -> int:
-    """The largest power of two dividing ``channels``, at most 16 and, unless ``cap`` is 0, at
-    most ``cap``: how many packed (tap, channel) pairs in a row are sure to share a tap and be
-    consecutive in memory, and so load as one vector."""
-    return min(16, channels & -channels, 1 << (cap.bit_length() - 1) if cap > 0 else 16)
-
-
-def _load_cap(x: Tensor) -> int:
-    """``FORWARD["LOAD_BYTES"]`` in elements of ``x`` (at least one; 0: no cap)."""
-    n_bytes = FORWARD.get("LOAD_BYTES", 0)
-    return max(1, n_bytes // x.element_size()) if n_bytes else 0
+def _vec(channels: int) -> int:
+    """The largest power of two dividing ``channels``, at most 16: how many packed (tap,
+    channel) pairs in a row are sure to share a tap and be consecutive in memory, and so load
+    as one vector."""
+    return min(16, channels & -channels)
 
 
 def _ieee(w: Tensor) -> bool:
@@ -216,7 +207,7 @@ def conv_tokens_forward(
         hw[0], hw[1], C_IN=cin, C_OUT=cout, CIN_G=cin_g, COUT_G=cout_g, KH=KH, KW=KW,
         HAS_BIAS=bias is not None, HAS_ADD=add is not None, IEEE=_ieee(w_t),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, PACK=pack,
-        VEC=_vec(cin_g, _load_cap(x)), SWAP=pack and bool(FORWARD.get("SWAP_AB", 0)),
+        VEC=_vec(cin_g), SWAP=pack and bool(FORWARD.get("SWAP_AB", 0)),
         PIPE=pack and bool(FORWARD.get("PIPELINE", 0)), **_launch(FORWARD),
     )  # fmt: skip
     return out
