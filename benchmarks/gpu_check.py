@@ -439,9 +439,11 @@ def main() -> None:
     if args.mlp:
         result["mlp"] = _guarded(mlp_check)
         _print({"mlp": result["mlp"]})
+        passed.append(result["mlp"].get("pass", False))
     if args.attention:
         result["attention"] = _guarded(attention_check, kernel_batch)
         _print({"attention": result["attention"]})
+        passed.append(result["attention"].get("pass", False))
     if args.loss:
         result["loss"] = _guarded(loss_check)
         _print({"loss": result["loss"]})

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import time
 from collections.abc import Iterator
@@ -190,6 +191,9 @@ def mlp_check(tokens: int = 81920, hidden: int = 3072) -> dict[str, Any]:
     for i, part in enumerate(("gelu", "grad", "bias_grad")):
         err = (got[i].float() - want[i].float()).abs().max() / want[i].float().abs().max()
         out[f"rel_diff_{part}"] = float(err)
+    # bf16 rounding differs by at most an ulp here and there (1/128 of the scale); a kernel
+    # that reads or writes the wrong elements is off by its scale
+    out["pass"] = max(out[f"rel_diff_{p}"] for p in ("gelu", "grad", "bias_grad")) < 1e-2
     scratch = gg.clone()  # overwritten call after call (its values do not change the timing)
     sweep = []
     tried = [{}, {"ROWS_PER_PROGRAM": 64}, {"ROWS_PER_PROGRAM": 256},
@@ -293,6 +297,11 @@ def attention_check(
         for i, part in enumerate(("out", "grad")):
             err = (got[i] - ref[i]).abs().max() / ref[i].abs().max()
             out[f"{name}_rel_diff_{part}"] = float(err)
+    # passes when the Triton kernel's error is at most twice the efficient kernel's (+ 1e-3),
+    # as the decoder's agreement is judged
+    ours = [out.get(f"triton_rel_diff_{p}", math.inf) for p in ("out", "grad")]
+    theirs = [out.get(f"efficient_rel_diff_{p}", 0.0) for p in ("out", "grad")]
+    out["pass"] = all(a <= 2 * b + 1e-3 for a, b in zip(ours, theirs))
     launch = token_attention._launch
     x = qkv.detach().clone().requires_grad_()
     for warps in (2, 4, 8):  # the kernels' one tile setting

@@ -4,7 +4,8 @@
 # whose PyTorch ships Triton:
 #   1. CPU-vs-GPU and bf16 agreement first: the tenth pass fixed the decoder convolution's
 #      bias gradient (its product under a run-time condition, which Triton's pipeliner raced),
-#      found wrong by this check on an H200 and not yet run since;
+#      found wrong by this check on an H200 and not yet run since; the MLP, attention and
+#      loss kernels each against torch (with their launch sweeps);
 #   2. image-v2-base's throughput and MFU (data2vec bench) at batch 128 and 256 (measured on
 #      an H200 only, with the racing kernel), then the whole step three times over: the
 #      default, the bias as a separate sum (the fifth pass's form), and the opt-ins that tied
@@ -47,8 +48,8 @@ if [[ "${1:-}" == "gemm" ]]; then  # a short second call, where device time is l
   exit 0
 fi
 
-run agreement 120 --batch
-run step_variants 240 --batch 128 256 --conv-impl auto --no-agreement \
+run agreement 150 --batch --mlp --attention --loss
+run step_variants 210 --batch 128 256 --conv-impl auto --no-agreement \
   --variants default "conv bias pass" "conv pipelined" "norms from 16384 rows" \
   "blocks 128 registers" --repeat 3
-run sweeps 200 --batch --no-agreement --conv --sweep
+run sweeps 180 --batch --no-agreement --conv --sweep
