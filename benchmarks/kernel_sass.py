@@ -281,10 +281,7 @@ def conditional_tile_reads(ttgir: str) -> int:
         if text.endswith("{"):
             stack.append("for" if "scf.for" in text else "if" if "scf.if" in text or
                          text.startswith("} else") else "other")  # fmt: skip
-        elif (
-            re.search(r"\b(tt\.dot|ttng\.warp_group_dot|ttg\.local_load)\b", text)
-            and "for" in stack
-        ):
+        elif _TILE_READ.search(text) and "for" in stack:
             count += "if" in stack[stack.index("for") :]
     return count
 

@@ -222,9 +222,10 @@ def test_the_default_kernels_fit_every_gpu_auto_takes_them_on(sass, tmp_path, mo
 
 
 def test_no_matrix_product_runs_under_a_condition_inside_a_loop(report):
-    """Every launch of the step, under every forward setting: no product under an ``scf.if``
-    in a loop, which Triton's pipeliner mishandles (the decoder's bias gradient came out wrong
-    on an H200 when its bias sums were taken under ``if kc == 0`` in the loop)."""
+    """Every launch of the step, under the forward settings compiled: no product or read of
+    shared memory under an ``scf.if`` in a loop, which Triton's pipeliner mishandles (the
+    decoder's bias gradient came out wrong on an H200 when its bias sums were taken under
+    ``if kc == 0`` in the loop)."""
     if report is None:
         pytest.skip("Triton < 3.2: the kernels are not defined (see the first test)")
     launches = {f"blocks/{name}": stats for name, stats in report["blocks"].items()}
