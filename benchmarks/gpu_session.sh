@@ -9,7 +9,9 @@
 #   2. image-v2-base's throughput and MFU (data2vec bench) at batch 128 and 256 (measured on
 #      an H200 only, with the racing kernel), then the whole step three times over: the
 #      default, the bias as a separate sum (the fifth pass's form), and the opt-ins that tied
-#      on the H200 (the pipelined forward, the teachers' norms fused, the register caps);
+#      on the H200 (the pipelined forward, the teachers' norms fused, the register caps) or
+#      won there as kernels alone (the forward with BLOCK_K 32 and 4 stages, the MLP kernel's
+#      64-row programs);
 #   3. the decoder convolution's kernels alone: the forward's best settings of the H200 sweep
 #      and the weight gradient's sweep with its bias sums (never reached on the H200).
 #
@@ -49,7 +51,7 @@ if [[ "${1:-}" == "gemm" ]]; then  # a short second call, where device time is l
 fi
 
 run agreement 150 --batch --mlp --attention --loss
-run step_variants 210 --batch 128 256 --conv-impl auto --no-agreement \
-  --variants default "conv bias pass" "conv pipelined" "norms from 16384 rows" \
-  "blocks 128 registers" --repeat 3
-run sweeps 180 --batch --no-agreement --conv --sweep
+run step_variants 230 --batch 128 256 --conv-impl auto --no-agreement \
+  --variants default "conv bias pass" "conv pipelined" "conv pipelined k32" "mlp rows 64" \
+  "norms from 16384 rows" "blocks 128 registers" --repeat 3
+run sweeps 170 --batch --no-agreement --conv --sweep

@@ -63,6 +63,7 @@ def test_swapped_conv_switches_set_the_forward_kernel_only_and_restore_it(varian
     [
         ("conv pipelined", {"PIPELINE": 1}),
         ("conv pipelined swapped", {"PIPELINE": 1, "SWAP_AB": 1}),
+        ("conv pipelined k32", {"PIPELINE": 1, "BLOCK_K": 32, "num_stages": 4}),
         ("conv 128 registers", {"maxnreg": 128}),
     ],
 )
@@ -77,6 +78,18 @@ def test_pipelined_conv_switches_set_the_forward_kernel_only_and_restore_it(vari
         assert forward_settings == {**forward, **values}
         assert weight_grad_settings == weight_grad
     assert (forward_settings, weight_grad_settings) == (forward, weight_grad)
+
+
+def test_the_mlp_rows_switch_sets_the_mlp_kernels_launch_only_and_restores_it(variants):
+    from data2vec.nn import token_mlp
+
+    switch = {v[0]: v[3] for v in variants.VARIANTS}["mlp rows 64"]
+    table = token_mlp.LAUNCH
+    launch = dict(table)
+    assert launch["ROWS_PER_PROGRAM"] != 64
+    with switch():
+        assert table == {**launch, "ROWS_PER_PROGRAM": 64}
+    assert table == launch
 
 
 def test_the_attention_projection_switch_puts_the_projection_inside_the_kernels_function(
