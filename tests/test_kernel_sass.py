@@ -207,7 +207,8 @@ def test_the_default_kernels_fit_every_gpu_auto_takes_them_on(sass, tmp_path, mo
     capability 8.0 or newer. A consumer Ampere or Ada card (sm_86, sm_89) gives a block less than
     half the shared memory of an H100, and a launch asking for more fails at the first step. So
     every kernel an image-v2-base step launches, under the default settings, compiles for sm_86
-    within 99 KB, with no spills (sm_89 compiles to the same sizes, sm_80 allows more)."""
+    within 99 KB, with no spills (sm_89 compiles to the same sizes, sm_80 allows more), and
+    with no product or shared-memory read under a condition in a loop (see below)."""
     if triton_gate.triton is None:
         pytest.skip("Triton < 3.2: the kernels are not defined (see the first test)")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
@@ -219,6 +220,7 @@ def test_the_default_kernels_fit_every_gpu_auto_takes_them_on(sass, tmp_path, mo
     for name, stats in compiled.items():
         assert 0 <= stats["shared_bytes"] <= SM86_SHARED_BYTES, (name, stats["shared_bytes"])
         assert stats["local_bytes"] == 0 and stats["registers"] <= 255, name
+        assert stats["conditional_tile_reads"] == 0, name
 
 
 def test_no_matrix_product_runs_under_a_condition_inside_a_loop(report):
