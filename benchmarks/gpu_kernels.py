@@ -371,9 +371,10 @@ def _sweep(x, w, gy, hw) -> list[dict[str, Any]]:
         (64, 64, 1, 4, 3, 128), (64, 64, 1, 8, 3, 64), (128, 64, 1, 8, 3, 64),
         (64, 64, 1, 4, 4, 64), (64, 64, 1, 4, 2, 64),
     ]:  # fmt: skip
-        for name, run in (("weight_bias_grad", with_bias), ("weight_grad_then_bias_sum", separate)):
-            if name == "weight_grad_then_bias_sum" and (bk, stages, per_sm) != (64, 3, 64):
-                continue  # the separate form at the base setting and the warps/rows changes only
+        runs = [("weight_bias_grad", with_bias)]
+        if (bk, stages, per_sm) == (64, 3, 64):  # the base setting and its warps/rows changes
+            runs.append(("weight_grad_then_bias_sum", separate))
+        for name, run in runs:
             results.append(timed(
                 name, token_conv.WEIGHT_GRAD, run,
                 BLOCK_M=bm, BLOCK_K=bk, PACK_K=pack, num_warps=warps, num_stages=stages,

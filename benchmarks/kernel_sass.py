@@ -84,8 +84,9 @@ _INSTRUCTION = re.compile(
 
 # ".L_x_3:" (a branch target) and "BRA `(.L_x_3)"
 _LABEL = re.compile(r"^(\.L_x_\d+):")
-_TILE_READ = re.compile(r"\b(tt\.dot|ttng\.warp_group_dot|ttg\.local_load)\b")  # Triton GPU IR
 _BRANCH = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
+# Triton GPU IR: a matrix product, or a read of shared memory into registers
+_TILE_READ = re.compile(r"\b(tt\.dot|ttng\.warp_group_dot|ttg\.local_load)\b")
 
 
 class _Recorder:
