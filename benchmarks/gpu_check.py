@@ -11,7 +11,9 @@ script can sit in any checklist.
    stay within twice that of the torch path.
    With Triton installed the GPU side runs the decoder's Triton convolution (``auto``).
    Likewise three post-LN blocks in bf16 with the fused Triton norms (``model.norm_impl``)
-   and with the torch ops, each against fp32.
+   and with the torch ops, each against fp32. Then the check every pretraining run makes
+   before its first step (``data2vec/engine/kernel_check.py``) on image-v2-base (bf16, fp32)
+   and audio-v2-base (bf16), 2 samples: it must pass the kernels as they are.
 2. **Decoder convolution** (``--conv``): one 3x3 16-group convolution of image-v2-base's decoder
    at ``batch x 16`` clones, bf16, Triton against cuDNN: agreement of output and gradients, and
    milliseconds of forward and forward + backward; with ``--sweep``, each Triton kernel timed
@@ -56,8 +58,9 @@ from typing import Any
 
 import torch
 
-from data2vec.bench import bench, matmul_peak_flops, prepare_steps
+from data2vec.bench import _synthetic_batch, bench, matmul_peak_flops, prepare_steps
 from data2vec.config import load_config
+from data2vec.engine import kernel_check
 from data2vec.masking import inverse_block_mask, make_rng
 from data2vec.models.registry import build_model
 from data2vec.nn import token_norm, triton_gate
@@ -74,6 +77,9 @@ from gpu_kernels import (  # sibling script modules
 )
 from gpu_variants import VARIANTS
 from saved_activations import CHANGES, plain
+
+# where the pretraining run's own start-up check runs (data2vec/engine/kernel_check.py)
+STARTUP_CHECKS = [("image-v2-base", "bf16"), ("image-v2-base", "fp32"), ("audio-v2-base", "bf16")]
 
 TINY = [
     "model.embed_dim=192",
@@ -185,6 +191,21 @@ def decoder_agreement(preset: str, device: torch.device) -> dict[str, Any]:
         result |= {"bf16_torch_rel_diff": torch_bf16, "bf16_triton_rel_diff": triton_bf16}
         result["pass"] = result["pass"] and triton_bf16 <= 2 * torch_bf16 + 1e-3
     return result
+
+
+def startup_check(preset: str, precision: str, device: torch.device) -> dict[str, Any]:
+    """The start-up kernel check of a pretraining run (``data2vec/engine/kernel_check.py``) on
+    ``preset``'s model and a synthetic first batch, in ``precision``: whether it passes the
+    kernels, and how close to its allowance the closest gradient came (TF32 as users run)."""
+    cfg = load_config(preset, DRY_RUN)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    found = kernel_check.check_pretraining(model, _synthetic_batch(cfg, 8), device, precision)
+    if found is None:
+        return {"preset": preset, "precision": precision, "ran": False, "pass": False}
+    allowance = 2 * found.torch_error + kernel_check.TOLERANCE
+    return {"preset": preset, "precision": precision, **found.summary(),
+            "allowance": allowance, "pass": found.passed}  # fmt: skip
 
 
 DRY_RUN: list[str] = []  # overrides for a dry run of this script's logic on the CPU
@@ -429,6 +450,13 @@ def main() -> None:
         passed += [r.get("pass", False) for r in result["decoder_agreement"]]
     torch.backends.cuda.matmul.allow_tf32 = True  # throughput runs as users would
     torch.backends.cudnn.allow_tf32 = True
+    if not args.no_agreement:
+        result["startup_check"] = [
+            _guarded(startup_check, preset, precision, device)
+            for preset, precision in STARTUP_CHECKS
+        ]
+        _print({"startup_check": result["startup_check"]})
+        passed += [r.get("pass", False) for r in result["startup_check"]]
     result["bf16_matmul_peak_flops"] = matmul_peak_flops(torch.bfloat16, device, n=8192)
     if args.norm_min_rows is not None:
         token_norm.MIN_ROWS = result["norm_min_rows"] = args.norm_min_rows

@@ -507,6 +507,11 @@ class TrainConfig:
     # torch.compile the student's shared blocks and decoder (opt-in: compiling takes minutes
     # and needs a C++ compiler on CPU; see data2vec/compile.py)
     compile: bool = False
+    # Before the first step, where the Triton kernels run (NVIDIA GPUs): compare the gradients
+    # of a few samples with the kernels and with the torch ops, each against float32, and take
+    # the torch ops for the whole run if the kernels are off (data2vec/engine/kernel_check.py).
+    # Not under FSDP or train.compile.
+    kernel_check: bool = True
     # Collapse guard (fairseq min_target_var / min_pred_var): stop when the per-dimension std of
     # targets or predictions falls below these after ``collapse_after`` steps (None = warm-up).
     min_target_std: float = 0.1

@@ -48,11 +48,12 @@ def test_kernels_match_the_plain_ops_under_the_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     names = ("kernels", "norm", "attention", "mlp", "loss", "gemm")
     inner = [str(HERE / f"interpreted_token_{name}.py") for name in names]
+    inner.append(str(HERE / "interpreted_kernel_check.py"))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
            "-o", "python_files=interpreted_*.py", *inner]  # fmt: skip
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-    assert "99 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
+    assert "105 passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-2000:]
 
 
 def test_device_guard_makes_the_tensors_gpu_current_only_when_it_is_not(monkeypatch):
@@ -139,3 +140,36 @@ def test_auto_norms_stay_plain_on_the_cpu():
         block.norm_impl = "triton"
         assert not block.uses_fused_norms(x)
         block(x)  # and runs the plain ops
+
+
+@pytest.mark.skipif(token_conv.interpreting(), reason="this process runs the interpreter")
+def test_disabled_kernels_give_way_to_the_torch_ops_even_where_triton_was_asked_for():
+    """After a failed start-up check (``token_conv.disable``) a decoder set to ``triton`` runs
+    the torch convolution instead of refusing, with the same output as ``torch``; ``enable``
+    undoes it. Where no kernel runs (the CPU), the check itself does nothing."""
+    from data2vec.bench import _synthetic_batch
+    from data2vec.engine import kernel_check
+
+    torch.manual_seed(0)
+    dec = ConvDecoder(8, 8, 2, 3, 2, grid=(2, 3), conv_impl="triton")
+    x = torch.randn(2, 6, 8)
+    try:
+        token_conv.disable("a test")
+        assert token_conv.disabled() == "a test" and token_conv.is_suspended()
+        assert not dec.uses_triton(x)
+        out = dec(x)
+        dec.conv_impl = "torch"
+        torch.testing.assert_close(out, dec(x), rtol=0, atol=0)
+        dec.conv_impl = "triton"
+    finally:
+        token_conv.enable()
+    assert token_conv.disabled() is None and not token_conv.is_suspended()
+    with pytest.raises(RuntimeError, match=r"decoder\.conv_impl=torch"):
+        dec(x)
+    cfg = load_config("image-v2-tiny", ["mask.clones=2"])
+    cpu = torch.device("cpu")
+    assert not kernel_check.kernels_run_on(cpu)
+    assert (
+        kernel_check.check_pretraining(build_model(cfg), _synthetic_batch(cfg, 2), cpu, "fp32")
+        is None
+    )

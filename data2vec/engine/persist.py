@@ -146,6 +146,7 @@ def summarize(
         "skipped_steps": state.skipped_steps,
         "skipped_inputs": len(skips),
         "skipped_by_reason": skips.summary(),
+        "kernel_check": state.kernel_check,  # None: not run (no Triton kernel on the device)
     }
     if state.dist.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

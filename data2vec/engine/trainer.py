@@ -36,7 +36,7 @@ from data2vec.data.registry import PretrainData, build_pretrain_data
 from data2vec.data.sampling import Coverage
 from data2vec.data.skips import SkipLog
 from data2vec.engine import checkpoint as ckpt
-from data2vec.engine import distributed, fsdp
+from data2vec.engine import distributed, fsdp, kernel_check
 from data2vec.engine.distributed import DistInfo
 from data2vec.engine.metrics import MetricsWriter
 from data2vec.engine.optim import build_optimizer
@@ -51,6 +51,7 @@ from data2vec.engine.schedules import ScheduleFit, lr_at
 from data2vec.errors import DataError, UserError
 from data2vec.models.data2vec2 import Data2Vec2
 from data2vec.models.registry import build_model
+from data2vec.nn import token_conv
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class TrainState:
     forward_module: torch.nn.Module | None = None
     dist: DistInfo = field(default_factory=DistInfo)
     sharded: bool = False  # the model is sharded with FSDP (train.distributed=fsdp)
+    kernel_check: dict[str, Any] | None = None  # what the start-up kernel check found
 
     @property
     def runner(self) -> torch.nn.Module:
@@ -224,6 +226,48 @@ def train_step(
         # (text-v2-base b8: 1.3-1.5M faults and 4-5 s of system time per step with it, 1.1M and
         # 3.0-3.5 s without, the same peak; benchmarks/README.md, eighth pass).
     return StepResult(loss_value, lr, grad_norm, decay, True, host_logs)
+
+
+def check_kernels(
+    state: TrainState, batch: PretrainBatch, cfg: Config, device: torch.device
+) -> None:
+    """Check the Triton kernels on a few samples of ``batch`` and take the torch ops for the
+    rest of the process if any rank found them off (``train.kernel_check``; see
+    :mod:`data2vec.engine.kernel_check`). What it found goes to ``summary.json``."""
+    if not cfg.train.kernel_check or state.sharded or cfg.train.compile:
+        return
+    found = kernel_check.check_pretraining(state.model, batch, device, cfg.train.precision)
+    # every rank runs the collective; one rank's failure turns the kernels off on all
+    (failed,) = distributed.agree([found is not None and not found.passed], device)
+    if found is None and not failed:
+        return
+    if failed:
+        where = (
+            f"gradient of {found.worst} {found.triton_error:.2%} from float32 with the "
+            f"kernels, {found.torch_error:.2%} with the torch ops"
+            if found is not None and not found.passed
+            else "on another rank"
+        )
+        token_conv.disable(f"the start-up kernel check failed: {where}")
+        log.warning(
+            "the Triton kernels disagree with the PyTorch ops on this device (%s): this run "
+            "takes the PyTorch ops (slower). Please report it with `python "
+            "benchmarks/gpu_check.py --batch --mlp --attention --loss`'s output.",
+            where,
+        )
+    else:
+        log.info(
+            "Triton kernels checked against the PyTorch ops in %.1fs (closest to its limit: "
+            "%s, %.2g from float32 against %.2g)",
+            found.seconds,
+            found.worst,
+            found.triton_error,
+            found.torch_error,
+        )
+    state.kernel_check = {
+        **(found.summary() if found is not None else {}),
+        "kernels": "torch" if failed else "triton",
+    }
 
 
 def _fused(opt: torch.optim.Optimizer) -> bool:
@@ -561,6 +605,7 @@ def _loop(
             stack.callback(writer.close)
         coverage = coverage or Coverage(None, 0)
         empty = 0  # batches in a row without a usable input
+        checked = False  # the kernel check, before this process's first step
         for batch in loader:
             coverage.add(state.batches_seen, batch.positions.tolist())
             state.batches_seen += 1
@@ -578,6 +623,9 @@ def _loop(
             pending.append(batch)
             if len(pending) < cfg.train.accum_steps:
                 continue
+            if not checked:
+                checked = True
+                check_kernels(state, pending[0], cfg, device)
             result = train_step(state, pending, cfg, device)
             samples += sum(len(b) for b in pending)
             state.samples_seen += sum(len(b) for b in pending)

@@ -45,6 +45,7 @@ from data2vec.nn import token_conv_kernels as kernels
 from data2vec.nn.triton_gate import NEEDS_TRITON, triton
 
 _suspended = False
+_disabled: str | None = None  # why the kernels are off for the rest of the process
 
 
 @contextlib.contextmanager
@@ -63,8 +64,28 @@ def suspended() -> Iterator[None]:
 
 
 def is_suspended() -> bool:
-    """Whether a :func:`suspended` block is active."""
-    return _suspended
+    """Whether every layer takes the torch ops now: inside a :func:`suspended` block, or for
+    good after :func:`disable`."""
+    return _suspended or _disabled is not None
+
+
+def disable(reason: str) -> None:
+    """Take the torch ops in every layer for the rest of the process, whatever its settings
+    (``decoder.conv_impl=triton`` included): the start-up check found a kernel wrong on this
+    GPU (:mod:`data2vec.engine.kernel_check`). ``reason`` is kept for :func:`disabled`."""
+    global _disabled
+    _disabled = reason
+
+
+def enable() -> None:
+    """Undo :func:`disable` (tests; a process that knows better)."""
+    global _disabled
+    _disabled = None
+
+
+def disabled() -> str | None:
+    """Why :func:`disable` turned the kernels off (None: it did not)."""
+    return _disabled
 
 
 def interpreting() -> bool:

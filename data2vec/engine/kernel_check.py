@@ -1,0 +1,185 @@
+"""A start-up check of data2vec's Triton kernels against the PyTorch ops, on the run's own
+model and first batch.
+
+The kernels (the decoder's convolution, the blocks' fused norms, the MLP's backward, the
+short-sequence attention, the loss) are tested against the PyTorch ops on the CPU, under
+Triton's interpreter, which runs each loop in program order. On a GPU the compiler pipelines
+those loops, and that step can go wrong where the interpreter cannot show it: Triton 3.6 once
+refilled a shared-memory buffer before a conditional product had read it, and the decoder's
+bias gradient came out 25 % off on an H200 while the loss agreed to the last bit
+(``benchmarks/README.md``, "GPU, tenth pass"). Nothing in a run's loss curve would show that.
+
+So before the first step, on the first :data:`SAMPLES` samples of the first batch, one forward
+and backward pass runs three times, each with the same random numbers:
+
+1. the reference: float32, the torch ops, TF32 off;
+2. the torch ops in the run's precision;
+3. the Triton kernels in the run's precision (the fused norms at any size, so that they run
+   on a few samples as they would on the whole batch).
+
+Each parameter's gradient, and the loss, must be as close to the reference with the kernels
+as twice the torch ops' own distance plus :data:`TOLERANCE` (relative L2 distances). Where one
+is not, a warning names it and the process takes the torch ops from then on
+(:func:`data2vec.nn.token_conv.disable`): slower, but right. The check costs three passes on
+a few samples and the kernels' compilation for those shapes (seconds on a GPU);
+``train.kernel_check=false`` skips it. Without a kernel to check (the CPU, an older GPU, no
+Triton) it does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from data2vec.data.batch import PretrainBatch
+from data2vec.engine.runtime import autocast
+from data2vec.nn import token_conv, token_norm
+
+# Added to twice the torch ops' distance. In bf16 autocast (tiny image model, two samples x 16
+# clones, on the CPU) the torch ops' own gradients were 0.6 % from float32 for the median
+# parameter and up to 15 % (the CLS token); the wrong bias gradient above was 25 % off.
+TOLERANCE = 0.02
+SAMPLES = 2  # enough rows for every kernel's loop to run several steps (weight gradient: >= 8)
+SEED = 0
+
+
+@dataclass
+class KernelCheck:
+    """What :func:`check_kernels` found.
+
+    Attributes:
+        passed: every gradient and the loss were within their allowance.
+        worst: the parameter (or ``"loss"``) furthest past its allowance, or nearest to it.
+        triton_error: its relative L2 distance from the float32 reference, with the kernels.
+        torch_error: the same with the torch ops in the run's precision.
+        failed: everything past its allowance.
+        seconds: how long the check took.
+    """
+
+    passed: bool
+    worst: str
+    triton_error: float
+    torch_error: float
+    failed: list[str]
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether any Triton kernel can run on ``device`` in this process."""
+    return token_conv.available(torch.empty(0, device=device)) and not token_conv.is_suspended()
+
+
+def check_kernels(
+    model: nn.Module, run: Callable[[], Tensor], device: torch.device, precision: str
+) -> KernelCheck:
+    """Compare the gradients of ``run()`` (a scalar loss of ``model``) with the kernels and
+    with the torch ops, each against float32; see the module's docstring.
+
+    ``model``'s gradients, the random number generators and the TF32 settings are as before
+    afterwards; the kernels stay as they were (the caller decides what a failure means).
+    """
+    start = time.perf_counter()
+    kept = [(p, p.grad) for p in model.parameters()]
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        with token_conv.suspended():
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            ref = _gradients(model, run, device, "fp32")
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+            torch_err = _distances(ref, _gradients(model, run, device, precision))
+        with _norms_at_any_size():
+            triton_err = _distances(ref, _gradients(model, run, device, precision))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        for p, grad in kept:
+            p.grad = grad
+    # how far past its allowance each one is (NaN, from a non-finite gradient, counts as past)
+    excess = {}
+    for name, err in triton_err.items():
+        over = err - (2 * torch_err[name] + TOLERANCE)
+        excess[name] = math.inf if math.isnan(over) else over
+    worst = max(excess, key=excess.__getitem__)
+    return KernelCheck(
+        passed=all(v <= 0 for v in excess.values()),
+        worst=worst,
+        triton_error=triton_err[worst],
+        torch_error=torch_err[worst],
+        failed=[name for name, v in excess.items() if v > 0],
+        seconds=time.perf_counter() - start,
+    )
+
+
+def check_pretraining(
+    model: nn.Module, batch: PretrainBatch, device: torch.device, precision: str
+) -> KernelCheck | None:
+    """:func:`check_kernels` on a pretraining model's loss over the first :data:`SAMPLES`
+    samples of ``batch`` (None where no kernel runs on ``device``)."""
+    if not kernels_run_on(device):
+        return None
+    n = min(len(batch), SAMPLES)
+    clones = batch.mask.shape[0] // len(batch)  # the mask's rows are sample-major
+    source = batch.source[:n].to(device)
+    mask = batch.mask[: n * clones]
+    pad = None if batch.padding_mask is None else batch.padding_mask[:n].to(device)
+    extra = {} if batch.modality is None else {"modality": batch.modality}
+    model.train()
+    return check_kernels(model, lambda: model(source, mask, pad, **extra).loss, device, precision)
+
+
+def _gradients(
+    model: nn.Module, run: Callable[[], Tensor], device: torch.device, precision: str
+) -> dict[str, Tensor]:
+    """The loss (as ``"loss"``) and every parameter's gradient (float32 copies) of one
+    forward and backward pass of ``run`` in ``precision``, with the random numbers of
+    :data:`SEED` (the caller's generators are left as they were)."""
+    for p in model.parameters():
+        p.grad = None
+    gpus = []
+    if device.type == "cuda":
+        gpus = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=gpus):
+        torch.manual_seed(SEED)
+        with autocast(device, precision):
+            loss = run()
+        loss.backward()
+    named = model.named_parameters()
+    out = {n: p.grad.detach().float().clone() for n, p in named if p.grad is not None}
+    out["loss"] = loss.detach().float()
+    for p in model.parameters():
+        p.grad = None
+    return out
+
+
+def _distances(ref: dict[str, Tensor], got: dict[str, Tensor]) -> dict[str, float]:
+    """Relative L2 distance of each of ``got`` from ``ref`` (1.0 where ``got`` lacks one), read
+    from the device at once."""
+    tiny = torch.finfo(torch.float32).tiny
+    dists = [
+        (got[name] - r).norm() / r.norm().clamp_min(tiny)
+        if name in got
+        else torch.ones((), device=r.device)
+        for name, r in ref.items()
+    ]
+    return dict(zip(ref, torch.stack(dists).tolist()))
+
+
+@contextlib.contextmanager
+def _norms_at_any_size() -> Iterator[None]:
+    """The blocks' fused norms (``model.norm_impl=auto``) on any number of tokens, not only
+    from ``token_norm.MIN_ROWS`` on."""
+    before, token_norm.MIN_ROWS = token_norm.MIN_ROWS, 0
+    try:
+        yield
+    finally:
+        token_norm.MIN_ROWS = before

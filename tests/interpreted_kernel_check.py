@@ -1,0 +1,167 @@
+"""The start-up kernel check (``data2vec/engine/kernel_check.py``) under Triton's CPU
+interpreter: it passes the kernels as they are, finds each kind of wrong kernel, and a run
+whose check fails takes the torch ops.
+
+Collected only by ``test_token_kernels.py``, which runs this file in a fresh process with
+``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+
+import pytest
+import torch
+
+from data2vec.bench import _synthetic_batch
+from data2vec.engine import kernel_check, trainer
+from data2vec.models.registry import build_model
+from data2vec.nn import token_attention, token_conv, token_loss
+from tests.conftest import make_image_folder, tiny_config
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_token_kernels.py"
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _kernels_back_on():
+    yield
+    token_conv.enable()
+
+
+def _model_and_batch(*overrides: str):
+    cfg = tiny_config("decoder.conv_impl=triton", *overrides)
+    torch.manual_seed(0)
+    return build_model(cfg), _synthetic_batch(cfg, 4)
+
+
+def _count(monkeypatch, module, name: str, change=None) -> list[int]:
+    """Count calls of ``module.name`` (passing its result through ``change``)."""
+    calls: list[int] = []
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        out = real(*args, **kwargs)
+        return out if change is None else change(out)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_the_kernels_as_they_are_pass_and_the_model_is_left_as_it_was(monkeypatch):
+    """The check runs the decoder's convolution, the attention and the loss kernels (once, in
+    its third pass), finds them within their allowance, and leaves the parameters, their
+    gradients, the random number generator and the TF32 settings as they were."""
+    model, batch = _model_and_batch()
+    conv = _count(monkeypatch, token_conv, "weight_bias_grad")
+    attention = _count(monkeypatch, token_attention, "_backward")
+    loss = _count(monkeypatch, token_loss, "squared_error_sum")
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    first = next(model.parameters())
+    first.grad = torch.full_like(first, 7.0)  # a gradient already there stays
+    rng = torch.get_rng_state()
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = not tf32
+
+    found = kernel_check.check_pretraining(model, batch, CPU, "fp32")
+
+    assert found is not None and found.passed, found
+    assert found.failed == [] and found.triton_error < 1e-4  # float32 throughout here
+    # student and teacher: 2 decoder layers; 1 prenet + 2 blocks of the student
+    assert (len(conv), len(attention), len(loss)) == (2, 3, 1)
+    assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
+    assert torch.equal(first.grad, torch.full_like(first, 7.0))
+    assert all(p.grad is None for p in model.parameters() if p is not first)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.backends.cudnn.allow_tf32 is not tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    assert token_conv.disabled() is None
+
+
+def test_a_bias_gradient_25_percent_off_fails_by_name(monkeypatch):
+    """The H200's wrong kernel in small: the decoder's bias gradients 25 % too large, the loss
+    exact. The check names a decoder bias and fails nothing else."""
+    model, batch = _model_and_batch()
+    real = token_conv.weight_bias_grad
+
+    def wrong(*args, **kwargs):
+        gw, gb = real(*args, **kwargs)
+        return gw, None if gb is None else 1.25 * gb
+
+    monkeypatch.setattr(token_conv, "weight_bias_grad", wrong)
+    found = kernel_check.check_pretraining(model, batch, CPU, "fp32")
+    assert found is not None and not found.passed
+    assert found.worst.startswith("decoder.") and found.worst.endswith(".0.bias"), found
+    assert 0.2 < found.triton_error < 0.3 and found.torch_error < 1e-4
+    assert found.failed and all(n.startswith("decoder.") for n in found.failed), found.failed
+    assert "loss" not in found.failed
+
+
+@pytest.mark.parametrize("kind", ["attention gradient", "loss", "not finite"])
+def test_each_kind_of_wrong_kernel_fails(monkeypatch, kind):
+    """A wrong attention backward (the loss exact), a wrong loss, and a NaN in one gradient
+    each fail the check."""
+    model, batch = _model_and_batch()
+    if kind == "attention gradient":
+        _count(monkeypatch, token_attention, "_backward", lambda out: (1.3 * out[0], out[1]))
+    elif kind == "loss":
+        _count(monkeypatch, token_loss, "squared_error_sum", lambda out: 1.1 * out)
+    else:
+        real = token_conv.weight_bias_grad
+
+        def nan(*args, **kwargs):
+            gw, gb = real(*args, **kwargs)
+            return gw.clone().fill_(math.nan), gb
+
+        monkeypatch.setattr(token_conv, "weight_bias_grad", nan)
+    found = kernel_check.check_pretraining(model, batch, CPU, "fp32")
+    assert found is not None and not found.passed, found
+    if kind == "attention gradient":
+        assert "loss" not in found.failed and found.worst.startswith("encoder."), found
+    elif kind == "loss":
+        assert "loss" in found.failed
+    else:
+        assert found.worst.startswith("decoder.") and found.worst.endswith(".0.weight")
+        assert math.isnan(found.triton_error)
+
+
+def test_a_run_whose_check_fails_takes_the_torch_ops(monkeypatch, tmp_path, caplog):
+    """``pretrain``: the check runs before the first step; when it fails, a warning says so,
+    every later step runs the torch ops (even with ``decoder.conv_impl=triton``), and
+    ``summary.json`` records what it found. With ``train.kernel_check=false`` nothing is
+    checked and the kernels stay on."""
+    data = make_image_folder(tmp_path / "data", n_per_class=4)
+    real = token_conv.weight_bias_grad
+
+    def wrong(*args, **kwargs):
+        gw, gb = real(*args, **kwargs)
+        return gw, None if gb is None else 1.25 * gb
+
+    monkeypatch.setattr(token_conv, "weight_bias_grad", wrong)
+    forward = _count(monkeypatch, token_conv, "conv_tokens_forward")
+    cfg = tiny_config("decoder.conv_impl=triton", "train.max_steps=2")
+    with caplog.at_level(logging.WARNING):
+        trainer.pretrain(cfg, data, tmp_path / "run")
+    assert "disagree with the PyTorch ops" in caplog.text and "decoder." in caplog.text
+    assert token_conv.disabled() is not None and token_conv.is_suspended()
+    # the check's third pass only: 2 decoder layers forward + input gradient, student only
+    # (the teacher has no decoder)
+    assert len(forward) == 4
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["kernel_check"]["kernels"] == "torch"
+    assert summary["kernel_check"]["worst"].startswith("decoder.")
+
+    token_conv.enable()
+    forward.clear()
+    off = tiny_config("decoder.conv_impl=triton", "train.max_steps=2", "train.kernel_check=false")
+    trainer.pretrain(off, data, tmp_path / "unchecked")
+    assert token_conv.disabled() is None and len(forward) == 2 * 4  # two steps, checked none
+    summary = json.loads((tmp_path / "unchecked" / "summary.json").read_text())
+    assert summary["kernel_check"] is None
