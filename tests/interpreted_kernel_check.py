@@ -165,3 +165,44 @@ def test_a_run_whose_check_fails_takes_the_torch_ops(monkeypatch, tmp_path, capl
     assert token_conv.disabled() is None and len(forward) == 2 * 4  # two steps, checked none
     summary = json.loads((tmp_path / "unchecked" / "summary.json").read_text())
     assert summary["kernel_check"] is None
+
+
+def test_fine_tuning_checks_the_encoders_kernels_too(monkeypatch, tmp_path, caplog):
+    """``finetune``: the check runs the encoder's attention backward even while the encoder is
+    to stay frozen at first; a wrong one is found, the run takes the torch ops and its result
+    says so. ``kernel_check=false`` skips the check."""
+    from data2vec.finetune.heads import ClassificationHead
+    from data2vec.finetune.model import FineTuneModel, SupervisedBatch
+    from data2vec.finetune.trainer import FineTuneConfig, finetune
+    from data2vec.models.registry import build_encoder
+
+    cfg = tiny_config()
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        SupervisedBatch(torch.randn(4, 3, 16, 16, generator=g), None, torch.tensor([0, 1, 0, 1]))
+        for _ in range(2)
+    ]
+
+    def run(out, *overrides):
+        torch.manual_seed(0)
+        encoder = build_encoder(cfg)
+        model = FineTuneModel(encoder, ClassificationHead(encoder.embed_dim, 2), "classification")
+        quiet = ["device=cpu", "num_workers=0", "progress=false", "tensorboard=false"]
+        ft = FineTuneConfig.from_overrides([*quiet, "max_steps=2", "eval_every=2", *overrides])
+        return finetune(model, batches, batches, ft, out, "classification", encoder_config=cfg)
+
+    backward = _count(monkeypatch, token_attention, "_backward")
+    passed = run(tmp_path / "passed", "freeze_encoder_steps=1")
+    assert passed.kernel_check["passed"] and passed.kernel_check["kernels"] == "triton"
+    # 3 blocks in the check's third pass, none in the first step (frozen), 3 in the second
+    assert len(backward) == 3 + 3 and token_conv.disabled() is None
+
+    _count(monkeypatch, token_attention, "_backward", lambda out: (1.3 * out[0], out[1]))
+    with caplog.at_level(logging.WARNING):
+        failed = run(tmp_path / "failed")
+    assert not failed.kernel_check["passed"] and failed.kernel_check["kernels"] == "torch"
+    assert failed.kernel_check["worst"].startswith("encoder.")
+    assert "disagree with the PyTorch ops" in caplog.text and token_conv.is_suspended()
+
+    token_conv.enable()
+    assert run(tmp_path / "unchecked", "kernel_check=false").kernel_check is None

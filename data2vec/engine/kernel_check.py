@@ -22,14 +22,16 @@ as twice the torch ops' own distance plus :data:`TOLERANCE` (relative L2 distanc
 is not, a warning names it and the process takes the torch ops from then on
 (:func:`data2vec.nn.token_conv.disable`): slower, but right. The check costs three passes on
 a few samples and the kernels' compilation for those shapes (seconds on a GPU);
-``train.kernel_check=false`` skips it. Without a kernel to check (the CPU, an older GPU, no
-Triton) it does nothing.
+``train.kernel_check=false`` skips it (fine-tuning, which checks its task loss the same way:
+``kernel_check=false``). Without a kernel to check (the CPU, an older GPU, no Triton) it does
+nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -42,6 +44,8 @@ from torch import Tensor, nn
 from data2vec.data.batch import PretrainBatch
 from data2vec.engine.runtime import autocast
 from data2vec.nn import token_conv, token_norm
+
+log = logging.getLogger(__name__)
 
 # Added to twice the torch ops' distance. In bf16 autocast (tiny image model, two samples x 16
 # clones, on the CPU) the torch ops' own gradients were 0.6 % from float32 for the median
@@ -135,6 +139,39 @@ def check_pretraining(
     extra = {} if batch.modality is None else {"modality": batch.modality}
     model.train()
     return check_kernels(model, lambda: model(source, mask, pad, **extra).loss, device, precision)
+
+
+def act_on(found: KernelCheck | None, failed: bool) -> dict[str, Any] | None:
+    """Act on a check's result: where it failed (``failed``: here or, for ``torchrun``, on
+    another rank), warn and take the torch ops for the rest of the process; where it passed,
+    log that. Returns what to record (None where nothing was checked)."""
+    if found is None and not failed:
+        return None
+    if failed:
+        where = "on another rank"
+        if found is not None and not found.passed:
+            where = (
+                f"gradient of {found.worst} {found.triton_error:.2%} from float32 with the "
+                f"kernels, {found.torch_error:.2%} with the torch ops"
+            )
+        token_conv.disable(f"the start-up kernel check failed: {where}")
+        log.warning(
+            "the Triton kernels disagree with the PyTorch ops on this device (%s): this run "
+            "takes the PyTorch ops (slower). Please report it with the output of `python "
+            "benchmarks/gpu_check.py --batch --mlp --attention --loss`.",
+            where,
+        )
+    elif found is not None:
+        log.info(
+            "Triton kernels checked against the PyTorch ops in %.1fs (closest to its limit: "
+            "%s, %.2g from float32 against %.2g)",
+            found.seconds,
+            found.worst,
+            found.triton_error,
+            found.torch_error,
+        )
+    summary = found.summary() if found is not None else {}
+    return summary | {"kernels": "torch" if failed else "triton"}
 
 
 def _gradients(

@@ -51,7 +51,6 @@ from data2vec.engine.schedules import ScheduleFit, lr_at
 from data2vec.errors import DataError, UserError
 from data2vec.models.data2vec2 import Data2Vec2
 from data2vec.models.registry import build_model
-from data2vec.nn import token_conv
 
 log = logging.getLogger(__name__)
 
@@ -239,35 +238,7 @@ def check_kernels(
     found = kernel_check.check_pretraining(state.model, batch, device, cfg.train.precision)
     # every rank runs the collective; one rank's failure turns the kernels off on all
     (failed,) = distributed.agree([found is not None and not found.passed], device)
-    if found is None and not failed:
-        return
-    if failed:
-        where = (
-            f"gradient of {found.worst} {found.triton_error:.2%} from float32 with the "
-            f"kernels, {found.torch_error:.2%} with the torch ops"
-            if found is not None and not found.passed
-            else "on another rank"
-        )
-        token_conv.disable(f"the start-up kernel check failed: {where}")
-        log.warning(
-            "the Triton kernels disagree with the PyTorch ops on this device (%s): this run "
-            "takes the PyTorch ops (slower). Please report it with `python "
-            "benchmarks/gpu_check.py --batch --mlp --attention --loss`'s output.",
-            where,
-        )
-    else:
-        log.info(
-            "Triton kernels checked against the PyTorch ops in %.1fs (closest to its limit: "
-            "%s, %.2g from float32 against %.2g)",
-            found.seconds,
-            found.worst,
-            found.triton_error,
-            found.torch_error,
-        )
-    state.kernel_check = {
-        **(found.summary() if found is not None else {}),
-        "kernels": "torch" if failed else "triton",
-    }
+    state.kernel_check = kernel_check.act_on(found, failed)
 
 
 def _fused(opt: torch.optim.Optimizer) -> bool:

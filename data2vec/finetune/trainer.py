@@ -26,6 +26,7 @@ from tqdm import tqdm
 from data2vec._runtime import choose_heap_mode
 from data2vec.config import Config, _build_section, _parse_scalar
 from data2vec.data.skips import SkipLog
+from data2vec.engine import kernel_check
 from data2vec.engine.metrics import MetricsWriter
 from data2vec.engine.optim import adamw
 from data2vec.engine.runtime import autocast, configure_threads, resolve_device
@@ -78,6 +79,10 @@ class FineTuneConfig:
     num_workers: int = 2
     progress: bool = True
     tensorboard: bool = True
+    # Before the first step, where the Triton kernels run (NVIDIA GPUs): check them against the
+    # torch ops on a few samples and take the torch ops if they are off (train.kernel_check's
+    # counterpart; data2vec/engine/kernel_check.py).
+    kernel_check: bool = True
 
     def __post_init__(self) -> None:
         checks = [
@@ -151,6 +156,7 @@ class FineTuneResult:
         skipped_inputs: inputs that could not be read.
         skipped_steps: updates skipped for a non-finite loss or gradient.
         stopped: ``max_steps`` or ``nonfinite``.
+        kernel_check: what the start-up kernel check found (None: it did not run).
     """
 
     out_dir: Path
@@ -165,6 +171,7 @@ class FineTuneResult:
     skipped_inputs: int = 0
     skipped_steps: int = 0
     stopped: str = "max_steps"
+    kernel_check: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary (paths as strings)."""
@@ -319,6 +326,24 @@ def train_step(
     return StepOutput(loss_value, lr, grad_norm, updated)
 
 
+def check_kernels(
+    model: FineTuneModel, batch: SupervisedBatch, cfg: FineTuneConfig, device: torch.device
+) -> dict[str, Any] | None:
+    """The start-up kernel check (:mod:`data2vec.engine.kernel_check`) on the task loss of the
+    first samples of ``batch``, encoder included; returns what it found (None: not run)."""
+    if not cfg.kernel_check or not kernel_check.kernels_run_on(device):
+        return None
+    n = min(len(batch), kernel_check.SAMPLES)
+    parts = (batch.source, batch.padding_mask, batch.targets, batch.target_lengths)
+    few = SupervisedBatch(*(None if t is None else t[:n].to(device) for t in parts))
+    model.train()
+    model.set_encoder_frozen(False)  # the encoder's kernels too (train_step sets it each step)
+    found = kernel_check.check_kernels(
+        model, lambda: task_loss(model, few, cfg.label_smoothing), device, cfg.precision
+    )
+    return kernel_check.act_on(found, not found.passed)
+
+
 def _prepare_run_dir(run_dir: Path, cfg: FineTuneConfig, encoder_config: Config) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "finetune_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
@@ -393,11 +418,15 @@ def finetune(
     result = FineTuneResult(run_dir, None, task, 0, 0.0, 0, {}, {})
     best_score: tuple[float, float] | None = None
     start, nonfinite = time.perf_counter(), 0
+    checked = False  # the kernel check, before the first step
     try:
         for batch in _cycle(train_loader):
             skips.extend(batch.skipped)
             if len(batch) == 0:
                 continue
+            if not checked:
+                checked = True
+                result.kernel_check = check_kernels(model, batch, cfg, device)
             out = train_step(model, optimizer, batch, result.steps, cfg, device)
             if not out.updated:
                 result.skipped_steps, nonfinite = result.skipped_steps + 1, nonfinite + 1
