@@ -5,7 +5,10 @@
 #   1. CPU-vs-GPU and bf16 agreement first: the tenth pass fixed the decoder convolution's
 #      bias gradient (its product under a run-time condition, which Triton's pipeliner raced),
 #      found wrong by this check on an H200 and not yet run since; the MLP, attention and
-#      loss kernels each against torch (with their launch sweeps);
+#      loss kernels each against torch (with their launch sweeps); and the check every
+#      pretraining run now makes before its first step (data2vec/engine/kernel_check.py), on
+#      image-v2-base (bf16, fp32) and audio-v2-base (bf16): it must pass the kernels as
+#      they are, with room to spare (its "allowance" against "triton_error");
 #   2. image-v2-base's throughput and MFU (data2vec bench) at batch 128 and 256 (measured on
 #      an H200 only, with the racing kernel), then the whole step three times over: the
 #      default, the bias as a separate sum (the fifth pass's form), and the opt-ins that tied
