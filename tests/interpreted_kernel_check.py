@@ -12,6 +12,9 @@ import json
 import logging
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ from data2vec.bench import _synthetic_batch
 from data2vec.engine import kernel_check, trainer
 from data2vec.models.registry import build_model
 from data2vec.nn import token_attention, token_conv, token_loss
-from tests.conftest import make_image_folder, tiny_config
+from tests.conftest import TINY, make_image_folder, tiny_config
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run through tests/test_token_kernels.py"
 
@@ -206,3 +209,23 @@ def test_fine_tuning_checks_the_encoders_kernels_too(monkeypatch, tmp_path, capl
 
     token_conv.enable()
     assert run(tmp_path / "unchecked", "kernel_check=false").kernel_check is None
+
+
+def test_one_ranks_failure_turns_the_kernels_off_on_every_rank(tmp_path):
+    """``torchrun``, 2 CPU workers: only rank 1's kernel is wrong. Rank 0's own check passes,
+    yet it takes the torch ops too and says why; its ``summary.json`` records both."""
+    data = make_image_folder(tmp_path / "data", n_per_class=4)
+    overrides = [*TINY, "decoder.conv_impl=triton", "train.max_steps=1", "data.batch_size=4"]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(Path(__file__).parent / "sabotaged_rank.py"), "pretrain", "--preset",
+        "image-v2-tiny", "--data", str(data), "--out", str(tmp_path / "run"), *overrides,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parents[1]))
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rank 1 of 2" in proc.stderr
+    assert "disagree with the PyTorch ops on this device (on another rank)" in proc.stderr
+    assert "disagree with the PyTorch ops on this device (gradient of decoder." in proc.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["kernel_check"]["passed"] and summary["kernel_check"]["kernels"] == "torch"

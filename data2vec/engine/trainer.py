@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import signal
@@ -381,6 +382,12 @@ def pretrain(
         distributed.barrier()
         return result
     finally:
+        if distributed.active():
+            # The DDP wrapper's reducer holds the process group and sits in reference cycles;
+            # collected here, it goes while the interpreter is whole, not during its teardown,
+            # where a gloo worker's last references have aborted a finished rank (SIGABRT,
+            # "terminate called without an active exception"; seen once in a loaded test run).
+            gc.collect()
         distributed.shutdown()
 
 
