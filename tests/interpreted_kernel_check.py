@@ -135,6 +135,29 @@ def test_each_kind_of_wrong_kernel_fails(monkeypatch, kind):
         assert math.isnan(found.triton_error)
 
 
+def test_a_kernel_that_cannot_run_fails_the_check_not_the_run(monkeypatch, caplog):
+    """A kernel that raises (say, asks a small GPU for more shared memory than it has) makes
+    the check fail with the error's first line, and the run go on with the torch ops."""
+    model, batch = _model_and_batch()
+
+    def no_room(*args, **kwargs):
+        raise RuntimeError("out of resources: shared memory, required 81920, limit 65536\nmore")
+
+    monkeypatch.setattr(token_attention, "_forward", no_room)
+    found = kernel_check.check_pretraining(model, batch, CPU, "fp32")
+    assert found is not None and not found.passed and math.isnan(found.triton_error)
+    assert (
+        found.error == "RuntimeError: out of resources: shared memory, required 81920, limit 65536"
+    )
+    assert all(p.grad is None for p in model.parameters())
+    with caplog.at_level(logging.WARNING):
+        record = kernel_check.act_on(found, True)
+    assert record["kernels"] == "torch" and record["error"] == found.error
+    assert "a kernel failed: RuntimeError: out of resources" in caplog.text
+    assert token_conv.is_suspended()
+    model(batch.source, batch.mask).loss.backward()  # the torch ops run
+
+
 def test_a_run_whose_check_fails_takes_the_torch_ops(monkeypatch, tmp_path, caplog):
     """``pretrain``: the check runs before the first step; when it fails, a warning says so,
     every later step runs the torch ops (even with ``decoder.conv_impl=triton``), and

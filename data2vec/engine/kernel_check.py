@@ -18,8 +18,9 @@ and backward pass runs three times, each with the same random numbers:
    on a few samples as they would on the whole batch).
 
 Each parameter's gradient, and the loss, must be as close to the reference with the kernels
-as twice the torch ops' own distance plus :data:`TOLERANCE` (relative L2 distances). Where one
-is not, a warning names it and the process takes the torch ops from then on
+as twice the torch ops' own distance plus :data:`TOLERANCE` (relative L2 distances), and the
+kernels must run at all (one that does not compile or launch on this GPU fails the check, not
+the run). Where one is not, a warning names it and the process takes the torch ops from then on
 (:func:`data2vec.nn.token_conv.disable`): slower, but right. The check costs three passes on
 a few samples and the kernels' compilation for those shapes (seconds on a GPU);
 ``train.kernel_check=false`` skips it (fine-tuning, which checks its task loss the same way:
@@ -66,6 +67,8 @@ class KernelCheck:
         torch_error: the same with the torch ops in the run's precision.
         failed: everything past its allowance.
         seconds: how long the check took.
+        error: why the pass with the kernels did not finish (a kernel that does not compile
+            or launch on this GPU), or None.
     """
 
     passed: bool
@@ -74,6 +77,7 @@ class KernelCheck:
     torch_error: float
     failed: list[str]
     seconds: float
+    error: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,8 +106,20 @@ def check_kernels(
             ref = _gradients(model, run, device, "fp32")
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
             torch_err = _distances(ref, _gradients(model, run, device, precision))
-        with _norms_at_any_size():
-            triton_err = _distances(ref, _gradients(model, run, device, precision))
+        try:
+            with _norms_at_any_size():
+                triton_err = _distances(ref, _gradients(model, run, device, precision))
+        except Exception as exc:  # a kernel that cannot run here fails the check
+            lines = str(exc).strip().splitlines() or [""]
+            return KernelCheck(
+                passed=False,
+                worst="(the kernels did not run)",
+                triton_error=math.nan,
+                torch_error=0.0,
+                failed=[],
+                seconds=time.perf_counter() - start,
+                error=f"{type(exc).__name__}: {lines[0][:300]}",
+            )
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         for p, grad in kept:
@@ -149,7 +165,9 @@ def act_on(found: KernelCheck | None, failed: bool) -> dict[str, Any] | None:
         return None
     if failed:
         where = "on another rank"
-        if found is not None and not found.passed:
+        if found is not None and found.error is not None:
+            where = f"a kernel failed: {found.error}"
+        elif found is not None and not found.passed:
             where = (
                 f"gradient of {found.worst} {found.triton_error:.2%} from float32 with the "
                 f"kernels, {found.torch_error:.2%} with the torch ops"
