@@ -76,7 +76,7 @@ def test_the_kernels_as_they_are_pass_and_the_model_is_left_as_it_was(monkeypatc
 
     assert found is not None and found.passed, found
     assert found.failed == [] and found.triton_error < 1e-4  # float32 throughout here
-    # student and teacher: 2 decoder layers; 1 prenet + 2 blocks of the student
+    # backward through the student's 2 decoder layers and 3 blocks (1 prenet + 2 shared)
     assert (len(conv), len(attention), len(loss)) == (2, 3, 1)
     assert all(torch.equal(p, params[n]) for n, p in model.named_parameters())
     assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers())
@@ -90,7 +90,7 @@ def test_the_kernels_as_they_are_pass_and_the_model_is_left_as_it_was(monkeypatc
 
 def test_a_bias_gradient_25_percent_off_fails_by_name(monkeypatch):
     """The H200's wrong kernel in small: the decoder's bias gradients 25 % too large, the loss
-    exact. The check names a decoder bias and fails nothing else."""
+    exact. The check names a decoder bias and fails nothing outside the decoder."""
     model, batch = _model_and_batch()
     real = token_conv.weight_bias_grad
 
