@@ -85,12 +85,13 @@ def test_the_kernels_as_they_are_pass_and_the_model_is_left_as_it_was(monkeypatc
     assert torch.equal(torch.get_rng_state(), rng)
     assert torch.backends.cudnn.allow_tf32 is not tf32
     torch.backends.cudnn.allow_tf32 = tf32
-    assert token_conv.disabled() is None
+    assert token_conv.disabled() == {} and found.culprits == []
 
 
 def test_a_bias_gradient_25_percent_off_fails_by_name(monkeypatch):
     """The H200's wrong kernel in small: the decoder's bias gradients 25 % too large, the loss
-    exact. The check names a decoder bias and fails nothing outside the decoder."""
+    exact. The check names a decoder bias, fails nothing outside the decoder, and finds the
+    decoder's kernels wrong on their own, the other kinds right."""
     model, batch = _model_and_batch()
     real = token_conv.weight_bias_grad
 
@@ -105,12 +106,13 @@ def test_a_bias_gradient_25_percent_off_fails_by_name(monkeypatch):
     assert 0.2 < found.triton_error < 0.3 and found.torch_error < 1e-4
     assert found.failed and all(n.startswith("decoder.") for n in found.failed), found.failed
     assert "loss" not in found.failed
+    assert found.culprits == ["decoder"]
 
 
 @pytest.mark.parametrize("kind", ["attention gradient", "loss", "not finite"])
 def test_each_kind_of_wrong_kernel_fails(monkeypatch, kind):
     """A wrong attention backward (the loss exact), a wrong loss, and a NaN in one gradient
-    each fail the check."""
+    each fail the check, which finds the kind of layer at fault."""
     model, batch = _model_and_batch()
     if kind == "attention gradient":
         _count(monkeypatch, token_attention, "_backward", lambda out: (1.3 * out[0], out[1]))
@@ -128,16 +130,18 @@ def test_each_kind_of_wrong_kernel_fails(monkeypatch, kind):
     assert found is not None and not found.passed, found
     if kind == "attention gradient":
         assert "loss" not in found.failed and found.worst.startswith("encoder."), found
+        assert found.culprits == ["attention"]
     elif kind == "loss":
-        assert "loss" in found.failed
+        assert "loss" in found.failed and found.culprits == ["loss"]
     else:
         assert found.worst.startswith("decoder.") and found.worst.endswith(".0.weight")
-        assert math.isnan(found.triton_error)
+        assert math.isnan(found.triton_error) and found.culprits == ["decoder"]
 
 
 def test_a_kernel_that_cannot_run_fails_the_check_not_the_run(monkeypatch, caplog):
     """A kernel that raises (say, asks a small GPU for more shared memory than it has) makes
-    the check fail with the error's first line, and the run go on with the torch ops."""
+    the check fail with the error's first line, and the run go on with the torch ops for that
+    kind of layer (the others keep their kernels)."""
     model, batch = _model_and_batch()
 
     def no_room(*args, **kwargs):
@@ -149,18 +153,21 @@ def test_a_kernel_that_cannot_run_fails_the_check_not_the_run(monkeypatch, caplo
     assert (
         found.error == "RuntimeError: out of resources: shared memory, required 81920, limit 65536"
     )
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters()) and found.culprits == ["attention"]
     with caplog.at_level(logging.WARNING):
-        record = kernel_check.act_on(found, True)
-    assert record["kernels"] == "torch" and record["error"] == found.error
+        record = kernel_check.act_on(found, kernel_check.kinds_to_disable(found))
+    assert record["kernels_off"] == ["attention"] and record["error"] == found.error
     assert "a kernel failed: RuntimeError: out of resources" in caplog.text
-    assert token_conv.is_suspended()
-    model(batch.source, batch.mask).loss.backward()  # the torch ops run
+    assert list(token_conv.disabled()) == ["attention"]
+    forward = _count(monkeypatch, token_conv, "conv_tokens_forward")
+    model(batch.source, batch.mask).loss.backward()  # the torch attention runs
+    assert len(forward) == 4  # the decoder keeps its kernels
 
 
 def test_a_run_whose_check_fails_takes_the_torch_ops(monkeypatch, tmp_path, caplog):
-    """``pretrain``: the check runs before the first step; when it fails, a warning says so,
-    every later step runs the torch ops (even with ``decoder.conv_impl=triton``), and
+    """``pretrain``: the check runs before the first step; when the decoder's kernels fail, a
+    warning says so, every later step runs the decoder on the torch ops (even with
+    ``decoder.conv_impl=triton``) and the attention still on its kernel, and
     ``summary.json`` records what it found. With ``train.kernel_check=false`` nothing is
     checked and the kernels stay on."""
     data = make_image_folder(tmp_path / "data", n_per_class=4)
@@ -172,31 +179,35 @@ def test_a_run_whose_check_fails_takes_the_torch_ops(monkeypatch, tmp_path, capl
 
     monkeypatch.setattr(token_conv, "weight_bias_grad", wrong)
     forward = _count(monkeypatch, token_conv, "conv_tokens_forward")
+    attention = _count(monkeypatch, token_attention, "_backward")
     cfg = tiny_config("decoder.conv_impl=triton", "train.max_steps=2")
     with caplog.at_level(logging.WARNING):
         trainer.pretrain(cfg, data, tmp_path / "run")
     assert "disagree with the PyTorch ops" in caplog.text and "decoder." in caplog.text
-    assert token_conv.disabled() is not None and token_conv.is_suspended()
-    # the check's third pass only: 2 decoder layers forward + input gradient, student only
-    # (the teacher has no decoder)
-    assert len(forward) == 4
+    assert list(token_conv.disabled()) == ["decoder"] and token_conv.is_suspended("decoder")
+    # in the check only, its pass with every kernel and its pass with the decoder's alone: 2
+    # decoder layers forward + input gradient each (the teacher has no decoder)
+    assert len(forward) == 2 * 4
+    # 3 student blocks: the check's passes with every kernel and with the attention's alone,
+    # then both steps
+    assert len(attention) == 2 * 3 + 2 * 3
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["kernel_check"]["kernels"] == "torch"
+    assert summary["steps"] == 2 and summary["kernel_check"]["kernels_off"] == ["decoder"]
     assert summary["kernel_check"]["worst"].startswith("decoder.")
 
     token_conv.enable()
     forward.clear()
     off = tiny_config("decoder.conv_impl=triton", "train.max_steps=2", "train.kernel_check=false")
     trainer.pretrain(off, data, tmp_path / "unchecked")
-    assert token_conv.disabled() is None and len(forward) == 2 * 4  # two steps, checked none
+    assert token_conv.disabled() == {} and len(forward) == 2 * 4  # two steps, checked none
     summary = json.loads((tmp_path / "unchecked" / "summary.json").read_text())
     assert summary["kernel_check"] is None
 
 
 def test_fine_tuning_checks_the_encoders_kernels_too(monkeypatch, tmp_path, caplog):
     """``finetune``: the check runs the encoder's attention backward even while the encoder is
-    to stay frozen at first; a wrong one is found, the run takes the torch ops and its result
-    says so. ``kernel_check=false`` skips the check."""
+    to stay frozen at first; a wrong one is found, the run takes the torch attention and its
+    result says so. ``kernel_check=false`` skips the check."""
     from data2vec.finetune.heads import ClassificationHead
     from data2vec.finetune.model import FineTuneModel, SupervisedBatch
     from data2vec.finetune.trainer import FineTuneConfig, finetune
@@ -219,24 +230,26 @@ def test_fine_tuning_checks_the_encoders_kernels_too(monkeypatch, tmp_path, capl
 
     backward = _count(monkeypatch, token_attention, "_backward")
     passed = run(tmp_path / "passed", "freeze_encoder_steps=1")
-    assert passed.kernel_check["passed"] and passed.kernel_check["kernels"] == "triton"
+    assert passed.kernel_check["passed"] and passed.kernel_check["kernels_off"] == []
     # 3 blocks in the check's third pass, none in the first step (frozen), 3 in the second
-    assert len(backward) == 3 + 3 and token_conv.disabled() is None
+    assert len(backward) == 3 + 3 and token_conv.disabled() == {}
 
     _count(monkeypatch, token_attention, "_backward", lambda out: (1.3 * out[0], out[1]))
     with caplog.at_level(logging.WARNING):
         failed = run(tmp_path / "failed")
-    assert not failed.kernel_check["passed"] and failed.kernel_check["kernels"] == "torch"
+    assert not failed.kernel_check["passed"] and failed.kernel_check["kernels_off"] == ["attention"]
     assert failed.kernel_check["worst"].startswith("encoder.")
-    assert "disagree with the PyTorch ops" in caplog.text and token_conv.is_suspended()
+    assert "disagree with the PyTorch ops" in caplog.text
+    assert token_conv.is_suspended("attention") and not token_conv.is_suspended("decoder")
 
     token_conv.enable()
     assert run(tmp_path / "unchecked", "kernel_check=false").kernel_check is None
 
 
 def test_one_ranks_failure_turns_the_kernels_off_on_every_rank(tmp_path):
-    """``torchrun``, 2 CPU workers: only rank 1's kernel is wrong. Rank 0's own check passes,
-    yet it takes the torch ops too and says why; its ``summary.json`` records both."""
+    """``torchrun``, 2 CPU workers: only rank 1's decoder kernel is wrong. Rank 0's own check
+    passes, yet it takes the torch decoder too and says why; its ``summary.json`` records
+    both."""
     data = make_image_folder(tmp_path / "data", n_per_class=4)
     overrides = [*TINY, "decoder.conv_impl=triton", "train.max_steps=1", "data.batch_size=4"]
     cmd = [
@@ -251,4 +264,6 @@ def test_one_ranks_failure_turns_the_kernels_off_on_every_rank(tmp_path):
     assert "disagree with the PyTorch ops on this device (on another rank)" in proc.stderr
     assert "disagree with the PyTorch ops on this device (gradient of decoder." in proc.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["kernel_check"]["passed"] and summary["kernel_check"]["kernels"] == "torch"
+    assert summary["kernel_check"]["passed"] and summary["kernel_check"]["kernels_off"] == [
+        "decoder"
+    ]

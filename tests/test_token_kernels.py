@@ -144,9 +144,10 @@ def test_auto_norms_stay_plain_on_the_cpu():
 
 @pytest.mark.skipif(token_conv.interpreting(), reason="this process runs the interpreter")
 def test_disabled_kernels_give_way_to_the_torch_ops_even_where_triton_was_asked_for():
-    """After a failed start-up check (``token_conv.disable``) a decoder set to ``triton`` runs
-    the torch convolution instead of refusing, with the same output as ``torch``; ``enable``
-    undoes it. Where no kernel runs (the CPU), the check itself does nothing."""
+    """After a failed start-up check (``token_conv.disable`` of the decoder's kind) a decoder
+    set to ``triton`` runs the torch convolution instead of refusing, with the same output as
+    ``torch``, and the other kinds are untouched; ``enable`` undoes it; an unknown kind is an
+    error. Where no kernel runs (the CPU), the check itself does nothing."""
     from data2vec.bench import _synthetic_batch
     from data2vec.engine import kernel_check
 
@@ -154,8 +155,9 @@ def test_disabled_kernels_give_way_to_the_torch_ops_even_where_triton_was_asked_
     dec = ConvDecoder(8, 8, 2, 3, 2, grid=(2, 3), conv_impl="triton")
     x = torch.randn(2, 6, 8)
     try:
-        token_conv.disable("a test")
-        assert token_conv.disabled() == "a test" and token_conv.is_suspended()
+        token_conv.disable("a test", ["decoder"])
+        assert token_conv.disabled() == {"decoder": "a test"}
+        assert token_conv.is_suspended("decoder") and not token_conv.is_suspended("norms")
         assert not dec.uses_triton(x)
         out = dec(x)
         dec.conv_impl = "torch"
@@ -163,7 +165,9 @@ def test_disabled_kernels_give_way_to_the_torch_ops_even_where_triton_was_asked_
         dec.conv_impl = "triton"
     finally:
         token_conv.enable()
-    assert token_conv.disabled() is None and not token_conv.is_suspended()
+    assert token_conv.disabled() == {} and not token_conv.is_suspended("decoder")
+    with pytest.raises(ValueError, match=r"unknown kinds of layer \['conv'\]; the kinds are"):
+        token_conv.disable("a test", ["conv"])
     with pytest.raises(RuntimeError, match=r"decoder\.conv_impl=torch"):
         dec(x)
     cfg = load_config("image-v2-tiny", ["mask.clones=2"])

@@ -71,7 +71,26 @@ def local_device(device: torch.device, info: DistInfo) -> torch.device:
     return device
 
 
+_RANK_LOCAL = False  # inside rank_local(): this rank computes as if alone
+
+
+@contextlib.contextmanager
+def rank_local() -> Iterator[None]:
+    """Inside this block this rank computes as if it were alone: no collectives, and a model's
+    loss is normalized by its own token count. For work the ranks do not do in step, such as
+    the start-up kernel check's extra passes on a rank whose check failed."""
+    global _RANK_LOCAL
+    before, _RANK_LOCAL = _RANK_LOCAL, True
+    try:
+        yield
+    finally:
+        _RANK_LOCAL = before
+
+
 def active() -> bool:
+    """Whether this process is one of several ranks (and not inside :func:`rank_local`)."""
+    if _RANK_LOCAL:
+        return False
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 

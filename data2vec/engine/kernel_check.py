@@ -20,9 +20,13 @@ and backward pass runs three times, each with the same random numbers:
 Each parameter's gradient, and the loss, must be as close to the reference with the kernels
 as twice the torch ops' own distance plus :data:`TOLERANCE` (relative L2 distances), and the
 kernels must run at all (one that does not compile or launch on this GPU fails the check, not
-the run). Where one is not, a warning names it and the process takes the torch ops from then on
-(:func:`data2vec.nn.token_conv.disable`): slower, but right. The check costs three passes on
-a few samples and the kernels' compilation for those shapes (seconds on a GPU);
+the run). Where one is not, the third pass runs again once for each kind of layer
+(``token_conv.KINDS``: decoder, norms, MLP, attention, loss) with only that kind on its
+kernels, which finds the kinds that are wrong on their own. A warning names the gradient and
+those kinds, and they take the torch ops for the rest of the process
+(:func:`data2vec.nn.token_conv.disable`): slower, but right. Where no kind fails on its own,
+all of them do. The check costs three passes on a few samples (up to five more where it
+fails) and the kernels' compilation for those shapes (seconds on a GPU);
 ``train.kernel_check=false`` skips it (fine-tuning, which checks its task loss the same way:
 ``kernel_check=false``). Without a kernel to check (the CPU, an older GPU, no Triton) it does
 nothing.
@@ -43,6 +47,7 @@ import torch
 from torch import Tensor, nn
 
 from data2vec.data.batch import PretrainBatch
+from data2vec.engine import distributed
 from data2vec.engine.runtime import autocast
 from data2vec.nn import token_conv, token_norm
 
@@ -69,6 +74,8 @@ class KernelCheck:
         seconds: how long the check took.
         error: why the pass with the kernels did not finish (a kernel that does not compile
             or launch on this GPU), or None.
+        culprits: where it failed, the kinds of layer (``token_conv.KINDS``) that fail with
+            only their own kernels on.
     """
 
     passed: bool
@@ -76,8 +83,9 @@ class KernelCheck:
     triton_error: float
     torch_error: float
     failed: list[str]
-    seconds: float
+    seconds: float = 0.0
     error: str | None = None
+    culprits: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,7 +93,8 @@ class KernelCheck:
 
 def kernels_run_on(device: torch.device) -> bool:
     """Whether any Triton kernel can run on ``device`` in this process."""
-    return token_conv.available(torch.empty(0, device=device)) and not token_conv.is_suspended()
+    on = [k for k in token_conv.KINDS if not token_conv.is_suspended(k)]
+    return bool(on) and token_conv.available(torch.empty(0, device=device))
 
 
 def check_kernels(
@@ -100,30 +109,56 @@ def check_kernels(
     start = time.perf_counter()
     kept = [(p, p.grad) for p in model.parameters()]
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    # No collectives inside (distributed.rank_local): under torchrun, only the ranks whose
+    # check fails run its extra passes.
     try:
-        with token_conv.suspended():
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-            ref = _gradients(model, run, device, "fp32")
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-            torch_err = _distances(ref, _gradients(model, run, device, precision))
-        try:
-            with _norms_at_any_size():
-                triton_err = _distances(ref, _gradients(model, run, device, precision))
-        except Exception as exc:  # a kernel that cannot run here fails the check
-            lines = str(exc).strip().splitlines() or [""]
-            return KernelCheck(
-                passed=False,
-                worst="(the kernels did not run)",
-                triton_error=math.nan,
-                torch_error=0.0,
-                failed=[],
-                seconds=time.perf_counter() - start,
-                error=f"{type(exc).__name__}: {lines[0][:300]}",
-            )
+        with distributed.rank_local():
+            with token_conv.suspended():
+                torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+                ref = _gradients(model, run, device, "fp32")
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+                torch_err = _distances(ref, _gradients(model, run, device, precision))
+            found = _kernel_pass(model, run, device, precision, ref, torch_err)
+            if not found.passed:
+                found.culprits = [
+                    kind
+                    for kind in token_conv.KINDS
+                    if not token_conv.is_suspended(kind)
+                    and not _kernel_pass(model, run, device, precision, ref, torch_err, kind).passed
+                ]
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         for p, grad in kept:
             p.grad = grad
+    found.seconds = time.perf_counter() - start
+    return found
+
+
+def _kernel_pass(
+    model: nn.Module,
+    run: Callable[[], Tensor],
+    device: torch.device,
+    precision: str,
+    ref: dict[str, Tensor],
+    torch_err: dict[str, float],
+    kind: str | None = None,
+) -> KernelCheck:
+    """The pass with the kernels (only ``kind``'s where given) judged against ``ref`` with
+    the allowance that ``torch_err`` gives."""
+    only = token_conv.only(kind) if kind is not None else contextlib.nullcontext()
+    try:
+        with only, _norms_at_any_size():
+            triton_err = _distances(ref, _gradients(model, run, device, precision))
+    except Exception as exc:  # a kernel that cannot run here fails the check
+        lines = str(exc).strip().splitlines() or [""]
+        return KernelCheck(
+            passed=False,
+            worst="(the kernels did not run)",
+            triton_error=math.nan,
+            torch_error=0.0,
+            failed=[],
+            error=f"{type(exc).__name__}: {lines[0][:300]}",
+        )
     # how far past its allowance each one is (NaN, from a non-finite gradient, counts as past)
     excess = {}
     for name, err in triton_err.items():
@@ -136,7 +171,6 @@ def check_kernels(
         triton_error=triton_err[worst],
         torch_error=torch_err[worst],
         failed=[name for name, v in excess.items() if v > 0],
-        seconds=time.perf_counter() - start,
     )
 
 
@@ -157,13 +191,21 @@ def check_pretraining(
     return check_kernels(model, lambda: model(source, mask, pad, **extra).loss, device, precision)
 
 
-def act_on(found: KernelCheck | None, failed: bool) -> dict[str, Any] | None:
-    """Act on a check's result: where it failed (``failed``: here or, for ``torchrun``, on
-    another rank), warn and take the torch ops for the rest of the process; where it passed,
-    log that. Returns what to record (None where nothing was checked)."""
-    if found is None and not failed:
+def kinds_to_disable(found: KernelCheck | None) -> list[str]:
+    """The kinds of layer a check turns off: its culprits, or every kind where it failed
+    without one (none where it passed or did not run)."""
+    if found is None or found.passed:
+        return []
+    return found.culprits or list(token_conv.KINDS)
+
+
+def act_on(found: KernelCheck | None, off: list[str]) -> dict[str, Any] | None:
+    """Act on a check's result: turn ``off`` (:func:`kinds_to_disable` of this check, or, for
+    ``torchrun``, of any rank's) onto the torch ops for the rest of the process and warn, or
+    log a pass. Returns what to record (None where nothing was checked)."""
+    if found is None and not off:
         return None
-    if failed:
+    if off:
         where = "on another rank"
         if found is not None and found.error is not None:
             where = f"a kernel failed: {found.error}"
@@ -172,12 +214,13 @@ def act_on(found: KernelCheck | None, failed: bool) -> dict[str, Any] | None:
                 f"gradient of {found.worst} {found.triton_error:.2%} from float32 with the "
                 f"kernels, {found.torch_error:.2%} with the torch ops"
             )
-        token_conv.disable(f"the start-up kernel check failed: {where}")
+        token_conv.disable(f"the start-up kernel check failed: {where}", off)
         log.warning(
-            "the Triton kernels disagree with the PyTorch ops on this device (%s): this run "
-            "takes the PyTorch ops (slower). Please report it with the output of `python "
-            "benchmarks/gpu_check.py --batch --mlp --attention --loss`.",
+            "the Triton kernels disagree with the PyTorch ops on this device (%s): layers of "
+            "kind %s take the PyTorch ops in this run (slower). Please report it with the "
+            "output of `python benchmarks/gpu_check.py --batch --mlp --attention --loss`.",
             where,
+            ", ".join(off),
         )
     elif found is not None:
         log.info(
@@ -189,7 +232,7 @@ def act_on(found: KernelCheck | None, failed: bool) -> dict[str, Any] | None:
             found.torch_error,
         )
     summary = found.summary() if found is not None else {}
-    return summary | {"kernels": "torch" if failed else "triton"}
+    return summary | {"kernels_off": off}
 
 
 def _gradients(

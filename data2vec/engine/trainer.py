@@ -52,6 +52,7 @@ from data2vec.engine.schedules import ScheduleFit, lr_at
 from data2vec.errors import DataError, UserError
 from data2vec.models.data2vec2 import Data2Vec2
 from data2vec.models.registry import build_model
+from data2vec.nn import token_conv
 
 log = logging.getLogger(__name__)
 
@@ -231,15 +232,18 @@ def train_step(
 def check_kernels(
     state: TrainState, batch: PretrainBatch, cfg: Config, device: torch.device
 ) -> None:
-    """Check the Triton kernels on a few samples of ``batch`` and take the torch ops for the
-    rest of the process if any rank found them off (``train.kernel_check``; see
-    :mod:`data2vec.engine.kernel_check`). What it found goes to ``summary.json``."""
+    """Check the Triton kernels on a few samples of ``batch``; the kinds of layer whose
+    kernels any rank found off take the torch ops for the rest of the process
+    (``train.kernel_check``; see :mod:`data2vec.engine.kernel_check`). What it found goes to
+    ``summary.json``."""
     if not cfg.train.kernel_check or state.sharded or cfg.train.compile:
         return
     found = kernel_check.check_pretraining(state.model, batch, device, cfg.train.precision)
-    # every rank runs the collective; one rank's failure turns the kernels off on all
-    (failed,) = distributed.agree([found is not None and not found.passed], device)
-    state.kernel_check = kernel_check.act_on(found, failed)
+    # every rank runs the collective; what one rank turns off, all do
+    mine = kernel_check.kinds_to_disable(found)
+    agreed = distributed.agree([kind in mine for kind in token_conv.KINDS], device)
+    off = [kind for kind, bad in zip(token_conv.KINDS, agreed) if bad]
+    state.kernel_check = kernel_check.act_on(found, off)
 
 
 def _fused(opt: torch.optim.Optimizer) -> bool:

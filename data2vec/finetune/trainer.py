@@ -341,7 +341,7 @@ def check_kernels(
     found = kernel_check.check_kernels(
         model, lambda: task_loss(model, few, cfg.label_smoothing), device, cfg.precision
     )
-    return kernel_check.act_on(found, not found.passed)
+    return kernel_check.act_on(found, kernel_check.kinds_to_disable(found))
 
 
 def _prepare_run_dir(run_dir: Path, cfg: FineTuneConfig, encoder_config: Config) -> None:

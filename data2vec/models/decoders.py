@@ -147,7 +147,7 @@ class ConvDecoder(nn.Module):
 
     def uses_triton(self, x: Tensor) -> bool:
         """Whether this forward runs the Triton kernels (see ``conv_impl``)."""
-        if self.conv_impl == "torch" or token_conv.is_suspended():
+        if self.conv_impl == "torch" or token_conv.is_suspended("decoder"):
             return False
         convs = [layer[0] for layer in self.blocks]
         ok = token_conv.available(x) and all(token_conv.supports(c.weight, c.groups) for c in convs)

@@ -161,7 +161,7 @@ class PostLNBlock(nn.Module):
 
     def uses_fused_norms(self, x: Tensor) -> bool:
         """Whether a forward on ``x`` runs the fused Triton norms (see ``norm_impl``)."""
-        if self.norm_impl == "torch" or token_conv.is_suspended():
+        if self.norm_impl == "torch" or token_conv.is_suspended("norms"):
             return False
         if torch.compiler.is_compiling():
             # Inductor fuses these ops itself (and, torch 2.11, failed to compile the backward

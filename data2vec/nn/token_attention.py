@@ -253,7 +253,7 @@ class _ProjectAttention(torch.autograd.Function):
 
 def _supports(t: Tensor, T: int, C3: int, dtype: torch.dtype, num_heads: int) -> bool:
     """:func:`supports` for a ``(B, T, C3)`` fused projection in ``dtype`` on ``t``'s device."""
-    if not token_conv.available(t) or token_conv.is_suspended():
+    if not token_conv.available(t) or token_conv.is_suspended("attention"):
         return False
     d = C3 // (3 * num_heads)
     width_ok = 3 * num_heads * d == C3 and d in (16, 32, 64, 128)

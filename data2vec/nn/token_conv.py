@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -44,13 +44,19 @@ from torch import Tensor
 from data2vec.nn import token_conv_kernels as kernels
 from data2vec.nn.triton_gate import NEEDS_TRITON, triton
 
+# The kinds of layer that take Triton kernels, each switched as a whole: the decoders'
+# convolution layers, the post-LN blocks' fused norms, the MLP's backward, the short-sequence
+# attention and the regression loss.
+KINDS = ("decoder", "norms", "mlp", "attention", "loss")
+
 _suspended = False
-_disabled: str | None = None  # why the kernels are off for the rest of the process
+_only: str | None = None  # inside only(): the one kind that may take its kernels
+_disabled: dict[str, str] = {}  # kind -> why its kernels are off for the rest of the process
 
 
 @contextlib.contextmanager
 def suspended() -> Iterator[None]:
-    """Run decoders with the torch convolution inside this block, whatever their setting.
+    """Run every layer on the torch ops inside this block, whatever its setting.
 
     ``torch.utils.flop_counter`` cannot see into Triton kernels; ``data2vec bench`` counts a
     step's FLOPs in this block (the same products, so the same count).
@@ -63,29 +69,50 @@ def suspended() -> Iterator[None]:
         _suspended = before
 
 
-def is_suspended() -> bool:
-    """Whether every layer takes the torch ops now: inside a :func:`suspended` block, or for
-    good after :func:`disable`."""
-    return _suspended or _disabled is not None
+@contextlib.contextmanager
+def only(kind: str) -> Iterator[None]:
+    """Inside this block only layers of ``kind`` (one of :data:`KINDS`) take their kernels:
+    how the start-up check finds which kind is wrong."""
+    global _only
+    _check_kinds([kind])
+    before, _only = _only, kind
+    try:
+        yield
+    finally:
+        _only = before
 
 
-def disable(reason: str) -> None:
-    """Take the torch ops in every layer for the rest of the process, whatever its settings
-    (``decoder.conv_impl=triton`` included): the start-up check found a kernel wrong on this
-    GPU (:mod:`data2vec.engine.kernel_check`). ``reason`` is kept for :func:`disabled`."""
-    global _disabled
-    _disabled = reason
+def is_suspended(kind: str) -> bool:
+    """Whether layers of ``kind`` (one of :data:`KINDS`) take the torch ops now: inside a
+    :func:`suspended` block, inside an :func:`only` block of another kind, or for good after
+    :func:`disable`."""
+    return _suspended or (_only is not None and _only != kind) or kind in _disabled
+
+
+def disable(reason: str, kinds: Iterable[str] = KINDS) -> None:
+    """Take the torch ops in layers of ``kinds`` for the rest of the process, whatever their
+    settings (``decoder.conv_impl=triton`` included): the start-up check found their kernels
+    wrong on this GPU (:mod:`data2vec.engine.kernel_check`). ``reason`` is kept for
+    :func:`disabled`."""
+    kinds = list(kinds)
+    _check_kinds(kinds)
+    _disabled.update(dict.fromkeys(kinds, reason))
 
 
 def enable() -> None:
     """Undo :func:`disable` (tests; a process that knows better)."""
-    global _disabled
-    _disabled = None
+    _disabled.clear()
 
 
-def disabled() -> str | None:
-    """Why :func:`disable` turned the kernels off (None: it did not)."""
-    return _disabled
+def disabled() -> dict[str, str]:
+    """The kinds :func:`disable` turned off, each with why (empty: none)."""
+    return dict(_disabled)
+
+
+def _check_kinds(kinds: list[str]) -> None:
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown kinds of layer {unknown}; the kinds are {list(KINDS)}")
 
 
 def interpreting() -> bool:

@@ -135,7 +135,7 @@ def supports(pred: Tensor, table: Tensor) -> bool:
     return (
         ENABLED
         and token_conv.available(pred)
-        and not token_conv.is_suspended()
+        and not token_conv.is_suspended("loss")
         and not torch.compiler.is_compiling()
         and pred.dim() == 2
         and table.dim() == 2

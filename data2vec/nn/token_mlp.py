@@ -135,7 +135,7 @@ def supports(x: Tensor, mlp: nn.Module) -> bool:
         and type(mlp.fc2) is nn.Linear
         and torch.is_grad_enabled()
         and token_conv.available(x)
-        and not token_conv.is_suspended()
+        and not token_conv.is_suspended("mlp")
         and not torch.compiler.is_compiling()
     )
 
