@@ -25,7 +25,7 @@ the run). Where one is not, the third pass runs again once for each kind of laye
 kernels, which finds the kinds that are wrong on their own. A warning names the gradient and
 those kinds, and they take the torch ops for the rest of the process
 (:func:`data2vec.nn.token_conv.disable`): slower, but right. Where no kind fails on its own,
-all of them do. The check costs three passes on a few samples (up to five more where it
+every kind does. The check costs three passes on a few samples (up to five more where it
 fails) and the kernels' compilation for those shapes (seconds on a GPU);
 ``train.kernel_check=false`` skips it (fine-tuning, which checks its task loss the same way:
 ``kernel_check=false``). Without a kernel to check (the CPU, an older GPU, no Triton) it does
