@@ -200,7 +200,8 @@ def startup_check(preset: str, precision: str, device: torch.device) -> dict[str
     cfg = load_config(preset, DRY_RUN)
     torch.manual_seed(0)
     model = build_model(cfg).to(device)
-    found = kernel_check.check_pretraining(model, _synthetic_batch(cfg, 8), device, precision)
+    batch = _synthetic_batch(cfg, kernel_check.SAMPLES)  # the samples the check takes
+    found = kernel_check.check_pretraining(model, batch, device, precision)
     if found is None:
         return {"preset": preset, "precision": precision, "ran": False, "pass": False}
     allowance = 2 * found.torch_error + kernel_check.TOLERANCE
