@@ -387,10 +387,10 @@ def pretrain(
         return result
     finally:
         if distributed.active():
-            # The DDP wrapper's reducer holds the process group and sits in reference cycles;
-            # collected here, it goes while the interpreter is whole, not during its teardown,
-            # where a gloo worker's last references have aborted a finished rank (SIGABRT,
-            # "terminate called without an active exception"; seen once in a loaded test run).
+            # Objects still holding the process group (the DDP wrapper's reducer, if reference
+            # cycles keep it) go here, while the interpreter is whole, not during its teardown.
+            # A finished rank once aborted at exit there (SIGABRT, "terminate called without
+            # an active exception"; one loaded test run); that this cures it is not shown.
             gc.collect()
         distributed.shutdown()
 
