@@ -20,7 +20,8 @@ machine hit them alike; the median per variant is reported.
 
 Parts too small to see in a whole step's noise are timed alone on the model's own parameters
 (random gradients): the AdamW step (fused kernel, foreach, single-tensor loop), the EMA teacher
-update (one ``torch._foreach_lerp_`` or a per-tensor ``lerp_`` loop), gradient clipping
+update (one ``torch._foreach_lerp_`` or a per-tensor ``lerp_`` loop; and its host time alone, with
+the teacher/student pairs kept or found anew each update), gradient clipping
 (``foreach=True`` or per-tensor norms), and drawing one batch's masks in the main process (what
 the data-loader workers take off the training loop).
 
@@ -155,6 +156,13 @@ def part_seconds(state: TrainState, cfg) -> dict[str, float]:
     out["ema_foreach_s"] = _median_seconds(lambda: model.update_teacher(1))
     with _ema_loop():
         out["ema_loop_s"] = _median_seconds(lambda: model.update_teacher(1))
+    # The host's share alone (what a GPU waits for): the update with its arithmetic removed,
+    # the teacher/student pairs kept from the last update (as in training) or found anew.
+    with _patched(torch, "_foreach_lerp_", lambda *args: None):
+        out["ema_host_s"] = _median_seconds(lambda: model.update_teacher(1), reps=50)
+        out["ema_host_pairs_found_s"] = _median_seconds(
+            lambda: (setattr(model.teacher, "_pairs", None), model.update_teacher(1)), reps=50
+        )
     clip = torch.nn.utils.clip_grad_norm_
     out["grad_norm_foreach_s"] = _median_seconds(lambda: clip(params, 1e9, foreach=True))
     out["grad_norm_loop_s"] = _median_seconds(lambda: clip(params, 1e9, foreach=False))

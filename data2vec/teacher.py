@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -61,8 +62,8 @@ class EMATeacher:
         memo: dict[int, object] = {id(student.get_submodule(n)): None for n in self.exclude}
         self.model: nn.Module = copy.deepcopy(student, memo)
         self.model.float().eval().requires_grad_(False)
-        self._names = [n for n, _ in self.model.named_parameters()]
         self.last_decay = decay
+        self._pairs: _Pairs | None = None
 
     def decay_at(self, step: int) -> float:
         return ema_decay_at(step, self.decay, self.end_decay, self.anneal_steps)
@@ -79,23 +80,14 @@ class EMATeacher:
         if decay >= 1.0:
             return decay
         self.follow_device(student)
-        src = dict(student.named_parameters())
-        averaged_t, averaged_s, copied = [], [], []
-        for name, t in self.model.named_parameters():
-            s = src[name]
-            if s.requires_grad and not name.startswith(self.copied):
-                averaged_t.append(t)
-                averaged_s.append(s.detach().float())
-            else:
-                copied.append((t, s))
-        if averaged_t:
+        pairs = self._pairs
+        if pairs is None or not pairs.current(self.model, student):
+            pairs = self._pairs = _Pairs(self.model, student, self.copied)
+        if pairs.averaged_t:
             # ema <- decay * ema + (1 - decay) * student, in fp32, as one fused foreach op.
-            torch._foreach_lerp_(averaged_t, averaged_s, 1.0 - decay)
-        for t, s in copied:
+            torch._foreach_lerp_(pairs.averaged_t, pairs.student_values(), 1.0 - decay)
+        for t, s in pairs.copied:
             t.copy_(s)
-        student_buffers = dict(student.named_buffers())
-        for name, b in self.model.named_buffers():
-            b.copy_(student_buffers[name])
         return decay
 
     def follow_device(self, ref: nn.Module | Tensor) -> None:
@@ -114,3 +106,65 @@ class EMATeacher:
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.model.load_state_dict(state, strict=True)
+
+
+class _Pairs:
+    """Which teacher tensor follows which student tensor, and how (averaged or copied).
+
+    Finding the pairs by name costs two dispatcher calls per parameter, hundreds per update:
+    on a GPU the host spent them while the device waited at the start of the teacher stage
+    (image-v2-base, 149 parameters; benchmarks/README.md). So the pairs are found once and
+    kept while they hold: :meth:`current` checks, with one dictionary look-up per tensor and
+    submodule, that no module has had a parameter, buffer or submodule replaced
+    (``load_state_dict(assign=True)``, moving the teacher's buffers to another device, swapping
+    a layer) and that no student parameter was frozen or unfrozen since; otherwise they are
+    found again.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, copied: tuple[str, ...]) -> None:
+        src = dict(student.named_parameters())
+        self.averaged_t: list[Tensor] = []
+        self.averaged_s: list[Tensor] = []
+        self.copied: list[tuple[Tensor, Tensor]] = []
+        for name, t in teacher.named_parameters():
+            s = src[name]
+            if s.requires_grad and not name.startswith(copied):
+                self.averaged_t.append(t)
+                self.averaged_s.append(s)
+            else:
+                self.copied.append((t, s))
+        student_buffers = dict(student.named_buffers())
+        self.copied += [(b, student_buffers[n]) for n, b in teacher.named_buffers()]
+        # The parameters are kept as they are (not detached views), so a student whose
+        # ``.data`` is swapped in place is still read; only a differing dtype is cast per update.
+        self.cast = any(s.dtype != t.dtype for t, s in zip(self.averaged_t, self.averaged_s))
+        self.roots = (teacher, student)
+        self.slots = _slots(teacher) + _slots(student)
+        self.trainable = [p.requires_grad for p in src.values()]
+        self.student_params = list(src.values())
+
+    def current(self, teacher: nn.Module, student: nn.Module) -> bool:
+        """Whether these are the models the pairs were found in, every tensor is still where it
+        was found, and every student parameter trains as it did."""
+        if self.roots[0] is not teacher or self.roots[1] is not student:
+            return False
+        return (
+            all(table.get(key) is value for table, key, value in self.slots)
+            and [p.requires_grad for p in self.student_params] == self.trainable
+        )
+
+    def student_values(self) -> list[Tensor]:
+        """The student's side of the average, in the teacher's dtype."""
+        if not self.cast:
+            return self.averaged_s
+        return [s.detach().to(t.dtype) for t, s in zip(self.averaged_t, self.averaged_s)]
+
+
+def _slots(model: nn.Module) -> list[tuple[dict[str, Any], str, Tensor | nn.Module]]:
+    """``(owning module's table, key, value)`` for every parameter, buffer and submodule of
+    ``model``."""
+    slots: list[tuple[dict[str, Any], str, Tensor | nn.Module]] = []
+    for module in model.modules():
+        for table in (module._parameters, module._buffers, module._modules):
+            slots += [(table, key, v) for key, v in table.items() if v is not None]
+    return slots

@@ -67,3 +67,79 @@ def test_teacher__excluded_modules_stay_with_the_student():
     with torch.no_grad():
         student.b.weight.add_(1.0)
     teacher.update(student, 1)  # must not fail on the missing module
+
+
+def _expected_after(teacher: EMATeacher, student: nn.Module, decay: float) -> dict:
+    """The teacher's parameters after one update, by the formula (name by name)."""
+    s = dict(student.named_parameters())
+    return {
+        n: (decay * t + (1 - decay) * s[n].float()) if s[n].requires_grad else s[n].float()
+        for n, t in teacher.model.named_parameters()
+    }
+
+
+def _assert_updated(teacher: EMATeacher, student: nn.Module, step: int = 1) -> None:
+    expected = _expected_after(teacher, student, teacher.decay_at(step))
+    teacher.update(student, step)
+    for n, t in teacher.model.named_parameters():
+        torch.testing.assert_close(t, expected[n], msg=n)
+
+
+def test_ema_update__pairs_are_kept_between_updates():
+    student = Net()
+    teacher = EMATeacher(student, decay=0.9, end_decay=0.9, anneal_steps=0)
+    teacher.update(student, 0)
+    pairs = teacher._pairs
+    for step in range(1, 3):
+        with torch.no_grad():
+            student.a.weight.add_(1.0)
+        _assert_updated(teacher, student, step)
+    assert teacher._pairs is pairs  # found once, not per update
+
+
+def test_ema_update__follows_a_replaced_student_parameter():
+    student = Net()
+    teacher = EMATeacher(student, decay=0.5, end_decay=0.5, anneal_steps=0)
+    teacher.update(student, 1)
+    state = {k: v + 10.0 for k, v in student.state_dict().items()}
+    student.load_state_dict(state, assign=True)  # new Parameter objects
+    _assert_updated(teacher, student)
+
+
+def test_ema_update__a_frozen_or_unfrozen_student_parameter_changes_how_it_follows():
+    student = Net()
+    teacher = EMATeacher(student, decay=0.5, end_decay=0.5, anneal_steps=0)
+    teacher.update(student, 1)
+    student.a.weight.requires_grad_(False)
+    student.fixed.requires_grad_(True)
+    with torch.no_grad():
+        student.a.weight.fill_(4.0)
+        student.fixed.fill_(2.0)
+    _assert_updated(teacher, student)
+    assert (teacher.model.a.weight == 4.0).all()  # copied now
+    assert (teacher.model.fixed == 1.0).all()  # averaged now: 0.5 * 0 + 0.5 * 2
+
+
+def test_ema_update__writes_a_replaced_teacher_buffer_and_follows_another_student():
+    student = Net()
+    teacher = EMATeacher(student, decay=0.5, end_decay=0.5, anneal_steps=0)
+    teacher.update(student, 1)
+    teacher.model.buf = torch.full((2,), -1.0)  # what moving the teacher does to its buffers
+    with torch.no_grad():
+        student.buf.fill_(3.0)
+    teacher.update(student, 1)
+    assert (teacher.model.buf == 3.0).all()
+    other = Net()
+    _assert_updated(teacher, other)
+    other.a = nn.Linear(2, 2)  # a layer swapped
+    _assert_updated(teacher, other)
+
+
+def test_ema_update__casts_a_bf16_student_to_the_fp32_teacher():
+    student = Net().to(torch.bfloat16)
+    teacher = EMATeacher(student, decay=0.75, end_decay=0.75, anneal_steps=0)
+    with torch.no_grad():
+        student.a.weight.add_(1.0)
+    for step in range(2):
+        _assert_updated(teacher, student, step)
+    assert teacher.model.a.weight.dtype == torch.float32
