@@ -504,13 +504,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     tensorboard: bool = True
     progress: bool = True
-    # torch.compile the student's shared blocks and decoder (opt-in: compiling takes minutes
+    # torch.compile the student's transformer blocks (opt-in: compiling takes minutes
     # and needs a C++ compiler on CPU; see data2vec/compile.py)
     compile: bool = False
     # Before the first step, where the Triton kernels run (NVIDIA GPUs): compare the gradients
     # of a few samples with the kernels and with the torch ops, each against float32, and take
     # the torch ops for the whole run if the kernels are off (data2vec/engine/kernel_check.py).
-    # Not under FSDP or train.compile.
+    # Not under FSDP, nor under train.compile before PyTorch 2.6.
     kernel_check: bool = True
     # Collapse guard (fairseq min_target_var / min_pred_var): stop when the per-dimension std of
     # targets or predictions falls below these after ``collapse_after`` steps (None = warm-up).

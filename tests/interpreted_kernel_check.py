@@ -193,6 +193,27 @@ def test_a_run_whose_check_fails_takes_the_torch_ops(monkeypatch, tmp_path, capl
     assert summary["kernel_check"] is None
 
 
+def test_a_compiled_run_is_checked_eagerly(monkeypatch, tmp_path):
+    """``train.compile=true``: the check runs the compiled blocks eagerly, on their kernels
+    (no graph is compiled for its few samples); the steps then run the compiled blocks, which
+    call no kernel, and the decoder, found wrong, on the torch ops."""
+    data = make_image_folder(tmp_path / "data", n_per_class=4)
+    _count(monkeypatch, token_conv, "weight_bias_grad", _biases_25_percent_off)
+    forward = _count(monkeypatch, token_conv, "conv_tokens_forward")
+    attention = _count(monkeypatch, token_attention, "_backward")
+    cfg = tiny_config("decoder.conv_impl=triton", "train.max_steps=2", "train.compile=true")
+    trainer.pretrain(cfg, data, tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    if not kernel_check.checks_compiled_models():  # before PyTorch 2.6: no check, kernels on
+        assert summary["kernel_check"] is None and token_conv.disabled() == {}
+        return
+    assert summary["steps"] == 2 and summary["kernel_check"]["kernels_off"] == ["decoder"]
+    # the check's passes with every kernel and with the attention's alone, 3 blocks each; none
+    # in the compiled steps
+    assert len(attention) == 2 * 3
+    assert len(forward) == 2 * 4  # the check's two passes with the decoder's kernels; no step
+
+
 def test_fine_tuning_checks_the_encoders_kernels_too(monkeypatch, tmp_path, caplog):
     """``finetune``: the check runs the encoder's attention backward even while the encoder is
     to stay frozen at first; a wrong one is found, the run takes the torch attention and its

@@ -97,6 +97,23 @@ def kernels_run_on(device: torch.device) -> bool:
     return bool(on) and token_conv.available(torch.empty(0, device=device))
 
 
+def checks_compiled_models() -> bool:
+    """Whether the check can run a ``torch.compile``-d model's passes eagerly here (PyTorch 2.6
+    and later: ``torch.compiler.set_stance``)."""
+    return hasattr(torch.compiler, "set_stance")
+
+
+def uncompiled() -> contextlib.AbstractContextManager:
+    """Compiled modules run eagerly inside: the check's few samples must not compile graphs
+    for their own shapes (a recompilation per check, after which dynamo may make the run's
+    own graph dynamic). Run eagerly, the compiled blocks take the kernels, which the run then
+    leaves to inductor's code; the decoder and the loss run uncompiled in the run too
+    (``data2vec/compile.py``), so their check is the run's."""
+    if not checks_compiled_models():
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
+
+
 def check_kernels(
     model: nn.Module, run: Callable[[], Tensor], device: torch.device, precision: str
 ) -> KernelCheck:
@@ -112,7 +129,7 @@ def check_kernels(
     # No collectives inside (distributed.rank_local): under torchrun, only the ranks whose
     # check fails run its extra passes.
     try:
-        with distributed.rank_local():
+        with distributed.rank_local(), uncompiled():
             with token_conv.suspended():
                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
                 ref = _gradients(model, run, device, "fp32")

@@ -236,7 +236,9 @@ def check_kernels(
     kernels any rank found off take the torch ops for the rest of the process
     (``train.kernel_check``; see :mod:`data2vec.engine.kernel_check`). What it found goes to
     ``summary.json``."""
-    if not cfg.train.kernel_check or state.sharded or cfg.train.compile:
+    if not cfg.train.kernel_check or state.sharded:
+        return
+    if cfg.train.compile and not kernel_check.checks_compiled_models():
         return
     found = kernel_check.check_pretraining(state.model, batch, device, cfg.train.precision)
     # every rank runs the collective; what one rank turns off, all do
