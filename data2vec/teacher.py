@@ -79,16 +79,24 @@ class EMATeacher:
         self.last_decay = decay
         if decay >= 1.0:
             return decay
+        pairs = self.pairs(student)
+        if pairs.averaged_t:
+            # ema <- decay * ema + (1 - decay) * student, in fp32, as one fused foreach op.
+            torch._foreach_lerp_(pairs.averaged_t, pairs.student_values(), 1.0 - decay)
+        for _, t, s in pairs.frozen:
+            t.copy_(s)
+        for t, s in pairs.buffers:
+            t.copy_(s)
+        return decay
+
+    def pairs(self, student: nn.Module) -> _Pairs:
+        """Which of the teacher's tensors follow which of ``student``'s, and how (the teacher
+        moved to ``student``'s device first); found again only where they no longer hold."""
         self.follow_device(student)
         pairs = self._pairs
         if pairs is None or not pairs.current(self.model, student):
             pairs = self._pairs = _Pairs(self.model, student, self.copied)
-        if pairs.averaged_t:
-            # ema <- decay * ema + (1 - decay) * student, in fp32, as one fused foreach op.
-            torch._foreach_lerp_(pairs.averaged_t, pairs.student_values(), 1.0 - decay)
-        for t, s in pairs.copied:
-            t.copy_(s)
-        return decay
+        return pairs
 
     def follow_device(self, ref: nn.Module | Tensor) -> None:
         """Move the teacher to the device of ``ref`` (a tensor or module) if it is elsewhere."""
@@ -109,7 +117,9 @@ class EMATeacher:
 
 
 class _Pairs:
-    """Which teacher tensor follows which student tensor, and how (averaged or copied).
+    """Which teacher tensor follows which student tensor, and how: averaged (the trained
+    parameters), or copied (``frozen``: parameters that do not train or are named in
+    ``copied``; ``buffers``).
 
     Finding the pairs by name costs two dispatcher calls per parameter, hundreds per update:
     on a GPU the host spent them while the device waited at the start of the teacher stage
@@ -123,18 +133,20 @@ class _Pairs:
 
     def __init__(self, teacher: nn.Module, student: nn.Module, copied: tuple[str, ...]) -> None:
         src = dict(student.named_parameters())
+        self.averaged_names: list[str] = []
         self.averaged_t: list[Tensor] = []
         self.averaged_s: list[Tensor] = []
-        self.copied: list[tuple[Tensor, Tensor]] = []
+        self.frozen: list[tuple[str, Tensor, Tensor]] = []  # parameters copied: (name, t, s)
         for name, t in teacher.named_parameters():
             s = src[name]
             if s.requires_grad and not name.startswith(copied):
+                self.averaged_names.append(name)
                 self.averaged_t.append(t)
                 self.averaged_s.append(s)
             else:
-                self.copied.append((t, s))
+                self.frozen.append((name, t, s))
         student_buffers = dict(student.named_buffers())
-        self.copied += [(b, student_buffers[n]) for n, b in teacher.named_buffers()]
+        self.buffers = [(b, student_buffers[n]) for n, b in teacher.named_buffers()]
         # The parameters are kept as they are (not detached views), so a student whose
         # ``.data`` is swapped in place is still read; only a differing dtype is cast per update.
         self.cast = any(s.dtype != t.dtype for t, s in zip(self.averaged_t, self.averaged_s))

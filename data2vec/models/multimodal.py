@@ -256,28 +256,29 @@ def ema_update_parts(
     Returns:
         ``shared_decay``.
     """
-    teacher.follow_device(student)
     teacher.last_decay = shared_decay
-    src = dict(student.named_parameters())
-    groups: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
-    for name, t in teacher.model.named_parameters():
-        s = src[name]
+    pairs = teacher.pairs(student)
+
+    def part_decay(name: str) -> float | None:
         parts = name.split(".")
         decay = decays[parts[1]] if parts[0] == "modalities" else shared_decay
-        if decay is None or decay >= 1.0:
-            continue
-        if not s.requires_grad:
-            t.copy_(s)
-            continue
-        group = groups.setdefault(decay, ([], []))
-        group[0].append(t)
-        group[1].append(s.detach().float())
+        return None if decay is None or decay >= 1.0 else decay
+
+    groups: dict[float, tuple[list[Tensor], list[Tensor]]] = {}
+    for name, t, s in zip(pairs.averaged_names, pairs.averaged_t, pairs.student_values()):
+        decay = part_decay(name)
+        if decay is not None:
+            group = groups.setdefault(decay, ([], []))
+            group[0].append(t)
+            group[1].append(s)
     for decay, (averaged_t, averaged_s) in groups.items():
         # ema <- decay * ema + (1 - decay) * student, in fp32 (as EMATeacher.update).
         torch._foreach_lerp_(averaged_t, averaged_s, 1.0 - decay)
-    student_buffers = dict(student.named_buffers())
-    for name, b in teacher.model.named_buffers():
-        b.copy_(student_buffers[name])
+    for name, t, s in pairs.frozen:
+        if part_decay(name) is not None:
+            t.copy_(s)
+    for t, s in pairs.buffers:
+        t.copy_(s)
     return shared_decay
 
 
